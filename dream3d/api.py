@@ -1,0 +1,133 @@
+"""dream3d's public Python API: the calls the CLI (and the web app) make.
+
+    result = run(build_config({"prompt": "a red cube"}))
+    result.files["glb"]  # runs/a-red-cube-.../export/model.glb
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from dream3d import rundir
+from dream3d.components import build_prior, build_representation
+from dream3d.config import RunConfig
+from dream3d.evaluate import evaluate_representation
+from dream3d.export import export_representation
+from dream3d.loop import Progress, Trainer
+
+EventHandler = Callable[[Progress], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def run(cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
+    """Optimises cfg.prompt from scratch and exports; bad input fails before a run folder exists."""
+    rundir.check_writable(Path(cfg.out))
+    prior = build_prior(cfg.prior)
+    prior.embed(cfg.prompt)
+    run_dir = rundir.create_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir, prior)
+    return _train_and_export(trainer, on_event, should_stop)
+
+
+def resume(run_dir: Path, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
+    """Continues a run from its latest checkpoint, exactly as if it had not stopped."""
+    run_dir = Path(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    checkpoint = rundir.latest_checkpoint(run_dir)
+    trainer = Trainer(cfg, run_dir)
+    trainer.load_state_dict(rundir.load_checkpoint(checkpoint))
+    rundir.truncate_metrics(run_dir, trainer.step)
+    return _train_and_export(trainer, on_event, should_stop)
+
+
+def _train_and_export(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None) -> Result:
+    trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    rundir.update_summary(
+        run_dir,
+        prompt=cfg.prompt, prior=cfg.prior, guidance=cfg.guidance, representation=cfg.representation,
+        seed=cfg.seed, steps=trainer.step, skipped_steps=trainer.skipped_steps,
+        train_seconds=round(trainer.elapsed, 2), seconds_per_step=round(trainer.elapsed / max(trainer.step, 1), 4),
+        peak_memory_mb=_peak_memory_mb(), versions=_versions(),
+    )
+    files = export(run_dir, representation=trainer.representation)
+    if on_event:
+        on_event(Progress("done", trainer.step, cfg.steps))
+    return Result(run_dir, files, rundir.update_summary(run_dir))
+
+
+def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
+    """The config and the latest checkpointed representation of a run."""
+    run_dir = Path(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    representation = build_representation(cfg)
+    representation.load_state_dict(rundir.load_checkpoint(rundir.latest_checkpoint(run_dir))["representation"])
+    return cfg, representation
+
+
+def export(
+    run_dir: Path,
+    formats: Sequence[str] | None = None,
+    resolution: int | None = None,
+    threshold: float | None = None,
+    representation: torch.nn.Module | None = None,
+) -> dict[str, Path]:
+    """Writes export/ (mesh files and orbit video) for a run; options default to the run's config."""
+    run_dir = Path(run_dir)
+    if representation is None:
+        cfg, representation = load_representation(run_dir)
+    else:
+        cfg = rundir.load_run_config(run_dir)
+    ex = cfg.export
+    tick = time.perf_counter()
+    files = export_representation(
+        representation,
+        run_dir / "export",
+        formats=list(formats or ex.formats),
+        resolution=resolution or ex.mesh_resolution,
+        threshold=threshold if threshold is not None else ex.threshold,
+        video=ex.video,
+        video_frames=ex.video_frames,
+        video_resolution=ex.video_resolution,
+    )
+    rundir.update_summary(
+        run_dir, export_seconds=round(time.perf_counter() - tick, 2),
+        files={k: str(v.relative_to(run_dir)) for k, v in files.items()},
+    )
+    return files
+
+
+def evaluate(run_dir: Path) -> dict:
+    """Scores a toy-prompt run against the toy world; the result is merged into summary.json."""
+    run_dir = Path(run_dir)
+    cfg, representation = load_representation(run_dir)
+    metrics = evaluate_representation(representation, cfg.prompt, torch.tensor(cfg.background))
+    rundir.update_summary(run_dir, eval=metrics)
+    return metrics
+
+
+def _peak_memory_mb() -> float:
+    # ru_maxrss is in kilobytes on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("dream3d", "torch", "nerfacc", "trimesh")},
+    }

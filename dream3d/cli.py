@@ -1,0 +1,145 @@
+"""The ``dream3d`` command line: run, resume, export, eval.
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit:
+1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from typer.exceptions import Abort, TyperException
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dream3d import api
+from dream3d.config import EXPORT_FORMATS, ConfigError, build_config, load_yaml, parse_overrides
+from dream3d.loop import Progress as RunProgress
+from dream3d.loop import RunError, RunInterrupted
+from dream3d.rundir import RunDirError
+from guidance.base import GuidanceError
+from guidance.priors.base import PriorError
+from representations.mesh import MeshError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+console = Console(stderr=True)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, RunError)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (it then checkpoints)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _train(start: Any, total_hint: int) -> api.Result:
+    """Runs ``start(on_event, should_stop)`` under a rich progress bar."""
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  t {task.fields[t]}  {task.fields[rate]} it/s"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("optimising", total=total_hint, loss="-", t="-", rate="-")
+
+        def on_event(event: RunProgress) -> None:
+            if event.kind == "step":
+                bar.update(
+                    task, completed=event.step, total=event.total, loss=f"{event.losses.get('loss', 0):.4g}",
+                    t=f"{event.losses.get('t', 0):.0f}", rate=f"{event.it_per_s:.1f}",
+                )
+            elif event.kind == "done":
+                bar.update(task, description="done")
+
+        return start(on_event, _StopFlag())
+
+
+def _report(result: api.Result) -> None:
+    console.print(f"run folder: {result.run_dir}")
+    for kind, path in result.files.items():
+        console.print(f"  {kind}: {path}")
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="What to make, e.g. 'a red cube'."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform"),
+    prior: Optional[str] = typer.Option(None, help="toy | toy-mv"),
+    guidance: Optional[str] = typer.Option(None, help="sds"),
+    representation: Optional[str] = typer.Option(None, help="nerf"),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
+    seed: Optional[int] = typer.Option(None),
+    resolution: Optional[int] = typer.Option(None, help="Render size (one size for the whole run)."),
+    out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default runs/)."),
+    config: Optional[Path] = typer.Option(None, help="A YAML config; flags and overrides win over it."),
+) -> None:
+    """Optimise a 3D asset for PROMPT and export it."""
+    flags = dict(prior=prior, guidance=guidance, representation=representation, steps=steps, seed=seed,
+                 resolution=resolution, out=out)
+    cfg = build_config(
+        load_yaml(config) if config else {},
+        {"prompt": prompt, **{k: v for k, v in flags.items() if v is not None}},
+        parse_overrides(overrides or []),
+    )
+    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop), cfg.steps))
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="A run folder made by `dream3d run`.")) -> None:
+    """Continue an interrupted run from its latest checkpoint."""
+    _report(_train(lambda on_event, stop: api.resume(run_dir, on_event, stop), 0))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    formats: Optional[str] = typer.Option(None, help="Comma-separated: glb,obj,ply"),
+    resolution: Optional[int] = typer.Option(None, help="Marching-cubes grid resolution."),
+    threshold: Optional[float] = typer.Option(None, help="Density iso-level (default: automatic)."),
+) -> None:
+    """Export (again) the mesh and the orbit video of a run."""
+    if resolution is not None and resolution <= 8:
+        raise ConfigError(f"--resolution must be greater than 8, got {resolution}")
+    chosen = formats.split(",") if formats else None
+    unknown = [f for f in chosen or [] if f not in EXPORT_FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown export format {unknown[0]!r}; valid: {', '.join(EXPORT_FORMATS)}")
+    files = api.export(run_dir, chosen, resolution, threshold)
+    _report(api.Result(run_dir, files))
+
+
+@app.command("eval")
+def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt.")) -> None:
+    """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
+    metrics = api.evaluate(run_dir)
+    for key, value in metrics.items():
+        typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except (Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except TyperException as e:
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        console.print(f"error: {message}", highlight=False, markup=False)
+        sys.exit(2)
+    except RunInterrupted as e:
+        console.print(f"interrupted: {e}", highlight=False, markup=False)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        console.print(f"error: {e}", highlight=False, markup=False)
+        sys.exit(1)

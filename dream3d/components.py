@@ -1,0 +1,28 @@
+"""Builds the swappable parts of a run from their names and typed config sections."""
+
+from __future__ import annotations
+
+import torch
+
+from dream3d.config import RunConfig
+from guidance.priors.base import Prior
+from guidance.sds import SDSGuidance
+from representations.nerf import NeRF
+
+# The DreamFusion-convention CFG scale each prior is used with by default
+# (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
+DEFAULT_GUIDANCE_SCALE = {"toy": 10.0, "toy-mv": 10.0}
+
+
+def build_prior(name: str) -> Prior:
+    from guidance.priors.toy import build_toy_prior
+
+    return build_toy_prior(name)
+
+
+def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
+    return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
+
+
+def build_representation(cfg: RunConfig) -> torch.nn.Module:
+    return NeRF(cfg.nerf)

@@ -1,0 +1,206 @@
+"""The typed run configuration: defaults, YAML load/save and ``key=value`` overrides.
+
+Every component is chosen by name (``prior``, ``guidance``, ``representation``) and
+carries its own typed section; unknown keys and wrong types are errors. The saved
+``config.yaml`` of a run re-runs the same job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dream3d.sampling import CameraConfig
+from guidance.schedule import Schedule, check_schedule
+from guidance.sds import SDSConfig
+from representations.nerf import NeRFConfig
+
+PRIORS = ("toy", "toy-mv")
+GUIDANCES = ("sds",)
+REPRESENTATIONS = ("nerf",)
+EXPORT_FORMATS = ("glb", "obj", "ply")
+
+
+class ConfigError(ValueError):
+    """A configuration the user gave cannot be used; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LossConfig(_Section):
+    """Weights (schedules) of the loss terms. Regularizers are threestudio's definitions:
+    sparsity = mean sqrt(alpha^2 + 0.01); opaque = binary entropy of alpha;
+    orient = weighted ReLU(n . d)^2 (costs normals, so off unless weighted)."""
+
+    lambda_guidance: Schedule = 1.0
+    lambda_sparsity: Schedule = 0.0
+    lambda_opaque: Schedule = 0.0
+    lambda_orient: Schedule = 0.0
+
+    @field_validator("*")
+    @classmethod
+    def _schedule(cls, value: Schedule) -> Schedule:
+        return check_schedule(value)
+
+
+class OptimConfig(_Section):
+    """Adam over the representation's parameter groups (each group sets its own lr)."""
+
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+
+
+class ExportConfig(_Section):
+    formats: list[str] = list(EXPORT_FORMATS)
+    mesh_resolution: int = Field(128, gt=8)
+    threshold: float | None = None  # None: automatic
+    video: bool = True
+    video_frames: int = Field(48, gt=0)
+    video_resolution: int = Field(128, gt=0)
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        bad = [f for f in value if f not in EXPORT_FORMATS]
+        if bad:
+            raise ValueError(f"unknown export format {bad[0]!r}; valid: {', '.join(EXPORT_FORMATS)}")
+        return value
+
+
+class RunConfig(_Section):
+    prompt: str
+    prior: str = "toy"
+    guidance: str = "sds"
+    representation: str = "nerf"
+    steps: int = Field(600, gt=0)
+    seed: int = 0
+    # render size per step: one int, or sizes switched at resolution_milestones (threestudio's form)
+    resolution: int | list[int] = [32, 64]
+    resolution_milestones: list[int] = [400]
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    out: str = "runs"
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    preview_every: int = Field(100, gt=0)
+    max_nan_steps: int = Field(20, gt=0)
+    camera: CameraConfig = CameraConfig()
+    nerf: NeRFConfig = NeRFConfig()
+    sds: SDSConfig = SDSConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    export: ExportConfig = ExportConfig()
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the prompt is empty")
+        return value.strip()
+
+    @field_validator("prior")
+    @classmethod
+    def _prior(cls, value: str) -> str:
+        return _one_of("prior", value, PRIORS)
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, value: str) -> str:
+        return _one_of("guidance", value, GUIDANCES)
+
+    @field_validator("representation")
+    @classmethod
+    def _representation(cls, value: str) -> str:
+        return _one_of("representation", value, REPRESENTATIONS)
+
+    @model_validator(mode="after")
+    def _resolution(self) -> "RunConfig":
+        sizes = [self.resolution] if isinstance(self.resolution, int) else self.resolution
+        if not sizes or any(s <= 0 for s in sizes):
+            raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if len(sizes) > 1 and len(self.resolution_milestones) != len(sizes) - 1:
+            raise ValueError("resolution_milestones needs one step per resolution change")
+        return self
+
+    def resolution_at(self, step: int) -> int:
+        if isinstance(self.resolution, int):
+            return self.resolution
+        return self.resolution[sum(step >= m for m in self.resolution_milestones)]
+
+
+def _one_of(kind: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}" if where else message
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["sds.weighting=uniform", "steps=300"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below a value")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value does not parse") from None
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update (update wins)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path} does not parse as YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return data
+
+
+def build_config(*layers: dict[str, Any]) -> RunConfig:
+    """Validates the merge of the layers (later wins) into a RunConfig; raises ConfigError in one line."""
+    data: dict[str, Any] = {}
+    for layer in layers:
+        data = merge(data, layer)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,190 @@
+"""The optimisation loop: cameras -> render -> guidance -> regularizers -> step -> events.
+
+It knows nothing of the CLI or the web app: progress leaves as ``Progress`` events
+through a callback, and a stop request comes in through ``should_stop``. All
+randomness (cameras, noise, t, ray jitter) comes from one generator whose state is
+checkpointed, so a resumed run ends with the same parameters and metrics as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from torch import Tensor
+
+from dream3d import rundir
+from dream3d.atomic import atomic_path
+from dream3d.components import build_guidance, build_prior, build_representation
+from dream3d.config import RunConfig
+from dream3d.sampling import orbit_cameras, sample_cameras
+from guidance.priors.base import Prior
+from guidance.schedule import evaluate
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message is one line and a checkpoint is on disk."""
+
+
+class RunInterrupted(RuntimeError):
+    """A stop was requested; a checkpoint of the last finished step is on disk."""
+
+
+@dataclass
+class Progress:
+    """One event of a run. kind: "step", "preview", "checkpoint" or "done"."""
+
+    kind: str
+    step: int
+    total: int
+    losses: dict[str, float] = field(default_factory=dict)
+    it_per_s: float = 0.0
+    eta_s: float = 0.0
+    preview: Path | None = None
+
+
+def sparsity_loss(alpha: Tensor) -> Tensor:
+    return torch.sqrt(alpha**2 + 0.01).mean()
+
+
+def opaque_loss(alpha: Tensor) -> Tensor:
+    a = alpha.clamp(1e-5, 1 - 1e-5)
+    return (-a * torch.log(a) - (1 - a) * torch.log(1 - a)).mean()
+
+
+class Trainer:
+    """Holds one run's state: representation, guidance, optimizer, generator, step counters."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.prior = prior if prior is not None else build_prior(cfg.prior)
+        self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
+        self.representation = build_representation(cfg)
+        self.guidance = build_guidance(cfg, self.prior)
+        self.optimizer = torch.optim.Adam(
+            self.representation.param_groups(), betas=cfg.optim.betas, eps=cfg.optim.eps
+        )
+        self.background = torch.tensor(cfg.background)
+        self.step = 0
+        self.skipped_steps = 0
+        self.nonfinite_streak = 0
+        self.elapsed = 0.0
+
+    # -- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "representation": self.representation.state_dict(),
+            "guidance": self.guidance.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_streak": self.nonfinite_streak,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.representation.load_state_dict(state["representation"])
+        self.guidance.load_state_dict(state["guidance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.elapsed = state["elapsed"]
+
+    def save_checkpoint(self) -> Path:
+        return rundir.save_checkpoint(self.run_dir, self.state_dict(), self.step, self.cfg.keep_checkpoints)
+
+    # -- one step ----------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns the logged record. Non-finite steps are skipped, not applied."""
+        cfg, step = self.cfg, self.step
+        cameras = sample_cameras(cfg.camera, cfg.resolution_at(step), self.generator)
+        weights = {name: evaluate(value, step) for name, value in cfg.loss.model_dump().items()}
+        out = self.representation.render(
+            cameras, self.background, generator=self.generator, with_normals=weights["lambda_orient"] > 0
+        )
+        guided = self.guidance(out.rgb, cfg.prompt, cameras, step, generator=self.generator)
+        terms = {"guidance": guided.loss}
+        if weights["lambda_sparsity"] > 0:
+            terms["sparsity"] = sparsity_loss(out.alpha)
+        if weights["lambda_opaque"] > 0:
+            terms["opaque"] = opaque_loss(out.alpha)
+        if weights["lambda_orient"] > 0:
+            terms["orient"] = out.extras["orient"]
+        loss = sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = bool(torch.isfinite(loss)) and all(
+            bool(torch.isfinite(p.grad).all()) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+        )
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+        self.step += 1
+        record = {"step": self.step, "loss": float(loss)}
+        record.update({f"loss_{name}": float(value) for name, value in terms.items()})
+        record.update(guided.info)
+        record["skipped"] = not finite
+        return record
+
+    # -- the loop ----------------------------------------------------------------
+    def run(
+        self,
+        on_event: Callable[[Progress], None] = lambda event: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Steps until cfg.steps; checkpoints every cfg.checkpoint_every steps, on a stop request and at the end."""
+        cfg = self.cfg
+        first_step = self.step
+        started = time.perf_counter()
+        while self.step < cfg.steps:
+            if should_stop():
+                self.save_checkpoint()
+                raise RunInterrupted(f"stopped at step {self.step}; continue with `dream3d resume {self.run_dir}`")
+            tick = time.perf_counter()
+            record = self.train_step()
+            record["step_time"] = time.perf_counter() - tick
+            self.elapsed += record["step_time"]
+            rundir.append_metrics(self.run_dir, record)
+            if self.nonfinite_streak >= cfg.max_nan_steps:
+                self.save_checkpoint()
+                raise RunError(
+                    f"the loss or its gradient was NaN/Inf for {self.nonfinite_streak} steps in a row "
+                    f"(up to step {self.step}); the last good parameters are checkpointed in {self.run_dir}"
+                )
+            rate = (self.step - first_step) / max(time.perf_counter() - started, 1e-9)
+            progress = dict(
+                step=self.step, total=cfg.steps, losses={k: v for k, v in record.items() if k.startswith("loss") or k == "t"},
+                it_per_s=rate, eta_s=(cfg.steps - self.step) / max(rate, 1e-9),
+            )
+            on_event(Progress("step", **progress))
+            if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
+                on_event(Progress("preview", preview=self.write_preview(), **progress))
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+                on_event(Progress("checkpoint", **progress))
+
+    @torch.no_grad()
+    def write_preview(self, views: int = 4, resolution: int = 64) -> Path:
+        """A 1 x views grid of renders around the object, saved under previews/."""
+        out = self.representation.render(orbit_cameras(views, resolution), self.background)
+        grid = torch.cat(list(out.rgb), dim=1)
+        path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
+        with atomic_path(path) as tmp:
+            iio.imwrite(tmp, (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8), extension=".png")
+        return path

@@ -1,0 +1,50 @@
+"""Camera sampling for training (random views) and for videos and evaluation (orbits)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from representations.cameras import Cameras, look_at_cameras
+
+
+class CameraConfig(BaseModel):
+    """Random training cameras; the defaults are the toy world's (ARCHITECTURE.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    elevation_range: tuple[float, float] = (-10.0, 45.0)
+    azimuth_range: tuple[float, float] = (0.0, 360.0)
+    distance_range: tuple[float, float] = (2.5, 2.5)
+    fovy_range: tuple[float, float] = (45.0, 45.0)
+    batch_size: int = 1
+
+
+def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
+    """B random cameras looking at the origin.
+
+    Elevation is uniform on the sphere band (not in degrees), so high views are not
+    over-sampled; azimuth is stratified over the batch, as in threestudio.
+    """
+    B = cfg.batch_size
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(B, generator=generator)
+
+    lo, hi = (torch.sin(torch.deg2rad(torch.tensor(v))) for v in cfg.elevation_range)
+    elevation = torch.rad2deg(torch.arcsin(uniform(float(lo), float(hi))))
+    a0, a1 = cfg.azimuth_range
+    azimuth = a0 + (a1 - a0) * (torch.arange(B) + torch.rand(B, generator=generator)) / B
+    distance = uniform(*cfg.distance_range)
+    fovy = uniform(*cfg.fovy_range)
+    return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
+
+
+def orbit_cameras(
+    n_views: int, resolution: int, elevation: float = 15.0, distance: float = 2.5, fovy: float = 45.0
+) -> Cameras:
+    """n_views cameras evenly spaced in azimuth at a fixed elevation (for orbit videos)."""
+    azimuth = torch.arange(n_views, dtype=torch.float32) * 360.0 / n_views
+    return look_at_cameras(
+        torch.full((n_views,), elevation), azimuth, torch.full((n_views,), distance), fovy, resolution, resolution
+    )

@@ -1,0 +1,70 @@
+"""What every prior is: a frozen diffusion model seen as an epsilon predictor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from representations.cameras import Cameras
+
+
+class PriorError(ValueError):
+    """A prior cannot be built or cannot take this prompt; the message is one line for the user."""
+
+
+@dataclass
+class Embeddings:
+    """A prompt as the prior sees it.
+
+    cond: the prompt's embedding; uncond: the negative/unconditional one (for CFG).
+    Their type is the prior's own business (text-encoder states for diffusers
+    priors, a class mask for the toy prior); rules only pass them back.
+    """
+
+    prompt: str
+    cond: Tensor
+    uncond: Tensor
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
+    """The "scaled_linear" DDPM schedule of Stable Diffusion and DeepFloyd IF: [T] cumulative alphas."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+class Prior(Protocol):
+    """A frozen noise predictor.
+
+    ``x`` is what the diffusion model sees: VAE latents or pixels scaled to [-1, 1],
+    [B, C, r, r] with r = ``resolution`` (for pixel priors; latents are smaller).
+    """
+
+    name: str
+    resolution: int
+    alphas_cumprod: Tensor  # [num_train_timesteps]
+    num_train_timesteps: int
+    unet: torch.nn.Module | None  # what VSD/ESD attach a LoRA to; None for closed-form priors
+
+    def encode(self, rgb: Tensor) -> Tensor:
+        """rgb [B,3,H,W] in [0,1] -> x [B,C,h,w], differentiable; resizes to the prior's resolution."""
+        ...
+
+    def decode(self, x: Tensor) -> Tensor:
+        """x -> rgb [B,3,r,r] in [0,1]."""
+        ...
+
+    def embed(self, prompt: str) -> Embeddings:
+        """Embeds (and caches) a prompt; raises PriorError with a one-line message on a prompt it cannot take."""
+        ...
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Cameras | None = None) -> Tensor:
+        """Epsilon prediction [B,C,h,w] for noisy x_t [B,C,h,w] at integer timesteps t [B].
+
+        ``embeddings`` is a batch of per-item embeddings [B, ...] (cond/uncond rows
+        stacked by the caller for classifier-free guidance); ``cameras`` (length B)
+        conditions camera-aware priors and is ignored by the others.
+        """
+        ...

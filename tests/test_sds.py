@@ -1,0 +1,105 @@
+"""SDS: the gradient reaching the image equals guidance-math.md section 1's formula."""
+
+import pytest
+import torch
+
+from guidance.base import surrogate_loss
+from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from guidance.sds import SDSConfig, SDSGuidance, sds_weight, timestep_range
+from representations.cameras import look_at_cameras
+
+
+class LinearPrior:
+    """A stand-in prior whose epsilon is a known function of (x_t, t, embedding)."""
+
+    name, resolution, num_train_timesteps, unet = "linear", 8, 1000, None
+
+    def __init__(self):
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+
+    def encode(self, rgb):
+        return 2 * rgb - 1
+
+    def decode(self, x):
+        return (x + 1) / 2
+
+    def embed(self, prompt):
+        return Embeddings(prompt, torch.tensor([0.7]), torch.tensor([-0.2]))
+
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        return 0.5 * x_t + embeddings.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
+
+
+def cameras(batch):
+    return look_at_cameras(torch.zeros(batch), torch.zeros(batch), torch.full((batch,), 2.5), 45.0, 8, 8)
+
+
+@pytest.mark.parametrize("weighting", ["sds", "uniform", "fantasia3d"])
+def test_gradient_equals_formula(weighting):
+    prior, B, omega = LinearPrior(), 3, 7.0
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, weighting=weighting), 100, 100.0)
+    rgb = torch.rand(B, 8, 8, 3, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    out = guidance(rgb, "p", cameras(B), step=0, generator=gen)
+    out.loss.backward()
+
+    replay = torch.Generator().manual_seed(1)
+    t = torch.randint(20, 981, (B,), generator=replay)
+    noise = torch.randn(B, 3, 8, 8, generator=replay)
+    x = 2 * rgb.detach().permute(0, 3, 1, 2) - 1
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    eps_y, eps_u = 0.5 * x_t + 0.7 + t.view(-1, 1, 1, 1) / 1000, 0.5 * x_t - 0.2 + t.view(-1, 1, 1, 1) / 1000
+    w = {"sds": 1 - abar, "uniform": torch.ones_like(abar), "fantasia3d": abar.sqrt() * (1 - abar)}[weighting]
+    g = w * (eps_y + omega * (eps_y - eps_u) - noise)
+    # d loss / d x = g / B and x = 2 rgb - 1
+    expected = (2 * g / B).permute(0, 2, 3, 1)
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-5, atol=1e-6)
+    assert out.info["t"] == pytest.approx(float(t.float().mean()))
+
+
+class BrokenPrior(LinearPrior):
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        eps = super().predict_noise(x_t, t, embeddings, cameras)
+        eps[:, :, 0, 0] = float("nan")
+        return eps
+
+
+def test_clip_and_nan_handling():
+    prior = BrokenPrior()
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=float("inf"), grad_clip=0.01), 100, 100.0)
+    rgb = torch.rand(2, 8, 8, 3, requires_grad=True)
+    out = guidance(rgb, "p", cameras(2), step=0, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(rgb.grad).all()
+    assert rgb.grad.abs().max() <= 0.01 * (1 + 1e-6)  # 2 * clip / B
+    assert (rgb.grad[:, 0, 0] == 0).all()  # NaN became 0
+
+
+def test_surrogate_loss_gradient_is_g_over_batch():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5)
+    surrogate_loss(x, g).backward()
+    torch.testing.assert_close(x.grad, g / 4)
+
+
+def test_timestep_range_and_sqrt_anneal():
+    assert timestep_range(0.02, 0.98, 1000) == (20, 980)
+    guidance = SDSGuidance(LinearPrior(), SDSConfig(sqrt_anneal=True), max_steps=100, default_guidance_scale=1.0)
+    gen = torch.Generator()
+    assert guidance.sample_timesteps(2, 0, gen).tolist() == [980, 980]
+    assert guidance.sample_timesteps(1, 25, gen).item() == int(980 - 960 * 0.5)
+    assert guidance.sample_timesteps(1, 100, gen).item() == 20
+
+
+def test_schedule_on_t_range():
+    guidance = SDSGuidance(LinearPrior(), SDSConfig(max_step_percent=[10, 0.98, 0.5, 11]), 100, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    assert guidance.sample_timesteps(500, 20, gen).max() <= 500
+    assert guidance.sample_timesteps(500, 0, gen).max() > 500
+
+
+def test_weights():
+    abar = torch.tensor([0.25])
+    assert sds_weight(abar, "sds").item() == pytest.approx(0.75)
+    assert sds_weight(abar, "fantasia3d").item() == pytest.approx(0.5 * 0.75)
