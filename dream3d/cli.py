@@ -45,25 +45,30 @@ class _StopFlag:
         return self.requested
 
 
-def _train(start: Any, total_hint: int) -> api.Result:
-    """Runs ``start(on_event, should_stop)`` under a rich progress bar."""
+def _train(start: Any) -> api.Result:
+    """Runs ``start(on_event, should_stop)`` with a rich progress bar that appears at the first step."""
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}  t {task.fields[t]}  {task.fields[rate]} it/s"), TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("optimising", total=total_hint, loss="-", t="-", rate="-")
+    bar = Progress(*columns, console=console)
+    task = bar.add_task("optimising", total=None, loss="-", t="-", rate="-")
 
-        def on_event(event: RunProgress) -> None:
-            if event.kind == "step":
-                bar.update(
-                    task, completed=event.step, total=event.total, loss=f"{event.losses.get('loss', 0):.4g}",
-                    t=f"{event.losses.get('t', 0):.0f}", rate=f"{event.it_per_s:.1f}",
-                )
-            elif event.kind == "done":
-                bar.update(task, description="done")
+    def on_event(event: RunProgress) -> None:
+        if event.kind == "step":
+            bar.start()
+            bar.update(
+                task, completed=event.step, total=event.total, loss=f"{event.losses.get('loss', 0):.4g}",
+                t=f"{event.losses.get('t', 0):.0f}", rate=f"{event.it_per_s:.1f}",
+            )
+        elif event.kind == "done":
+            bar.update(task, description="done")
 
+    try:
         return start(on_event, _StopFlag())
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _report(result: api.Result) -> None:
@@ -93,13 +98,13 @@ def run(
         {"prompt": prompt, **{k: v for k, v in flags.items() if v is not None}},
         parse_overrides(overrides or []),
     )
-    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop), cfg.steps))
+    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
 
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="A run folder made by `dream3d run`.")) -> None:
     """Continue an interrupted run from its latest checkpoint."""
-    _report(_train(lambda on_event, stop: api.resume(run_dir, on_event, stop), 0))
+    _report(_train(lambda on_event, stop: api.resume(run_dir, on_event, stop)))
 
 
 @app.command()
@@ -128,6 +133,26 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-w
         typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+@app.command("bench")
+def benchmark(
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run"),
+    out: Path = typer.Option(Path("bench"), help="Folder for the runs and the table."),
+    quick: bool = typer.Option(False, help="Two prompts instead of twelve."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+) -> None:
+    """Run the toy benchmark and write bench.md / bench.json."""
+    from dream3d.bench import BENCH_PROMPTS, QUICK_PROMPTS, bench, markdown_table
+
+    seed_list = [int(s) for s in seeds.split(",")]
+    rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
+    typer.echo(markdown_table(rows))
+
+
+def _fail(line: str) -> None:
+    # plain write: rich would wrap a long message over several lines
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -135,11 +160,11 @@ def main() -> None:
         sys.exit(130)
     except TyperException as e:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        console.print(f"error: {message}", highlight=False, markup=False)
+        _fail(f"error: {message}")
         sys.exit(2)
     except RunInterrupted as e:
-        console.print(f"interrupted: {e}", highlight=False, markup=False)
+        _fail(f"interrupted: {e}")
         sys.exit(130)
     except USER_ERRORS as e:
-        console.print(f"error: {e}", highlight=False, markup=False)
+        _fail(f"error: {e}")
         sys.exit(1)

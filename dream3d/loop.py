@@ -126,18 +126,19 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        finite = bool(torch.isfinite(loss)) and all(
-            bool(torch.isfinite(p.grad).all()) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
-        )
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # the total norm is NaN/Inf exactly when some gradient entry is, and costs one fused pass
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         if finite:
             self.optimizer.step()
+            self.representation.after_step(step + 1)
             self.nonfinite_streak = 0
         else:
             self.skipped_steps += 1
             self.nonfinite_streak += 1
         self.step += 1
-        record = {"step": self.step, "loss": float(loss)}
-        record.update({f"loss_{name}": float(value) for name, value in terms.items()})
+        record = {"step": self.step, "loss": float(loss.detach())}
+        record.update({f"loss_{name}": float(value.detach()) for name, value in terms.items()})
         record.update(guided.info)
         record["skipped"] = not finite
         return record

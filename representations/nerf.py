@@ -11,7 +11,10 @@ an object, not fog.
 
 Volume rendering uses nerfacc's batched (``[rays, samples]``) functions, which run
 on CPU with autograd. Samples are stratified between the ray's entry into and exit
-from the bounding cube.
+from the bounding cube. Empty space is skipped with an occupancy grid (cells whose
+density, dilated by a cell, is above a small threshold), refreshed every few steps:
+samples in empty cells get density 0 without evaluating the field, which is most of
+them once the object has formed. The grid is a buffer, so it is checkpointed.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class NeRFConfig(BaseModel):
     blob_radius: float = 0.5
     lr: float = 0.03
     ray_chunk: int = 8192  # rays evaluated at once; bounds memory at large renders
+    occupancy_resolution: int = 64
+    occupancy_threshold: float = 0.01  # density below which a cell counts as empty (alpha < 1e-3 per sample)
+    occupancy_every: int = 16  # steps between refreshes
 
 
 class NeRF(torch.nn.Module):
@@ -46,6 +52,28 @@ class NeRF(torch.nn.Module):
         self.grids = torch.nn.ParameterList(
             torch.nn.Parameter(torch.zeros(1, 4, r, r, r)) for r in cfg.grid_resolutions
         )
+        r = cfg.occupancy_resolution
+        self.register_buffer("occupancy", torch.ones(r, r, r, dtype=torch.bool))
+        self.update_occupancy()
+
+    @torch.no_grad()
+    def update_occupancy(self) -> None:
+        """Marks the cells whose centre density, max-pooled over neighbours, exceeds the threshold."""
+        r = self.cfg.occupancy_resolution
+        axis = (torch.arange(r, dtype=torch.float32) + 0.5) / r * 2 - 1
+        centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3) * self.cfg.bound
+        sigma = self.density(centres).view(1, 1, r, r, r)
+        self.occupancy = F.max_pool3d(sigma, 3, stride=1, padding=1)[0, 0] > self.cfg.occupancy_threshold
+
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.occupancy_every == 0:
+            self.update_occupancy()
+
+    def _occupied(self, points: Tensor) -> Tensor:
+        """points [N,3] -> [N] bool, whether the point's occupancy cell is occupied."""
+        r = self.cfg.occupancy_resolution
+        idx = ((points / self.cfg.bound + 1) / 2 * r).long().clamp(0, r - 1)
+        return self.occupancy[idx[:, 0], idx[:, 1], idx[:, 2]]
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.grids.parameters()), "lr": self.cfg.lr, "name": "grids"}]
@@ -122,9 +150,12 @@ class NeRF(torch.nn.Module):
             mids = edges[:, :-1] + (edges[:, 1:] - edges[:, :-1]) * jitter
         points = origins[:, None] + dirs[:, None] * mids[..., None]  # [R, S, 3]
         flat = points.reshape(-1, 3)
-        raw = self._raw(flat)
-        sigma = self._density_from_raw(raw[:, 0], flat).view(R, S)
-        colour = torch.sigmoid(raw[:, 1:]).view(R, S, 3)
+        occupied = self._occupied(flat).nonzero().squeeze(-1)
+        live = flat[occupied]
+        raw = self._raw(live)
+        sigma = torch.zeros(R * S, dtype=flat.dtype).index_put((occupied,), self._density_from_raw(raw[:, 0], live))
+        colour = torch.zeros(R * S, 3, dtype=flat.dtype).index_put((occupied,), torch.sigmoid(raw[:, 1:]))
+        sigma, colour = sigma.view(R, S), colour.view(R, S, 3)
         weights, _, _ = render_weight_from_density(edges[:, :-1], edges[:, 1:], sigma)
         out = {
             "rgb": accumulate_along_rays(weights, colour),
@@ -132,7 +163,7 @@ class NeRF(torch.nn.Module):
             "depth": accumulate_along_rays(weights, mids[..., None]),
         }
         if with_normals:
-            normals = self.normals(flat).view(R, S, 3)
+            normals = torch.zeros(R * S, 3, dtype=flat.dtype).index_put((occupied,), self.normals(live)).view(R, S, 3)
             out["normal"] = accumulate_along_rays(weights, normals)
             facing = (normals * dirs[:, None]).sum(-1).clamp_min(0) ** 2
             out["orient"] = (weights * facing).sum(-1, keepdim=True)

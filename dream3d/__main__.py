@@ -1,0 +1,3 @@
+from dream3d.cli import main
+
+main()

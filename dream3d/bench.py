@@ -1,0 +1,64 @@
+"""The toy benchmark: run a set of toy prompts, evaluate each against the toy world, tabulate.
+
+Each run is a separate ``dream3d run`` process (so peak memory is per run), followed
+by ``dream3d eval``. The table (markdown and JSON) has one row per run and a median row.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dream3d.atomic import write_text
+
+# Twelve classes: every shape and every colour twice.
+BENCH_PROMPTS = (
+    "a red sphere", "a green cube", "a blue cylinder", "a yellow cone", "an orange torus", "a purple pyramid",
+    "a green sphere", "a blue cube", "a yellow cylinder", "an orange cone", "a purple torus", "a red pyramid",
+)
+QUICK_PROMPTS = ("a red sphere", "a green cube")
+COLUMNS = ("iou", "r_precision", "colour_error", "seconds_per_step", "wall_seconds", "peak_memory_mb")
+
+
+def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
+    """Runs and evaluates one prompt in subprocesses; returns its table row."""
+    command = [sys.executable, "-m", "dream3d", "run", prompt, "--seed", str(seed), "--out", str(out), *options]
+    tick = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - tick
+    run_dir = max(out.glob("*/"), key=lambda p: p.stat().st_mtime)
+    subprocess.run([sys.executable, "-m", "dream3d", "eval", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
+        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},
+        "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),
+        "peak_memory_mb": summary["peak_memory_mb"],
+    }
+
+
+def bench(prompts: tuple[str, ...], seeds: list[int], out: Path, options: list[str]) -> list[dict]:
+    """Runs every prompt x seed; writes bench.json and bench.md under ``out``; returns the rows."""
+    rows = [run_one(p, s, out / "runs", options) for p in prompts for s in seeds]
+    write_text(out / "bench.json", json.dumps({"options": options, "rows": rows}, indent=2) + "\n")
+    write_text(out / "bench.md", markdown_table(rows))
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| prompt | seed | matched | " + " | ".join(COLUMNS) + " |\n"
+    header += "|---" * (3 + len(COLUMNS)) + "|\n"
+    lines = [
+        f"| {r['prompt']} | {r['seed']} | {r['matched_class']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |"
+        for r in rows
+    ]
+    medians = " | ".join(_fmt(statistics.median(r[c] for r in rows)) for c in COLUMNS)
+    return header + "\n".join(lines) + f"\n| **median** | | | {medians} |\n"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}" if isinstance(value, float) and abs(value) < 10 else f"{value}"

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# One prior dataset cache for the whole test session (built on first use, reused by later runs).
+os.environ.setdefault("DREAM3D_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "dream3d-test"))
+
+# Small settings that keep an end-to-end run to seconds.
+TINY = {
+    "steps": 12,
+    "resolution": 16,
+    "checkpoint_every": 5,
+    "preview_every": 5,
+    "nerf": {"grid_resolutions": [8, 16], "num_samples": 24, "occupancy_resolution": 16, "occupancy_every": 4},
+    "export": {"mesh_resolution": 32, "video_frames": 4, "video_resolution": 32},
+}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Config layers for a tiny run writing under tmp_path."""
+    return {**TINY, "out": str(tmp_path / "runs")}

@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback and nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dream3d import api, cli
+from dream3d.config import build_config
+
+
+def dream3d(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["dream3d", *map(str, args)])
+    try:
+        cli.main()
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err.strip()
+
+
+BAD_RUNS = [
+    (["a red banana"], 1, "does not know 'banana'"),
+    (["a cube sphere"], 1, "names more than one shape"),
+    ([""], 1, "prompt is empty"),
+    (["a red cube", "--guidance", "magic"], 1, "unknown guidance 'magic'; valid: sds"),
+    (["a red cube", "--representation", "mesh"], 1, "unknown representation 'mesh'; valid: nerf"),
+    (["a red cube", "--prior", "sd9"], 1, "unknown prior 'sd9'; valid: toy, toy-mv"),
+    (["a red cube", "--steps", "abc"], 2, "Invalid value for '--steps'"),
+    (["a red cube", "--steps", "0"], 1, "steps: Input should be greater than 0"),
+    (["a red cube", "--resolution", "0"], 1, "resolution must be positive"),
+    (["a red cube", "--resolution", "-3"], 1, "resolution must be positive"),
+    (["a red cube", "nerf.colour=3"], 1, "nerf.colour: unknown key"),
+    (["a red cube", "steps"], 1, "override 'steps' is not key=value"),
+]
+
+
+@pytest.mark.parametrize("args,code,message", BAD_RUNS)
+def test_bad_run_input(monkeypatch, capsys, tmp_path, args, code, message):
+    out = tmp_path / "runs"
+    status, err = dream3d(monkeypatch, capsys, "run", *args, "--out", out)
+    assert status == code
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_word_lists_the_vocabulary(monkeypatch, capsys, tmp_path):
+    _, err = dream3d(monkeypatch, capsys, "run", "a red banana", "--out", tmp_path)
+    for word in ("red", "purple", "cube", "torus", "shape"):
+        assert word in err
+
+
+def test_unwritable_out(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--out", blocker / "runs")
+    assert status == 1 and "cannot write to output folder" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("steps: [1, 2\n", "does not parse as YAML at line 2"), ("stepz: 3\n", "stepz: unknown key"),
+     ("- 1\n- 2\n", "must be a mapping")],
+)
+def test_bad_config_file(monkeypatch, capsys, tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--config", config, "--out", tmp_path / "runs")
+    assert status == 1 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["resume", "export", "eval"])
+def test_not_a_run_folder(monkeypatch, capsys, tmp_path, command):
+    status, err = dream3d(monkeypatch, capsys, command, tmp_path)
+    assert status == 1 and "is not a dream3d run folder" in err and len(err.splitlines()) == 1
+
+
+def test_export_options(monkeypatch, capsys, tiny):
+    run_dir = api.run(build_config({"prompt": "a red sphere"}, tiny)).run_dir
+    status, err = dream3d(monkeypatch, capsys, "export", run_dir, "--formats", "glb,fbx")
+    assert status == 1 and "unknown export format 'fbx'" in err
+    status, err = dream3d(monkeypatch, capsys, "export", run_dir, "--threshold", "1e9")
+    assert status == 1 and "empty" in err and len(err.splitlines()) == 1
+    status, _ = dream3d(monkeypatch, capsys, "export", run_dir, "--formats", "ply", "--resolution", "24")
+    assert status == 0
+
+
+def test_entry_point_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "from dream3d.cli import main; main()", "run", "a red banana", "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the toy prior does not know")
