@@ -11,7 +11,7 @@ from representations.nerf import NeRF
 
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
-DEFAULT_GUIDANCE_SCALE = {"toy": 10.0, "toy-mv": 10.0}
+DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0}
 
 
 def build_prior(name: str) -> Prior:

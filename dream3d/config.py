@@ -49,10 +49,18 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """Adam over the representation's parameter groups (each group sets its own lr)."""
+    """Adam over the representation's parameter groups (each group sets its own lr).
+
+    lr_scale multiplies every group's lr (a schedule: decay it to settle the last steps)."""
 
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
+    lr_scale: Schedule = 1.0
+
+    @field_validator("lr_scale")
+    @classmethod
+    def _schedule(cls, value: Schedule) -> Schedule:
+        return check_schedule(value)
 
 
 class ExportConfig(_Section):
@@ -74,7 +82,7 @@ class ExportConfig(_Section):
 
 class RunConfig(_Section):
     prompt: str
-    prior: str = "toy"
+    prior: str = "toy-mv"
     guidance: str = "sds"
     representation: str = "nerf"
     steps: int = Field(600, gt=0)

@@ -73,6 +73,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.representation.param_groups(), betas=cfg.optim.betas, eps=cfg.optim.eps
         )
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
         self.background = torch.tensor(cfg.background)
         self.step = 0
         self.skipped_steps = 0
@@ -124,6 +126,9 @@ class Trainer:
             terms["orient"] = out.extras["orient"]
         loss = sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
 
+        scale = evaluate(cfg.optim.lr_scale, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

@@ -36,7 +36,7 @@ class NeRFConfig(BaseModel):
     num_samples: int = 64  # per ray, across the cube
     blob_density: float = 10.0
     blob_radius: float = 0.5
-    lr: float = 0.03
+    lr: float = 0.1
     ray_chunk: int = 8192  # rays evaluated at once; bounds memory at large renders
     occupancy_resolution: int = 64
     occupancy_threshold: float = 0.01  # density below which a cell counts as empty (alpha < 1e-3 per sample)
