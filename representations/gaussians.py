@@ -1,0 +1,200 @@
+"""3D Gaussian splats for score distillation: parameters, initialisation, rendering, density field.
+
+Parameters live in ``self.params``, an ``nn.ParameterDict`` with the keys gsplat's
+densification strategies expect (``means``, ``scales``, ``quats``, ``opacities``,
+``colors``), in the space the optimizer sees: log-scales, unnormalised wxyz quaternions,
+opacity logits and colour logits. Colours are view-independent RGB through a sigmoid
+(SH degree 0): the toy world's shading is view-independent, and a sigmoid keeps renders in
+[0,1] without the clamp that SH-DC colours need (which zeroes gradients); PLY export
+converts to SH DC (``splat_ply.rgb_to_sh_dc``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from representations.cameras import Cameras, RenderOutput
+from representations.splat_ply import read_splat_ply
+from representations.splat_raster import quat_scale_to_covar, rasterize, ray_length_per_depth
+
+
+class GaussiansConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_points: int = 4096  # Point-E's count (LucidDreamer, GSGEN); DreamGaussian uses 5000
+    init: Literal["sphere", "box"] = "sphere"  # uniform in a ball (DreamGaussian) or cube of init_radius
+    init_radius: float = 0.5
+    init_opacity: float = 0.1  # DreamGaussian, LucidDreamer
+    sh_degree: Literal[0] = 0  # all peers use degree 0 for text-to-3D
+    init_points: str | None = None  # PLY with x y z (+ colours, or a full 3DGS splat file)
+    max_gaussians: int = 50_000
+    # learning rates (gaussian-anchors.md section 2-3): means DreamGaussian's initial 1e-3
+    # (no decay yet); scales 5e-3 (all peers, gsplat); quats 1e-3 (LucidDreamer,
+    # GaussianDreamer, gsplat); opacities 5e-2 (DreamGaussian, LucidDreamer, gsplat);
+    # colours 1e-2 (DreamGaussian's features; sigmoid logits move rgb at the SH-DC rate)
+    lr_means: float = 1e-3
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    lr_opacities: float = 5e-2
+    lr_colors: float = 1e-2
+    near_plane: float = 0.01
+    eps2d: float = 0.3
+    raster_chunk: int = 4096  # pixels composited at once on CPU (memory knob)
+    field_chunk: int = 4096  # points per chunk in density()/albedo()
+
+
+def knn_scale(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
+    """Initial isotropic scale per point: sqrt of the mean squared distance to its k nearest
+    neighbours (3DGS's ``distCUDA2``). points [N,3] -> [N]."""
+    if len(points) <= 1:
+        return torch.full((len(points),), 0.01, dtype=points.dtype)
+    k = min(k, len(points) - 1)
+    out = []
+    for i in range(0, len(points), chunk):
+        d = torch.cdist(points[i : i + chunk], points)
+        nearest = d.topk(k + 1, dim=1, largest=False).values[:, 1:]  # column 0 is the point itself
+        out.append(nearest.pow(2).mean(1).sqrt())
+    return torch.cat(out).clamp_min(1e-7)
+
+
+class Gaussians(torch.nn.Module):
+    """N 3D Gaussians rendered by ``splat_raster.rasterize``."""
+
+    def __init__(self, cfg: GaussiansConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        loaded = read_splat_ply(cfg.init_points) if cfg.init_points else {}
+        if loaded:
+            means = loaded["means"]
+            if len(means) > cfg.max_gaussians:
+                keep = torch.randperm(len(means), generator=generator)[: cfg.max_gaussians]
+                loaded = {k: v[keep] for k, v in loaded.items()}
+                means = loaded["means"]
+        else:
+            means = self._sample(min(cfg.num_points, cfg.max_gaussians), generator)
+        n = len(means)
+        scales_log = loaded.get("scales_log", torch.log(knn_scale(means))[:, None].expand(n, 3))
+        quats = loaded.get("quats", torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4))
+        opacities = loaded.get("opacity_logits", torch.full((n,), math.log(cfg.init_opacity / (1 - cfg.init_opacity))))
+        colors = torch.logit(loaded["colors"].clamp(0.01, 0.99)) if "colors" in loaded else torch.zeros(n, 3)
+        self.params = torch.nn.ParameterDict(
+            {
+                "means": torch.nn.Parameter(means.clone()),
+                "scales": torch.nn.Parameter(scales_log.clone()),
+                "quats": torch.nn.Parameter(quats.clone()),
+                "opacities": torch.nn.Parameter(opacities.clone()),
+                "colors": torch.nn.Parameter(colors.clone()),
+            }
+        )
+
+    def _sample(self, n: int, generator: torch.Generator) -> Tensor:
+        r = self.cfg.init_radius
+        if self.cfg.init == "box":
+            return (torch.rand(n, 3, generator=generator) * 2 - 1) * r
+        direction = torch.nn.functional.normalize(torch.randn(n, 3, generator=generator), dim=-1)
+        return direction * r * torch.rand(n, 1, generator=generator) ** (1 / 3)  # uniform in the ball
+
+    def __len__(self) -> int:
+        return self.params["means"].shape[0]
+
+    @property
+    def scales(self) -> Tensor:
+        return torch.exp(self.params["scales"])
+
+    @property
+    def opacities(self) -> Tensor:
+        return torch.sigmoid(self.params["opacities"])
+
+    @property
+    def colors(self) -> Tensor:
+        return torch.sigmoid(self.params["colors"])
+
+    def param_groups(self) -> list[dict]:
+        """One group per parameter, named by its key (gsplat strategies want one optimizer per key)."""
+        lrs = {k: getattr(self.cfg, f"lr_{k}") for k in self.params}
+        return [{"params": [p], "lr": lrs[k], "name": k} for k, p in self.params.items()]
+
+    def after_step(self, step: int) -> None:
+        """Densification hooks come later; nothing to refresh per step yet."""
+
+    def render(
+        self,
+        cameras: Cameras,
+        background: Tensor,
+        generator: torch.Generator | None = None,
+        with_normals: bool = False,
+    ) -> RenderOutput:
+        """Splats B cameras over a solid background [3].
+
+        ``generator`` is accepted for the representation seam (splatting is deterministic).
+        Depth is the expected distance along the unit ray (gsplat's expected z-depth "ED"
+        times the ray length per unit z), 0 where empty. ``extras["meta"]`` is gsplat's meta.
+
+        Raises:
+            NotImplementedError: ``with_normals`` (splats have no normal field yet).
+        """
+        if with_normals:
+            raise NotImplementedError("Gaussians render no normals: set the orientation loss weight to 0")
+        viewmats, Ks = cameras.viewmats(), cameras.intrinsics()
+        rgb, alpha, depth, meta = rasterize(
+            self.params["means"], self.params["quats"], self.scales, self.opacities, self.colors,
+            viewmats, Ks, cameras.width, cameras.height,
+            backgrounds=background.to(viewmats).expand(len(cameras), 3),
+            near_plane=self.cfg.near_plane, eps2d=self.cfg.eps2d, chunk=self.cfg.raster_chunk,
+        )
+        depth = depth * ray_length_per_depth(Ks, cameras.width, cameras.height)
+        return RenderOutput(rgb=rgb, alpha=alpha, depth=depth, extras={"meta": meta})
+
+    def _field(self, points: Tensor, with_color: bool) -> tuple[Tensor, Tensor | None]:
+        """Sum over Gaussians of sigma_i(x) [N] and, optionally, of sigma_i(x) * colour_i [N,3].
+
+        sigma_i(x) = tau_i / (sqrt(2 pi) s_min,i) * exp(-0.5 m_i(x)^2), tau_i = -ln(1 - min(o_i, 0.95)):
+        a ray through the centre of a Gaussian along its thinnest axis then accumulates optical
+        depth tau_i, i.e. alpha = o_i, the same as its splat (capped at alpha 0.95, "opaque",
+        for opacity >= 0.95). Gaussians further than 3 sigma (largest axis) from a chunk's
+        bounding box are skipped.
+        """
+        means = self.params["means"].detach()
+        scales = self.scales.detach()
+        opac = self.opacities.detach().clamp_max(0.95)
+        peak = -torch.log1p(-opac) / (math.sqrt(2 * math.pi) * scales.amin(-1))
+        precision = torch.linalg.inv(quat_scale_to_covar(self.params["quats"].detach(), scales))
+        reach = 3 * scales.amax(-1)
+        colors = self.colors.detach()
+        sigma_out, color_out = [], []
+        for i in range(0, len(points), self.cfg.field_chunk):
+            x = points[i : i + self.cfg.field_chunk]
+            lo, hi = x.amin(0), x.amax(0)
+            near = ((means - means.clamp(lo, hi)).norm(dim=-1) < reach).nonzero().squeeze(-1)
+            d = x[:, None] - means[near]  # [P,G,3]
+            m2 = torch.einsum("pgi,gij,pgj->pg", d, precision[near], d)
+            w = peak[near] * torch.exp(-0.5 * m2)
+            sigma_out.append(w.sum(-1))
+            if with_color:
+                color_out.append(w @ colors[near])
+        return torch.cat(sigma_out), torch.cat(color_out) if with_color else None
+
+    @torch.no_grad()
+    def density(self, points: Tensor) -> Tensor:
+        """Volume density (per world unit) at points [N,3] -> [N]; see ``_field`` for the scale."""
+        return self._field(points, with_color=False)[0]
+
+    @torch.no_grad()
+    def albedo(self, points: Tensor) -> Tensor:
+        """Density-weighted mean colour at points [N,3] -> [N,3]; the nearest Gaussian's where no density reaches."""
+        sigma, weighted = self._field(points, with_color=True)
+        empty = sigma <= 1e-12
+        out = weighted / sigma.clamp_min(1e-12)[:, None]
+        if empty.any():
+            nearest = torch.cdist(points[empty], self.params["means"].detach()).argmin(-1)
+            out[empty] = self.colors.detach()[nearest]
+        return out
+
+
+__all__ = ["Gaussians", "GaussiansConfig", "knn_scale"]

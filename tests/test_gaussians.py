@@ -1,0 +1,223 @@
+"""Gaussian splats: projection parity with gsplat's PyTorch reference, the rasterizer against a
+brute-force compositor (values and gradients), PLY round trips, and the density field."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from representations.cameras import look_at_cameras
+from representations.gaussians import Gaussians, GaussiansConfig
+from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
+from representations.splat_raster import ALPHA_MAX, ALPHA_THRESHOLD, T_MIN, project, rasterize
+
+
+def _scene(n: int, seed: int, spread: float = 0.6, scale: tuple[float, float] = (0.05, 0.25)):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) * 2 - 1) * spread
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.rand(n, 3, generator=g) * (scale[1] - scale[0]) + scale[0]
+    opacities = torch.rand(n, generator=g) * 0.9 + 0.05
+    colors = torch.rand(n, 3, generator=g)
+    return means, quats, scales, opacities, colors
+
+
+def _cameras(width: int, height: int):
+    return look_at_cameras(
+        torch.tensor([0.0, 30.0, -10.0]), torch.tensor([0.0, 135.0, 250.0]), torch.tensor([2.5, 2.0, 3.0]),
+        45.0, width, height,
+    )
+
+
+def test_projection_matches_gsplat_reference():
+    torch_impl = pytest.importorskip("gsplat.cuda._torch_impl", reason="gsplat is not installed")
+    means, quats, scales, _, _ = _scene(300, seed=1, spread=1.5)
+    cams = _cameras(40, 30)
+    ours = project(means, quats, scales, cams.viewmats(), cams.intrinsics(), 40, 30, eps2d=0.3)
+    covars, _ = torch_impl._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    radii, means2d, depths, conics, _ = torch_impl._fully_fused_projection(
+        means, covars, cams.viewmats(), cams.intrinsics(), 40, 30, eps2d=0.3, near_plane=0.01
+    )
+    assert (ours["radii"] > 0).any() and (ours["radii"] == 0).any()  # some culled, some kept
+    assert torch.equal(ours["radii"], radii)
+    torch.testing.assert_close(ours["means2d"], means2d, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours["depths"], depths, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours["conics"], conics, rtol=1e-4, atol=1e-6)
+
+
+def _brute_force(means, quats, scales, opacities, colors, viewmat, K, width, height, background):
+    """gsplat's per-pixel loop, written out: every Gaussian in front of the near plane, near to far."""
+    proj = project(means, quats, scales, viewmat[None], K[None], width, height, eps2d=0.3)
+    m2d, depths, conics = proj["means2d"][0], proj["depths"][0], proj["conics"][0]
+    order = [i for i in torch.argsort(depths).tolist() if depths[i] > 0.01 and opacities[i] >= ALPHA_THRESHOLD]
+    rgb, alpha, depth = [], [], []
+    for y in range(height):
+        for x in range(width):
+            T, c, z = torch.tensor(1.0, dtype=means.dtype), torch.zeros(3, dtype=means.dtype), torch.tensor(0.0, dtype=means.dtype)
+            for i in order:
+                dx, dy = m2d[i, 0] - (x + 0.5), m2d[i, 1] - (y + 0.5)
+                a, b, cc = conics[i]
+                sigma = 0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy
+                al = torch.clamp(opacities[i] * torch.exp(-sigma), max=ALPHA_MAX)
+                if sigma < 0 or al < ALPHA_THRESHOLD:
+                    continue
+                if T * (1 - al) <= T_MIN:
+                    break
+                c = c + al * T * colors[i]
+                z = z + al * T * depths[i]
+                T = T * (1 - al)
+            rgb.append(c + T * background)
+            alpha.append(1 - T)
+            depth.append(z / torch.clamp(1 - T, min=1e-10))
+    return (torch.stack(rgb).view(height, width, 3), torch.stack(alpha).view(height, width, 1),
+            torch.stack(depth).view(height, width, 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rasterizer_matches_brute_force_values_and_gradients(seed):
+    W, H = 8, 7
+    # float64 on both sides: the comparison then tests the maths, not float32 summation order
+    params = [p.double().requires_grad_() for p in _scene(7, seed=seed, spread=0.4, scale=(0.1, 0.35))]
+    params[3].data[:3] = 0.999  # nearly opaque Gaussians exercise the T <= 1e-4 early stop
+    cams = _cameras(W, H)[seed]
+    viewmat, K = cams.viewmats()[0].double(), cams.intrinsics()[0].double()
+    background = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    rgb, alpha, depth, meta = rasterize(*params, viewmat[None], K[None], W, H, background[None], chunk=16)
+    ref = _brute_force(*params, viewmat, K, W, H, background)
+    assert 0.05 < alpha.mean() < 0.95
+    for ours, theirs in zip((rgb[0], alpha[0], depth[0]), ref):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    g = torch.Generator().manual_seed(seed + 10)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ref]
+    ours = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, (rgb[0], alpha[0], depth[0]))), params)
+    theirs = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, ref)), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_means2d_receives_gradient():
+    means, quats, scales, opacities, colors = _scene(20, seed=3, spread=0.3)
+    means.requires_grad_()
+    cams = _cameras(16, 16)
+    rgb, _, _, meta = rasterize(means, quats, scales, opacities, colors, cams.viewmats(), cams.intrinsics(), 16, 16)
+    meta["means2d"].retain_grad()
+    rgb.square().sum().backward()
+    assert meta["means2d"].grad.shape == (3, 20, 2)
+    assert meta["means2d"].grad.abs().sum() > 0 and means.grad.abs().sum() > 0
+
+
+def test_single_gaussian_is_centred_and_symmetric():
+    W = H = 33
+    cams = look_at_cameras(torch.tensor([20.0]), torch.tensor([40.0]), torch.tensor([2.5]), 45.0, W, H)
+    means = torch.tensor([[0.0, 0.0, 0.0]])
+    rgb, alpha, depth, meta = rasterize(
+        means, torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 0.15), torch.tensor([0.9]),
+        torch.tensor([[1.0, 0.0, 0.0]]), cams.viewmats(), cams.intrinsics(), W, H,
+    )
+    a = alpha[0, :, :, 0]
+    assert a.argmax().item() == (H // 2) * W + W // 2  # the origin projects to the centre pixel
+    torch.testing.assert_close(meta["means2d"][0, 0], torch.tensor([W / 2, H / 2]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(a, a.flip(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, a.flip(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, a.t(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.max(), torch.tensor(0.9) * (1 - 1e-7), atol=2e-3, rtol=0)
+    torch.testing.assert_close(depth[0, H // 2, W // 2, 0], torch.tensor(2.5), atol=1e-4, rtol=0)
+
+
+def test_chunking_does_not_change_the_render():
+    params = [p.requires_grad_() for p in _scene(200, seed=4, scale=(0.02, 0.1))]
+    cams = _cameras(24, 20)
+    args = (cams.viewmats(), cams.intrinsics(), 24, 20, torch.rand(3, 3))
+    small = rasterize(*params, *args, chunk=24)
+    big = rasterize(*params, *args, chunk=10_000)
+    for a, b in zip(small[:3], big[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    ga = torch.autograd.grad(sum(t.sum() for t in small[:3]), params)
+    gb = torch.autograd.grad(sum(t.sum() for t in big[:3]), params)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ply_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    n = 50
+    tensors = dict(
+        means=torch.randn(n, 3, generator=g), scales_log=torch.randn(n, 3, generator=g),
+        quats=torch.randn(n, 4, generator=g), opacity_logits=torch.randn(n, generator=g),
+    )
+    colors = torch.rand(n, 3, generator=g)
+    sh_rest = torch.randn(n, 3, 3, generator=g)
+    path = tmp_path / "splats.ply"
+    write_splat_ply(path, **tensors, sh_dc=rgb_to_sh_dc(colors), sh_rest=sh_rest)
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    back = read_splat_ply(path)
+    for k, v in tensors.items():
+        torch.testing.assert_close(back[k], v)
+    torch.testing.assert_close(back["colors"], colors)
+    torch.testing.assert_close(back["sh_rest"], sh_rest)
+    header = path.read_bytes().split(b"end_header\n")[0].decode()
+    names = [line.split()[-1] for line in header.splitlines() if line.startswith("property")]
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+
+
+def test_xyz_only_ply_initialises_gaussians(tmp_path):
+    points = np.random.default_rng(0).uniform(-0.5, 0.5, (64, 3)).astype("<f4")
+    path = tmp_path / "points.ply"
+    header = "ply\nformat binary_little_endian 1.0\nelement vertex 64\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    path.write_bytes(header.encode() + points.tobytes())
+    assert set(read_splat_ply(path)) == {"means"}
+    model = Gaussians(GaussiansConfig(init_points=str(path)))
+    assert len(model) == 64
+    torch.testing.assert_close(model.params["means"].detach(), torch.from_numpy(points))
+    torch.testing.assert_close(model.opacities.detach(), torch.full((64,), 0.1))
+    assert (model.scales > 0).all() and (model.scales < 0.5).all()
+
+
+def test_coloured_ascii_ply_loads(tmp_path):
+    path = tmp_path / "points.ply"
+    path.write_text(
+        "ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n0 0 0 255 0 0\n1 2 3 0 51 255\n"
+    )
+    back = read_splat_ply(path)
+    torch.testing.assert_close(back["means"], torch.tensor([[0.0, 0, 0], [1, 2, 3]]))
+    torch.testing.assert_close(back["colors"], torch.tensor([[1.0, 0, 0], [0, 0.2, 1]]))
+
+
+def test_density_albedo_and_param_groups():
+    model = Gaussians(GaussiansConfig(num_points=300, init_radius=0.4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.params["opacities"][0] = 10.0
+        model.params["colors"][0] = torch.tensor([5.0, -5.0, -5.0])
+    centre = model.params["means"][:1].detach()
+    sigma = model.density(torch.cat([centre, torch.tensor([[3.0, 3.0, 3.0]])]))
+    assert sigma[0] > 1.0 and sigma[1] == 0
+    # a thin ray through an opaque Gaussian accumulates about -ln(1 - 0.95) of optical depth
+    solo = Gaussians(GaussiansConfig(num_points=1))
+    with torch.no_grad():
+        solo.params["opacities"][:] = 10.0
+    t = torch.linspace(-1, 1, 2001)
+    line = torch.stack([t, torch.zeros_like(t), torch.zeros_like(t)], -1) + solo.params["means"].detach()
+    tau = solo.density(line).sum() * (t[1] - t[0])
+    assert abs(tau.item() - (-math.log(0.05))) < 0.05
+    colour = model.albedo(centre)[0]
+    assert colour[0] > colour[1] and colour[0] > colour[2]
+    groups = model.param_groups()
+    assert [g["name"] for g in groups] == list(model.params) and len(groups) == 5
+    assert {g["name"] for g in groups} == {"means", "scales", "quats", "opacities", "colors"}
+    assert all(len(g["params"]) == 1 for g in groups)
+
+
+def test_render_seam():
+    model = Gaussians(GaussiansConfig(num_points=500))
+    cams = _cameras(16, 12)
+    out = model.render(cams, torch.ones(3))
+    assert out.rgb.shape == (3, 12, 16, 3) and out.alpha.shape == out.depth.shape == (3, 12, 16, 1)
+    assert (out.rgb >= 0).all() and (out.rgb <= 1).all()
+    hit = out.alpha[..., 0] > 0.5
+    assert hit.any() and ((out.depth[..., 0][hit] > 1.4) & (out.depth[..., 0][hit] < 3.6)).all()
+    out.rgb.mean().backward()
+    assert all(p.grad is not None for p in model.params.values())
+    assert "meta" in out.extras
