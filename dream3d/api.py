@@ -105,6 +105,9 @@ def export(
         video_frames=ex.video_frames,
         video_resolution=ex.video_resolution,
     )
+    if hasattr(representation, "save_ply"):
+        files["splats"] = run_dir / "export" / "splats.ply"
+        representation.save_ply(files["splats"])
     rundir.update_summary(
         run_dir, export_seconds=round(time.perf_counter() - tick, 2),
         files={k: str(v.relative_to(run_dir)) for k, v in files.items()},

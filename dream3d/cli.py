@@ -83,16 +83,19 @@ def run(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform"),
     prior: Optional[str] = typer.Option(None, help="toy | toy-mv"),
     guidance: Optional[str] = typer.Option(None, help="sds"),
-    representation: Optional[str] = typer.Option(None, help="nerf"),
+    representation: Optional[str] = typer.Option(None, help="nerf | gaussians"),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
     seed: Optional[int] = typer.Option(None),
     resolution: Optional[int] = typer.Option(None, help="Render size (one size for the whole run)."),
     out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default runs/)."),
     config: Optional[Path] = typer.Option(None, help="A YAML config; flags and overrides win over it."),
+    init_points: Optional[Path] = typer.Option(None, help="Gaussians: start from the points of this PLY file."),
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
     flags = dict(prior=prior, guidance=guidance, representation=representation, steps=steps, seed=seed,
                  resolution=resolution, out=out)
+    if init_points is not None:
+        flags["gaussians"] = {"init_points": str(init_points)}
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **{k: v for k, v in flags.items() if v is not None}},

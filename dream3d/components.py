@@ -7,6 +7,7 @@ import torch
 from dream3d.config import RunConfig
 from guidance.priors.base import Prior
 from guidance.sds import SDSGuidance
+from representations.gaussians import Gaussians
 from representations.nerf import NeRF
 
 # The DreamFusion-convention CFG scale each prior is used with by default
@@ -25,4 +26,6 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
 
 
 def build_representation(cfg: RunConfig) -> torch.nn.Module:
+    if cfg.representation == "gaussians":
+        return Gaussians(cfg.gaussians, generator=torch.Generator().manual_seed(cfg.seed))
     return NeRF(cfg.nerf)

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dream3d.sampling import CameraConfig
 from guidance.schedule import Schedule, check_schedule
 from guidance.sds import SDSConfig
+from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 
 PRIORS = ("toy", "toy-mv")
 GUIDANCES = ("sds",)
-REPRESENTATIONS = ("nerf",)
+REPRESENTATIONS = ("nerf", "gaussians")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 
 
@@ -98,6 +99,7 @@ class RunConfig(_Section):
     max_nan_steps: int = Field(20, gt=0)
     camera: CameraConfig = CameraConfig()
     nerf: NeRFConfig = NeRFConfig()
+    gaussians: GaussiansConfig = GaussiansConfig()
     sds: SDSConfig = SDSConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -132,6 +134,15 @@ class RunConfig(_Section):
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if len(sizes) > 1 and len(self.resolution_milestones) != len(sizes) - 1:
             raise ValueError("resolution_milestones needs one step per resolution change")
+        return self
+
+    @model_validator(mode="after")
+    def _gaussians(self) -> "RunConfig":
+        if self.representation == "gaussians":
+            if self.loss.lambda_orient != 0:
+                raise ValueError("loss.lambda_orient needs normals, which the gaussians representation does not render")
+            if self.gaussians.init_points and not Path(self.gaussians.init_points).is_file():
+                raise ValueError(f"init points file {self.gaussians.init_points} does not exist")
         return self
 
     def resolution_at(self, step: int) -> int:

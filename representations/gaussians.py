@@ -12,6 +12,7 @@ converts to SH DC (``splat_ply.rgb_to_sh_dc``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from representations.cameras import Cameras, RenderOutput
-from representations.splat_ply import read_splat_ply
+from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
 from representations.splat_raster import quat_scale_to_covar, rasterize, ray_length_per_depth
 
 
@@ -119,6 +120,11 @@ class Gaussians(torch.nn.Module):
         """One group per parameter, named by its key (gsplat strategies want one optimizer per key)."""
         lrs = {k: getattr(self.cfg, f"lr_{k}") for k in self.params}
         return [{"params": [p], "lr": lrs[k], "name": k} for k, p in self.params.items()]
+
+    def save_ply(self, path: str | Path) -> None:
+        """Writes the splats in the standard 3DGS PLY layout (viewers open it as is)."""
+        p = {k: v.detach() for k, v in self.params.items()}
+        write_splat_ply(path, p["means"], p["scales"], p["quats"], p["opacities"], rgb_to_sh_dc(self.colors.detach()))
 
     def after_step(self, step: int) -> None:
         """Densification hooks come later; nothing to refresh per step yet."""

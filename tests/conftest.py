@@ -13,6 +13,7 @@ TINY = {
     "checkpoint_every": 5,
     "preview_every": 5,
     "nerf": {"grid_resolutions": [8, 16], "num_samples": 24, "occupancy_resolution": 16, "occupancy_every": 4},
+    "gaussians": {"num_points": 256},
     "export": {"mesh_resolution": 32, "video_frames": 4, "video_resolution": 32},
 }
 

@@ -98,3 +98,25 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypat
     with pytest.raises(RunError, match="NaN/Inf for 3 steps in a row"):
         trainer.run()
     assert checkpoint_paths(run_dir)
+
+
+def test_gaussians_run_exports_splats_and_resumes_exactly(tiny, tmp_path):
+    from representations.splat_ply import read_splat_ply, write_splat_ply
+
+    points = tmp_path / "points.ply"
+    write_splat_ply(points, torch.rand(64, 3) - 0.5, torch.full((64, 3), -3.0), torch.tensor([[1.0, 0, 0, 0]]).repeat(64, 1),
+                    torch.zeros(64), torch.zeros(64, 3))
+    layers = [{"prompt": "a red sphere", "representation": "gaussians", "gaussians": {"init_points": str(points)}}, tiny]
+    result = api.run(build_config(*layers))
+    splats = read_splat_ply(result.files["splats"])
+    assert splats["means"].shape == (64, 3)
+    assert trimesh.load(result.files["glb"], force="mesh", skip_materials=True).faces.shape[0] > 0
+
+    stop = iter([False] * 6 + [True])
+    with pytest.raises(RunInterrupted):
+        api.run(build_config(*layers), should_stop=lambda: next(stop))
+    interrupted = max(__import__("pathlib").Path(tiny["out"]).glob("a-red-sphere-*"), key=lambda p: p.stat().st_mtime)
+    api.resume(interrupted)
+    assert metrics(interrupted) == metrics(result.run_dir)
+    for k, v in final_params(result.run_dir).items():
+        assert torch.equal(v, final_params(interrupted)[k]), k
