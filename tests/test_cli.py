@@ -96,3 +96,37 @@ def test_entry_point_one_line_error(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the toy prior does not know")
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    import yaml
+
+    from tests.conftest import TINY
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "steps": 100000, "checkpoint_every": 100000}))
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dream3d", "run", "a red cube", "--config", str(config), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped at step")
+    run_dir = next(out.glob("a-red-cube-*"))
+    checkpoint = next((run_dir / "checkpoints").glob("step_*.pt"))
+    step = int(checkpoint.stem.split("_")[1])
+    assert step > 0 and not (run_dir / "export").exists()
+    # resume finishes the run (shortened through its config) and exports
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "steps": step + 3}))
+    result = api.resume(run_dir)
+    assert (result.run_dir / "export" / "model.glb").is_file()
