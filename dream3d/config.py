@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dream3d.sampling import CameraConfig
-from guidance.schedule import Schedule, check_schedule
+from guidance.schedule import CheckedSchedule
 from guidance.sds import SDSConfig
 from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
@@ -38,15 +38,10 @@ class LossConfig(_Section):
     sparsity = mean sqrt(alpha^2 + 0.01); opaque = binary entropy of alpha;
     orient = weighted ReLU(n . d)^2 (costs normals, so off unless weighted)."""
 
-    lambda_guidance: Schedule = 1.0
-    lambda_sparsity: Schedule = 0.0
-    lambda_opaque: Schedule = 0.0
-    lambda_orient: Schedule = 0.0
-
-    @field_validator("*")
-    @classmethod
-    def _schedule(cls, value: Schedule) -> Schedule:
-        return check_schedule(value)
+    lambda_guidance: CheckedSchedule = 1.0
+    lambda_sparsity: CheckedSchedule = 0.0
+    lambda_opaque: CheckedSchedule = 0.0
+    lambda_orient: CheckedSchedule = 0.0
 
 
 class OptimConfig(_Section):
@@ -56,12 +51,7 @@ class OptimConfig(_Section):
 
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
-    lr_scale: Schedule = 1.0
-
-    @field_validator("lr_scale")
-    @classmethod
-    def _schedule(cls, value: Schedule) -> Schedule:
-        return check_schedule(value)
+    lr_scale: CheckedSchedule = 1.0
 
 
 class ExportConfig(_Section):

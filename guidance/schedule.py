@@ -10,7 +10,9 @@ A schedule is written as data (in YAML or on the command line):
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Union
+
+from pydantic import AfterValidator
 
 Schedule = Union[float, list[float], list[list[float]]]
 
@@ -31,6 +33,10 @@ def check_schedule(value: Schedule) -> Schedule:
     if len(value) == 4 and value[0] <= value[3]:
         return value
     raise ValueError(f"a schedule is [start_step, v0, v1, end_step] or [v0, v1, end_step], got {value!r}")
+
+
+# The type of a schedule field in a typed config: validated when the config is built.
+CheckedSchedule = Annotated[Schedule, AfterValidator(check_schedule)]
 
 
 def evaluate(value: Schedule, step: int) -> float:

@@ -10,12 +10,12 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from guidance.base import GuidanceOutput, clean_gradient, surrogate_loss
 from guidance.priors.base import Prior
-from guidance.schedule import Schedule, check_schedule, evaluate
+from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
 
 
@@ -24,17 +24,12 @@ class SDSConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    guidance_scale: Schedule | None = None
+    guidance_scale: CheckedSchedule | None = None
     weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
-    min_step_percent: Schedule = 0.02
-    max_step_percent: Schedule = 0.98
+    min_step_percent: CheckedSchedule = 0.02
+    max_step_percent: CheckedSchedule = 0.98
     sqrt_anneal: bool = False
-    grad_clip: Schedule | None = None
-
-    @field_validator("guidance_scale", "min_step_percent", "max_step_percent", "grad_clip")
-    @classmethod
-    def _schedule(cls, value: Schedule | None) -> Schedule | None:
-        return None if value is None else check_schedule(value)
+    grad_clip: CheckedSchedule | None = None
 
 
 def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:

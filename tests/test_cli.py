@@ -34,6 +34,7 @@ BAD_RUNS = [
     (["a red cube", "--resolution", "-3"], 1, "resolution must be positive"),
     (["a red cube", "nerf.colour=3"], 1, "nerf.colour: unknown key"),
     (["a red cube", "steps"], 1, "override 'steps' is not key=value"),
+    (["a red cube", "sds.max_step_percent=[500,0.98,0.5,100]"], 1, "sds.max_step_percent: a schedule is"),
 ]
 
 
