@@ -39,8 +39,9 @@ def run(cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopC
     rundir.check_writable(Path(cfg.out))
     prior = build_prior(cfg.prior)
     prior.embed(cfg.prompt)
+    representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     run_dir = rundir.create_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, prior)
+    trainer = Trainer(cfg, run_dir, prior, representation)
     return _train_and_export(trainer, on_event, should_stop)
 
 

@@ -24,10 +24,11 @@ from dream3d.rundir import RunDirError
 from guidance.base import GuidanceError
 from guidance.priors.base import PriorError
 from representations.mesh import MeshError
+from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, RunError)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError)
 
 
 class _StopFlag:

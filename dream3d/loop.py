@@ -61,14 +61,16 @@ def opaque_loss(alpha: Tensor) -> Tensor:
 class Trainer:
     """Holds one run's state: representation, guidance, optimizer, generator, step counters."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: torch.nn.Module | None = None
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.prior = prior if prior is not None else build_prior(cfg.prior)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
-        self.representation = build_representation(cfg)
+        self.representation = representation if representation is not None else build_representation(cfg)
         self.guidance = build_guidance(cfg, self.prior)
         self.optimizer = torch.optim.Adam(
             self.representation.param_groups(), betas=cfg.optim.betas, eps=cfg.optim.eps

@@ -19,6 +19,11 @@ from torch import Tensor
 SH_C0 = 0.28209479177387814
 
 
+
+
+class PLYError(ValueError):
+    """A file cannot be read as points or splats; the message is one line."""
+
 def rgb_to_sh_dc(rgb: Tensor) -> Tensor:
     """[...,3] colours -> degree-0 SH coefficients."""
     return (rgb - 0.5) / SH_C0
@@ -91,7 +96,7 @@ def read_splat_ply(path: str | Path) -> dict[str, Tensor]:
     """
     with open(path, "rb") as f:
         if f.readline().strip() != b"ply":
-            raise ValueError(f"{path}: not a PLY file")
+            raise PLYError(f"{path}: not a PLY file")
         fmt, props, n, in_vertex, other_before = None, [], None, False, False
         while (line := f.readline().decode("ascii").strip()) != "end_header":
             words = line.split()
@@ -107,10 +112,10 @@ def read_splat_ply(path: str | Path) -> dict[str, Tensor]:
                     other_before = True
             elif words[0] == "property" and in_vertex:
                 if words[1] == "list":
-                    raise ValueError(f"{path}: list properties on vertices are not supported")
+                    raise PLYError(f"{path}: list properties on vertices are not supported")
                 props.append((words[2], "<" + _PLY_TYPES[words[1]]))
         if n is None or other_before:
-            raise ValueError(f"{path}: the vertex element must come first")
+            raise PLYError(f"{path}: the vertex element must come first")
         if fmt == "binary_little_endian":
             data = np.frombuffer(f.read(n * np.dtype(props).itemsize), dtype=props, count=n)
         elif fmt == "ascii":
@@ -119,10 +124,10 @@ def read_splat_ply(path: str | Path) -> dict[str, Tensor]:
             for i, (name, _) in enumerate(props):
                 data[name] = rows[:, i]
         else:
-            raise ValueError(f"{path}: unsupported PLY format {fmt!r}")
+            raise PLYError(f"{path}: unsupported PLY format {fmt!r}")
     names = set(data.dtype.names)
     if not {"x", "y", "z"} <= names:
-        raise ValueError(f"{path}: vertices have no x, y, z")
+        raise PLYError(f"{path}: vertices have no x, y, z")
 
     def stack(keys: list[str]) -> Tensor:
         return torch.from_numpy(np.stack([data[k].astype(np.float32) for k in keys], axis=-1))

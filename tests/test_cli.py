@@ -48,6 +48,16 @@ def test_bad_run_input(monkeypatch, capsys, tmp_path, args, code, message):
     assert not out.exists()
 
 
+def test_unreadable_init_points(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.ply"
+    bad.write_text("garbage\n")
+    out = tmp_path / "runs"
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--representation", "gaussians",
+                          "--init-points", bad, "--out", out)
+    assert status == 1 and "not a PLY file" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_unknown_word_lists_the_vocabulary(monkeypatch, capsys, tmp_path):
     _, err = dream3d(monkeypatch, capsys, "run", "a red banana", "--out", tmp_path)
     for word in ("red", "purple", "cube", "torus", "shape"):
