@@ -59,7 +59,7 @@ def opaque_loss(alpha: Tensor) -> Tensor:
 
 
 class Trainer:
-    """Holds one run's state: representation, guidance, optimizer, generator, step counters."""
+    """Holds one run's state: representation, guidance, optimizers, generator, step counters."""
 
     def __init__(
         self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: torch.nn.Module | None = None
@@ -72,16 +72,22 @@ class Trainer:
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
         self.representation = representation if representation is not None else build_representation(cfg)
         self.guidance = build_guidance(cfg, self.prior)
-        self.optimizer = torch.optim.Adam(
-            self.representation.param_groups(), betas=cfg.optim.betas, eps=cfg.optim.eps
-        )
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
+        self.optimizers = self._build_optimizers()
         self.background = torch.tensor(cfg.background)
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_streak = 0
         self.elapsed = 0.0
+
+    def _build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One Adam per parameter group, keyed by the group's name: gsplat's densification
+        strategies replace parameters through exactly this layout (Adam is per-parameter, so
+        this equals one Adam over all groups)."""
+        optimizers = {}
+        for group in self.representation.param_groups():
+            group = {**group, "initial_lr": group["lr"]}
+            optimizers[group["name"]] = torch.optim.Adam([group], betas=self.cfg.optim.betas, eps=self.cfg.optim.eps)
+        return optimizers
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -89,8 +95,9 @@ class Trainer:
             "step": self.step,
             "representation": self.representation.state_dict(),
             "guidance": self.guidance.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),  # densification draws from the global generator
             "skipped_steps": self.skipped_steps,
             "nonfinite_streak": self.nonfinite_streak,
             "elapsed": self.elapsed,
@@ -99,8 +106,12 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.representation.load_state_dict(state["representation"])
         self.guidance.load_state_dict(state["guidance"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the representation may have replaced its parameters (densification): rebuild, then load
+        self.optimizers = self._build_optimizers()
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
         self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_streak = state["nonfinite_streak"]
@@ -129,16 +140,18 @@ class Trainer:
         loss = sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
 
         scale = evaluate(cfg.optim.lr_scale, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * scale
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            opt.param_groups[0]["lr"] = opt.param_groups[0]["initial_lr"] * scale
+            opt.zero_grad(set_to_none=True)
+        self.representation.before_backward(step, out)
         loss.backward()
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for opt in self.optimizers.values() for p in opt.param_groups[0]["params"] if p.grad is not None]
         # the total norm is NaN/Inf exactly when some gradient entry is, and costs one fused pass
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         if finite:
-            self.optimizer.step()
-            self.representation.after_step(step + 1)
+            for opt in self.optimizers.values():
+                opt.step()
+            self.representation.after_step(step + 1, out, self.optimizers)
             self.nonfinite_streak = 0
         else:
             self.skipped_steps += 1

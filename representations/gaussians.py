@@ -19,6 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from gsplat.strategy import DefaultStrategy
+from gsplat.strategy.ops import remove, reset_opa
+
 from representations.cameras import Cameras, RenderOutput
 from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
 from representations.splat_raster import quat_scale_to_covar, rasterize, ray_length_per_depth
@@ -43,6 +46,17 @@ class GaussiansConfig(BaseModel):
     lr_quats: float = 1e-3
     lr_opacities: float = 5e-2
     lr_colors: float = 1e-2
+    # densification and pruning (gsplat DefaultStrategy; its defaults scaled to our run lengths:
+    # DreamGaussian/GaussianDreamer densify early only, every 100 steps)
+    densify: bool = True
+    refine_start: int = 100
+    refine_stop: int = 400
+    refine_every: int = 50
+    grow_grad2d: float = 0.0002
+    prune_opa: float = 0.005
+    # our own opacity-reset schedule (0: off), only before refine_stop: gsplat 1.5.3's never
+    # fires (`step % n == 0 & step > 0` parses as `(step % n == 0) and (0 > 0)`)
+    reset_every: int = 0
     near_plane: float = 0.01
     eps2d: float = 0.3
     raster_chunk: int = 4096  # pixels composited at once on CPU (memory knob)
@@ -84,6 +98,12 @@ class Gaussians(torch.nn.Module):
         quats = loaded.get("quats", torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4))
         opacities = loaded.get("opacity_logits", torch.full((n,), math.log(cfg.init_opacity / (1 - cfg.init_opacity))))
         colors = torch.logit(loaded["colors"].clamp(0.01, 0.99)) if "colors" in loaded else torch.zeros(n, 3)
+        self.strategy = DefaultStrategy(
+            prune_opa=cfg.prune_opa, grow_grad2d=cfg.grow_grad2d, refine_start_iter=cfg.refine_start,
+            refine_stop_iter=cfg.refine_stop, refine_every=cfg.refine_every,
+            reset_every=2**62,  # disabled: ours runs in after_step (see reset_every)
+        )
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
         self.params = torch.nn.ParameterDict(
             {
                 "means": torch.nn.Parameter(means.clone()),
@@ -126,8 +146,36 @@ class Gaussians(torch.nn.Module):
         p = {k: v.detach() for k, v in self.params.items()}
         write_splat_ply(path, p["means"], p["scales"], p["quats"], p["opacities"], rgb_to_sh_dc(self.colors.detach()))
 
-    def after_step(self, step: int) -> None:
-        """Densification hooks come later; nothing to refresh per step yet."""
+    def before_backward(self, step: int, output: RenderOutput) -> None:
+        """Keeps the screen-space means' gradient, which densification reads."""
+        if self.cfg.densify:
+            self.strategy.step_pre_backward(self.params, {}, self.strategy_state, step, output.extras["meta"])
+
+    def after_step(self, step: int, output: RenderOutput, optimizers: dict) -> None:
+        """Densifies and prunes (gsplat's strategy), resets opacities, and enforces max_gaussians."""
+        if not self.cfg.densify:
+            return
+        self.strategy.step_post_backward(self.params, optimizers, self.strategy_state, step, output.extras["meta"])
+        # as in 3DGS, opacities are reset only while densifying, so that they recover after
+        if self.cfg.reset_every and step % self.cfg.reset_every == 0 and step < self.cfg.refine_stop:
+            reset_opa(self.params, optimizers, self.strategy_state, value=self.cfg.prune_opa * 2)
+        excess = len(self) - self.cfg.max_gaussians
+        if excess > 0:
+            drop = torch.zeros(len(self), dtype=torch.bool)
+            drop[self.params["opacities"].detach().argsort()[:excess]] = True
+            remove(self.params, optimizers, self.strategy_state, drop)
+
+    def get_extra_state(self) -> dict:
+        return {"strategy_state": self.strategy_state}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.strategy_state = state["strategy_state"]
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        """Loads a checkpoint whose Gaussian count may differ from this model's (densification)."""
+        for key in self.params:
+            self.params[key] = torch.nn.Parameter(torch.empty_like(state_dict[f"params.{key}"]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def render(
         self,

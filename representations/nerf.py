@@ -65,7 +65,11 @@ class NeRF(torch.nn.Module):
         sigma = self.density(centres).view(1, 1, r, r, r)
         self.occupancy = F.max_pool3d(sigma, 3, stride=1, padding=1)[0, 0] > self.cfg.occupancy_threshold
 
-    def after_step(self, step: int) -> None:
+    def before_backward(self, step: int, output: RenderOutput) -> None:
+        """Nothing to prepare: the NeRF needs no screen-space gradients."""
+
+    def after_step(self, step: int, output: RenderOutput, optimizers: dict) -> None:
+        """Refreshes the occupancy grid every ``occupancy_every`` steps."""
         if step % self.cfg.occupancy_every == 0:
             self.update_occupancy()
 

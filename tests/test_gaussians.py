@@ -221,3 +221,35 @@ def test_render_seam():
     out.rgb.mean().backward()
     assert all(p.grad is not None for p in model.params.values())
     assert "meta" in out.extras
+
+
+def test_opacity_reset_fires_on_our_schedule_and_not_on_gsplats(tmp_path):
+    from gsplat.strategy import DefaultStrategy
+
+    from dream3d.config import build_config
+    from dream3d.loop import Trainer
+    from tests.conftest import TINY
+
+    gaussians = {"num_points": 128, "refine_start": 100, "reset_every": 4, "refine_stop": 10}
+    cfg = build_config(TINY, {"prompt": "a red cube", "representation": "gaussians", "gaussians": gaussians})
+    trainer = Trainer(cfg, tmp_path)
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.representation.opacities.max() > 0.05
+    trainer.train_step()  # step 4: reset to 2 * prune_opa
+    assert trainer.representation.opacities.max() <= 2 * 0.005 + 1e-6
+
+    # gsplat 1.5.3's own reset (`step % reset_every == 0 & step > 0`) never fires, hence ours
+    rep = trainer.representation
+    out = rep.render(trainer_cameras(), torch.ones(3))
+    before = rep.params["opacities"].detach().clone().fill_(2.0)
+    rep.params["opacities"].data.copy_(before)
+    strategy = DefaultStrategy(refine_start_iter=100, reset_every=4)
+    strategy.step_pre_backward(rep.params, {}, rep.strategy_state, 4, out.extras["meta"])
+    out.rgb.sum().backward()
+    strategy.step_post_backward(rep.params, trainer.optimizers, strategy.initialize_state(), 4, out.extras["meta"])
+    assert torch.equal(rep.params["opacities"].detach(), before)
+
+
+def trainer_cameras():
+    return look_at_cameras(torch.tensor([10.0]), torch.tensor([20.0]), torch.tensor([2.5]), 45.0, 16, 16)
