@@ -36,7 +36,7 @@ class GaussiansConfig(BaseModel):
     init_opacity: float = 0.1  # DreamGaussian, LucidDreamer
     sh_degree: Literal[0] = 0  # all peers use degree 0 for text-to-3D
     init_points: str | None = None  # PLY with x y z (+ colours, or a full 3DGS splat file)
-    max_gaussians: int = 50_000
+    max_gaussians: int = 12_000  # bounds the per-step cost on CPU (densification reaches ~39k uncapped)
     # learning rates (gaussian-anchors.md section 2-3): means DreamGaussian's initial 1e-3
     # (no decay yet); scales 5e-3 (all peers, gsplat); quats 1e-3 (LucidDreamer,
     # GaussianDreamer, gsplat); opacities 5e-2 (DreamGaussian, LucidDreamer, gsplat);
