@@ -24,7 +24,7 @@ from gsplat.strategy.ops import remove, reset_opa
 
 from representations.cameras import Cameras, RenderOutput
 from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
-from representations.splat_raster import quat_scale_to_covar, rasterize, ray_length_per_depth
+from representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
 
 
 class GaussiansConfig(BaseModel):
@@ -204,6 +204,15 @@ class Gaussians(torch.nn.Module):
         )
         depth = depth * ray_length_per_depth(Ks, cameras.width, cameras.height)
         return RenderOutput(rgb=rgb, alpha=alpha, depth=depth, extras={"meta": meta})
+
+    def render_noise(self, cameras: Cameras, noise: Tensor, background_noise: Tensor) -> Tensor:
+        """Splats per-Gaussian noise values noise [N,D] into [B,H,W,D] standard-normal images that
+        agree across views (background_noise [B,H,W,D] fills what no Gaussian covers)."""
+        return rasterize_noise(
+            self.params["means"].detach(), self.params["quats"].detach(), self.scales.detach(),
+            self.opacities.detach(), noise, background_noise, cameras.viewmats(), cameras.intrinsics(),
+            cameras.width, cameras.height, self.cfg.near_plane, self.cfg.eps2d, self.cfg.raster_chunk,
+        )
 
     def _field(self, points: Tensor, with_color: bool) -> tuple[Tensor, Tensor | None]:
         """Sum over Gaussians of sigma_i(x) [N] and, optionally, of sigma_i(x) * colour_i [N,3].

@@ -128,7 +128,7 @@ def project(
 
 def composite(
     pixel_ids: Tensor, gauss_ids: Tensor, num_pixels: int, width: int,
-    means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
+    means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, weight_power: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing over (pixel, Gaussian) pairs.
 
@@ -138,7 +138,7 @@ def composite(
         num_pixels, width: the chunk's size; means2d [K,2] (pixel coordinates relative to
         the chunk's first row), conics [K,3], opacities [K], features [K,D], depth-sorted.
     Returns:
-        (sum_i w_i features_i [num_pixels,D], final transmittance [num_pixels]).
+        (sum_i w_i^weight_power features_i [num_pixels,D], final transmittance [num_pixels]).
     """
     pixels = torch.stack([pixel_ids % width, pixel_ids // width], dim=-1).to(means2d.dtype) + 0.5
     d = means2d[gauss_ids] - pixels  # mean minus pixel centre, as gsplat
@@ -163,7 +163,7 @@ def composite(
     alpha = alpha * alive
     weights = alpha * log_trans_before(alpha).exp().to(alpha.dtype)
     out = torch.zeros(num_pixels, features.shape[-1], dtype=features.dtype, device=features.device)
-    out = out.index_add(0, pixel_ids, weights[:, None] * features[gauss_ids])
+    out = out.index_add(0, pixel_ids, weights[:, None] ** weight_power * features[gauss_ids])
     log_t = torch.zeros(num_pixels, dtype=torch.float64, device=alpha.device).index_add(0, pixel_ids, torch.log1p(-alpha.double()))
     return out, log_t.exp().to(alpha.dtype)
 
@@ -206,6 +206,7 @@ def _rasterize_torch(
     near_plane: float,
     eps2d: float,
     chunk: int,
+    weight_power: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
     proj = project(means, quats, scales, viewmats, Ks, width, height, near_plane, eps2d, opacities)
     rows_per_chunk = max(1, chunk // width)
@@ -224,7 +225,7 @@ def _rasterize_torch(
             pixel_ids, gauss_ids = _pairs(m2d.detach() - shift, rad, width, rows)
             # checkpointed: only one chunk's per-pair intermediates are alive, forward and backward
             f, t = checkpoint(
-                composite, pixel_ids, gauss_ids, rows * width, width, m2d - shift, con, opa, feats,
+                composite, pixel_ids, gauss_ids, rows * width, width, m2d - shift, con, opa, feats, weight_power,
                 use_reentrant=False,
             )
             parts_f.append(f.view(rows, width, -1))
@@ -232,11 +233,11 @@ def _rasterize_torch(
         images.append(torch.cat(parts_f, dim=0))
         transmittances.append(torch.cat(parts_t, dim=0))
     image, trans = torch.stack(images), torch.stack(transmittances)  # [C,H,W,4], [C,H,W,1]
-    rgb = image[..., :3]
+    rgb = image[..., :-1]
     if backgrounds is not None:
         rgb = rgb + trans * backgrounds[:, None, None, :]
     alpha = 1 - trans
-    depth = image[..., 3:] / alpha.clamp_min(1e-10)
+    depth = image[..., -1:] / alpha.clamp_min(1e-10)
     meta = {**proj, "width": width, "height": height, "n_cameras": viewmats.shape[0], "gaussian_ids": None}
     return rgb, alpha, depth, meta
 
@@ -294,3 +295,39 @@ def ray_length_per_depth(Ks: Tensor, width: int, height: int) -> Tensor:
 
 
 __all__ = ["rasterize", "project", "composite", "quat_scale_to_covar", "ray_length_per_depth"]
+
+
+@torch.no_grad()
+def rasterize_noise(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    noise: Tensor,
+    background_noise: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    eps2d: float = 0.3,
+    chunk: int = 4096,
+) -> Tensor:
+    """3D-consistent noise (guidance-math sections 10-11): per-Gaussian values splatted so that
+    each pixel stays standard normal and a Gaussian brings the same value to every view.
+
+    pixel = (sum_i w_i n_i + T n_bg) / sqrt(sum_i w_i^2 + T^2), with w_i the compositing
+    weights, T the final transmittance and n_bg the pixel's background noise: a unit-variance
+    combination of independent N(0,1) values, for any weights.
+
+    Args:
+        noise: [N,D] per-Gaussian N(0,1) values; background_noise: [C,H,W,D] N(0,1).
+    Returns:
+        [C,H,W,D] noise images.
+    """
+    args = (viewmats, Ks, width, height, None, near_plane, eps2d, chunk)
+    weighted, alpha, _, _ = _rasterize_torch(means, quats, scales, opacities, noise, *args)
+    ones = torch.ones(len(means), 1, dtype=noise.dtype, device=noise.device)
+    squares, _, _, _ = _rasterize_torch(means, quats, scales, opacities, ones, *args, weight_power=2)
+    trans = 1 - alpha
+    return (weighted + trans * background_noise) / torch.sqrt(squares + trans**2)

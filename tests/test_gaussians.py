@@ -253,3 +253,41 @@ def test_opacity_reset_fires_on_our_schedule_and_not_on_gsplats(tmp_path):
 
 def trainer_cameras():
     return look_at_cameras(torch.tensor([10.0]), torch.tensor([20.0]), torch.tensor([2.5]), 45.0, 16, 16)
+
+
+def _noise_scene(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * 0.8
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.rand(n, 3, generator=g) * 0.15 + 0.05
+    opacities = torch.rand(n, generator=g) * 0.9 + 0.05
+    return means, quats, scales, opacities
+
+
+def test_consistent_noise_is_unit_variance_per_pixel():
+    from representations.splat_raster import rasterize_noise
+
+    means, quats, scales, opacities = _noise_scene()
+    cams = look_at_cameras(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 120.0]), torch.full((2,), 2.5), 45.0, 16, 16)
+    n = len(means)
+    # channel k carries the coefficient of Gaussian k's value (k = n: the background's)
+    noise = torch.eye(n, n + 1, dtype=torch.float64)
+    background = torch.zeros(2, 16, 16, n + 1, dtype=torch.float64)
+    background[..., n] = 1
+    coeffs = rasterize_noise(means.double(), quats.double(), scales.double(), opacities.double(), noise, background,
+                             cams.viewmats().double(), cams.intrinsics().double(), 16, 16)
+    torch.testing.assert_close(coeffs.pow(2).sum(-1), torch.ones(2, 16, 16, dtype=torch.float64))
+    assert (coeffs[..., :n].abs().sum(-1) > 0.5).any()  # the splats do contribute
+
+
+def test_consistent_noise_agrees_across_views():
+    cfg = GaussiansConfig(num_points=1)
+    rep = Gaussians(cfg)
+    with torch.no_grad():
+        rep.params["means"].zero_()
+        rep.params["scales"].fill_(math.log(1.0))
+        rep.params["opacities"].fill_(20.0)  # opaque: the splat's value fills its centre
+    cams = look_at_cameras(torch.tensor([0.0, 40.0]), torch.tensor([0.0, 200.0]), torch.full((2,), 2.5), 45.0, 16, 16)
+    value = torch.tensor([[1.7, -0.4, 0.3]])
+    out = rep.render_noise(cams, value, torch.zeros(2, 16, 16, 3))
+    torch.testing.assert_close(out[:, 8, 8], value.expand(2, 3), atol=5e-3, rtol=0)
