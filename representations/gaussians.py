@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
 from gsplat.strategy import DefaultStrategy
@@ -29,6 +29,12 @@ from representations.splat_raster import quat_scale_to_covar, rasterize, rasteri
 
 class GaussiansConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _cap(self) -> "GaussiansConfig":
+        if self.max_gaussians < self.num_points:
+            raise ValueError(f"max_gaussians ({self.max_gaussians}) is below the initial count num_points ({self.num_points})")
+        return self
 
     num_points: int = 4096  # Point-E's count (LucidDreamer, GSGEN); DreamGaussian uses 5000
     init: Literal["sphere", "box"] = "sphere"  # uniform in a ball (DreamGaussian) or cube of init_radius
@@ -92,7 +98,7 @@ class Gaussians(torch.nn.Module):
                 loaded = {k: v[keep] for k, v in loaded.items()}
                 means = loaded["means"]
         else:
-            means = self._sample(min(cfg.num_points, cfg.max_gaussians), generator)
+            means = self._sample(cfg.num_points, generator)
         n = len(means)
         scales_log = loaded.get("scales_log", torch.log(knn_scale(means))[:, None].expand(n, 3))
         quats = loaded.get("quats", torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4))

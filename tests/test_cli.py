@@ -27,6 +27,7 @@ BAD_RUNS = [
     (["a red cube", "--representation", "mesh"], 1, "unknown representation 'mesh'; valid: nerf, gaussians"),
     (["a red cube", "--representation", "gaussians", "loss.lambda_orient=1"], 1, "does not render"),
     (["a red cube", "--representation", "gaussians", "--init-points", "/no/such.ply"], 1, "does not exist"),
+    (["a red cube", "gaussians.max_gaussians=10"], 1, "max_gaussians (10) is below the initial count"),
     (["a red cube", "--prior", "sd9"], 1, "unknown prior 'sd9'; valid: toy, toy-mv"),
     (["a red cube", "--steps", "abc"], 2, "Invalid value for '--steps'"),
     (["a red cube", "--steps", "0"], 1, "steps: Input should be greater than 0"),
@@ -56,6 +57,14 @@ def test_unreadable_init_points(monkeypatch, capsys, tmp_path):
                           "--init-points", bad, "--out", out)
     assert status == 1 and "not a PLY file" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_init_points_without_positions(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "nopos.ply"
+    bad.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float red\nend_header\n0.5\n")
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--representation", "gaussians",
+                          "--init-points", bad, "--out", tmp_path / "runs")
+    assert status == 1 and "no x, y, z" in err and len(err.splitlines()) == 1
 
 
 def test_unknown_word_lists_the_vocabulary(monkeypatch, capsys, tmp_path):
