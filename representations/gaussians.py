@@ -32,7 +32,8 @@ class GaussiansConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cap(self) -> "GaussiansConfig":
-        if self.max_gaussians < self.num_points:
+        # (a PLY init larger than the cap is subsampled to it instead)
+        if self.init_points is None and self.max_gaussians < self.num_points:
             raise ValueError(f"max_gaussians ({self.max_gaussians}) is below the initial count num_points ({self.num_points})")
         return self
 
