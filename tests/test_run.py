@@ -1,10 +1,12 @@
 """The loop end to end: run folder, resume equality, NaN handling."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import trimesh
+import yaml
 
 from dream3d import api
 from dream3d.config import build_config
@@ -46,7 +48,7 @@ def test_run_writes_the_run_folder(tiny):
     mesh = trimesh.load(result.files["glb"], force="mesh", skip_materials=True)
     assert len(mesh.faces) > 0
     # the saved config re-runs the same job
-    again = api.run(build_config(__import__("yaml").safe_load((d / "config.yaml").read_text())))
+    again = api.run(build_config(yaml.safe_load((d / "config.yaml").read_text())))
     for k, v in final_params(d).items():
         assert torch.equal(v, final_params(again.run_dir)[k])
 
@@ -67,7 +69,7 @@ def test_resume_equals_uninterrupted(tiny):
     stop = StopAt(7)
     with pytest.raises(RunInterrupted, match="dream3d resume"):
         api.run(build_config({"prompt": "a cone"}, tiny), stop.event, stop)
-    interrupted = sorted((tiny_out := __import__("pathlib").Path(tiny["out"])).glob("a-cone-*"))[-1]
+    interrupted = sorted(Path(tiny["out"]).glob("a-cone-*"))[-1]
     assert [p.name for p in checkpoint_paths(interrupted)] == ["step_000005.pt", "step_000007.pt"]
     api.resume(interrupted)
     assert metrics(interrupted) == metrics(straight)
@@ -81,7 +83,7 @@ def test_resume_after_a_crash_drops_steps_after_the_checkpoint(tiny):
     stop = iter([False] * 8 + [True])
     with pytest.raises(RunInterrupted):
         api.run(cfg, should_stop=lambda: next(stop))
-    crashed = sorted(__import__("pathlib").Path(tiny["out"]).glob("a-cone-*"))[-1]
+    crashed = sorted(Path(tiny["out"]).glob("a-cone-*"))[-1]
     checkpoint_paths(crashed)[-1].unlink()  # as if killed before the stop checkpoint: latest is step 5
     with open(crashed / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "lo')  # a line cut short by the crash
@@ -132,7 +134,7 @@ def test_gaussians_run_exports_splats_and_resumes_exactly(tiny, tmp_path):
     stop = iter([False] * 6 + [True])
     with pytest.raises(RunInterrupted):
         api.run(build_config(*layers), should_stop=lambda: next(stop))
-    interrupted = max(__import__("pathlib").Path(tiny["out"]).glob("a-red-sphere-*"), key=lambda p: p.stat().st_mtime)
+    interrupted = max(Path(tiny["out"]).glob("a-red-sphere-*"), key=lambda p: p.stat().st_mtime)
     api.resume(interrupted)
     assert metrics(interrupted) == metrics(result.run_dir)
     assert_same(final_params(result.run_dir), final_params(interrupted))
