@@ -14,13 +14,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+import trimesh
 
 from dream3d import rundir
 from dream3d.components import build_prior, build_representation
 from dream3d.config import RunConfig
-from dream3d.evaluate import evaluate_representation
-from dream3d.export import export_representation
+from dream3d.evaluate import evaluate_representation, mesh_iou
+from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, Trainer
 
 EventHandler = Callable[[Progress], None]
@@ -117,10 +119,18 @@ def export(
 
 
 def evaluate(run_dir: Path) -> dict:
-    """Scores a toy-prompt run against the toy world; the result is merged into summary.json."""
+    """Scores a toy-prompt run against the toy world; the result is merged into summary.json.
+
+    With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``).
+    """
     run_dir = Path(run_dir)
     cfg, representation = load_representation(run_dir)
-    metrics = evaluate_representation(representation, cfg.prompt, torch.tensor(cfg.background))
+    background = torch.tensor(cfg.background)
+    metrics = evaluate_representation(representation, cfg.prompt, background)
+    glb = run_dir / "export" / "model.glb"
+    if glb.exists():
+        mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
+        metrics["mesh_iou"] = mesh_iou(mesh, representation, background)
     rundir.update_summary(run_dir, eval=metrics)
     return metrics
 

@@ -8,15 +8,20 @@ world rendered from the same cameras:
 - colour error: mean absolute RGB difference on pixels that both masks cover;
 - R-precision: the fraction of views whose nearest (L2 over RGB) ground-truth class,
   among all 36 at the same camera and rotation, is one the prompt names.
+
+``mesh_iou`` checks the export instead: the exported mesh's silhouettes against the
+representation's own renders (alpha > 0.5) from the same 16 views.
 """
 
 from __future__ import annotations
 
 import torch
+import trimesh
 from torch import Tensor
 
 from guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SHAPES, composite, parse_prompt, render_shapes
 from representations.cameras import Cameras, look_at_cameras
+from representations.mesh import mesh_silhouettes
 
 EVAL_AZIMUTHS = 8
 EVAL_ELEVATIONS = (0.0, 30.0)
@@ -89,3 +94,12 @@ def evaluate_representation(representation: torch.nn.Module, prompt: str, backgr
     """Renders the representation from the evaluation views and scores it against the prompt."""
     out = representation.render(eval_cameras(), background)
     return evaluate_renders(out.rgb, out.alpha, prompt)
+
+
+@torch.no_grad()
+def mesh_iou(mesh: trimesh.Trimesh, representation: torch.nn.Module, background: Tensor) -> float:
+    """Silhouette IoU of a mesh (world frame, +z up) against the representation's renders, over the 16 views."""
+    cameras = eval_cameras()
+    rendered = representation.render(cameras, background).alpha[..., 0] > 0.5
+    meshed = mesh_silhouettes(mesh, cameras)
+    return float((rendered & meshed).sum() / (rendered | meshed).sum().clamp_min(1))

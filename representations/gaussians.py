@@ -67,7 +67,7 @@ class GaussiansConfig(BaseModel):
     near_plane: float = 0.01
     eps2d: float = 0.3
     raster_chunk: int = 4096  # pixels composited at once on CPU (memory knob)
-    field_chunk: int = 4096  # points per chunk in density()/albedo()
+    field_chunk: int = 2048  # points per chunk in density()/albedo(), in Morton order (about a 13^3 grid block)
 
 
 def knn_scale(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
@@ -82,6 +82,18 @@ def knn_scale(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
         nearest = d.topk(k + 1, dim=1, largest=False).values[:, 1:]  # column 0 is the point itself
         out.append(nearest.pow(2).mean(1).sqrt())
     return torch.cat(out).clamp_min(1e-7)
+
+
+def morton_order(points: Tensor, bits: int = 10) -> Tensor:
+    """A permutation [N] that sorts points [N,3] along the Z-order curve of their bounding box,
+    so that runs of consecutive points fill compact cubes."""
+    lo, hi = points.amin(0), points.amax(0)
+    cells = ((points - lo) / (hi - lo).clamp_min(1e-12) * (2**bits - 1)).round().long()
+    code = torch.zeros(len(points), dtype=torch.long)
+    for bit in range(bits):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return code.argsort()
 
 
 class Gaussians(torch.nn.Module):
@@ -227,8 +239,9 @@ class Gaussians(torch.nn.Module):
         sigma_i(x) = tau_i / (sqrt(2 pi) s_min,i) * exp(-0.5 m_i(x)^2), tau_i = -ln(1 - min(o_i, 0.95)):
         a ray through the centre of a Gaussian along its thinnest axis then accumulates optical
         depth tau_i, i.e. alpha = o_i, the same as its splat (capped at alpha 0.95, "opaque",
-        for opacity >= 0.95). Gaussians further than 3 sigma (largest axis) from a chunk's
-        bounding box are skipped.
+        for opacity >= 0.95). Points are taken in Morton order, ``field_chunk`` at a time, so a
+        chunk is a small cube of space (a grid block, or a patch of mesh vertices); Gaussians
+        further than 3 sigma (largest axis) from a chunk's bounding box are skipped.
         """
         means = self.params["means"].detach()
         scales = self.scales.detach()
@@ -237,18 +250,20 @@ class Gaussians(torch.nn.Module):
         precision = torch.linalg.inv(quat_scale_to_covar(self.params["quats"].detach(), scales))
         reach = 3 * scales.amax(-1)
         colors = self.colors.detach()
-        sigma_out, color_out = [], []
-        for i in range(0, len(points), self.cfg.field_chunk):
-            x = points[i : i + self.cfg.field_chunk]
+        order = morton_order(points)
+        sigma = torch.empty(len(points), device=points.device)
+        color = torch.empty(len(points), 3, device=points.device) if with_color else None
+        for chunk in order.split(self.cfg.field_chunk):
+            x = points[chunk]
             lo, hi = x.amin(0), x.amax(0)
             near = ((means - means.clamp(lo, hi)).norm(dim=-1) < reach).nonzero().squeeze(-1)
             d = x[:, None] - means[near]  # [P,G,3]
-            m2 = torch.einsum("pgi,gij,pgj->pg", d, precision[near], d)
+            m2 = (torch.einsum("pgi,gij->pgj", d, precision[near]) * d).sum(-1)
             w = peak[near] * torch.exp(-0.5 * m2)
-            sigma_out.append(w.sum(-1))
+            sigma[chunk] = w.sum(-1)
             if with_color:
-                color_out.append(w @ colors[near])
-        return torch.cat(sigma_out), torch.cat(color_out) if with_color else None
+                color[chunk] = w @ colors[near]
+        return sigma, color
 
     @torch.no_grad()
     def density(self, points: Tensor) -> Tensor:
@@ -267,4 +282,4 @@ class Gaussians(torch.nn.Module):
         return out
 
 
-__all__ = ["Gaussians", "GaussiansConfig", "knn_scale"]
+__all__ = ["Gaussians", "GaussiansConfig", "knn_scale", "morton_order"]

@@ -17,6 +17,8 @@ import torch
 import trimesh
 from torch import Tensor
 
+from representations.cameras import Cameras
+
 FieldFn = Callable[[Tensor], Tensor]
 
 # Optical depth at which a ray's transmittance falls to one half: the median-depth surface.
@@ -171,4 +173,55 @@ def extract_mesh(
     return mesh
 
 
-__all__ = ["MeshError", "extract_mesh", "auto_threshold", "sample_grid"]
+def _covers(corners: Tensor, centres: Tensor) -> Tensor:
+    """Whether 2D triangles cover points: corners [...,3,2], centres [...,P,2] -> [...,P] bool.
+
+    Inside means the three edge functions share a sign (either winding); degenerate
+    triangles cover nothing off their line.
+    """
+    edges = corners.roll(-1, dims=-2) - corners  # [...,3,2]
+    rel = centres.unsqueeze(-2) - corners.unsqueeze(-3)  # [...,P,3,2]
+    side = edges[..., None, :, 0] * rel[..., 1] - edges[..., None, :, 1] * rel[..., 0]
+    return (side >= 0).all(-1) | (side <= 0).all(-1)
+
+
+@torch.no_grad()
+def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -> Tensor:
+    """Which pixel centres of each camera a mesh covers: [B,H,W] bool (coverage needs no depth test).
+
+    Vertices are projected with the cameras' pinhole model. Each face is tested only
+    against the pixel centres in its bounding box: all at once for the many faces whose
+    box fits a ``window`` x ``window`` block, one face at a time for the few larger ones.
+    The mesh must lie in front of every camera.
+    """
+    vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32)
+    faces = torch.as_tensor(mesh.faces, dtype=torch.long)
+    homogeneous = torch.cat([vertices, torch.ones(len(vertices), 1)], dim=-1)
+    camera_points = torch.einsum("bij,nj->bni", cameras.viewmats().float(), homogeneous)[..., :3]  # OpenCV frame
+    if bool((camera_points[..., 2] <= 0).any()):
+        raise ValueError("mesh_silhouettes: part of the mesh is behind a camera")
+    pixels = torch.einsum("bij,bnj->bni", cameras.intrinsics().float(), camera_points)
+    pixels = pixels[..., :2] / pixels[..., 2:]  # [B,V,2], pixel (j, i) has its centre at (j + 0.5, i + 0.5)
+    H, W = cameras.height, cameras.width
+    size = torch.tensor([W, H])
+    offsets = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="xy"), -1).reshape(-1, 2)
+    covered = torch.zeros(len(cameras), H * W, dtype=torch.bool)
+    for b in range(len(cameras)):
+        corners = pixels[b][faces]  # [F,3,2]
+        first = torch.ceil(corners.amin(1) - 0.5).long().clamp_min(0)  # first pixel whose centre is in the box
+        last = torch.floor(corners.amax(1) - 0.5).long().minimum(size - 1)
+        small = ((last - first) < window).all(-1)
+        candidates = first[small, None, :] + offsets  # [F,window^2,2]
+        hit = _covers(corners[small], candidates + 0.5) & (candidates <= last[small, None, :]).all(-1)
+        found = candidates[hit]
+        covered[b, found[:, 1] * W + found[:, 0]] = True
+        for f in (~small).nonzero().squeeze(-1).tolist():
+            (x0, y0), (x1, y1) = first[f].tolist(), last[f].tolist()
+            ys, xs = torch.meshgrid(torch.arange(y0, y1 + 1), torch.arange(x0, x1 + 1), indexing="ij")
+            box = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+            found = box[_covers(corners[f], box + 0.5)]
+            covered[b, found[:, 1] * W + found[:, 0]] = True
+    return covered.view(len(cameras), H, W)
+
+
+__all__ = ["MeshError", "extract_mesh", "auto_threshold", "mesh_silhouettes", "sample_grid"]

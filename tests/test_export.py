@@ -14,8 +14,8 @@ import torch
 import trimesh
 
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
-from representations.cameras import Cameras, RenderOutput
-from representations.mesh import MeshError, extract_mesh
+from representations.cameras import Cameras, RenderOutput, look_at_cameras
+from representations.mesh import MeshError, extract_mesh, mesh_silhouettes
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (0.85, 0.15, 0.15)
@@ -180,7 +180,8 @@ def test_unknown_format_raises(mesh: trimesh.Trimesh, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_glb_passes_khronos_validator(exported: dict[str, Path]) -> None:
+def validate_glb(path: Path) -> None:
+    """Runs the Khronos glTF validator on a GLB and asserts it reports no errors (skips without it)."""
     node = shutil.which("node")
     module = REPO / ".cache" / "node" / "node_modules" / "gltf-validator"
     if node is None:
@@ -188,14 +189,17 @@ def test_glb_passes_khronos_validator(exported: dict[str, Path]) -> None:
     if not module.is_dir():
         pytest.skip(f"gltf-validator not installed at {module} (npm install --prefix .cache/node gltf-validator@2.0.0-dev.3.10)")
     done = subprocess.run(
-        [node, str(REPO / "tests" / "gltf_validate.mjs"), str(exported["glb"])],
-        capture_output=True, text=True, timeout=120,
+        [node, str(REPO / "tests" / "gltf_validate.mjs"), str(path)], capture_output=True, text=True, timeout=120
     )
     report = json.loads(done.stdout)
     issues = report["issues"]
     assert issues["numErrors"] == 0, json.dumps(issues["messages"], indent=1)
     assert done.returncode == 0, done.stderr
     assert report["info"]["totalTriangleCount"] > 0
+
+
+def test_glb_passes_khronos_validator(exported: dict[str, Path]) -> None:
+    validate_glb(exported["glb"])
 
 
 # --- video ------------------------------------------------------------------------------
@@ -224,3 +228,19 @@ def test_export_representation_video(exported: dict[str, Path]) -> None:
 def test_odd_video_resolution_raises(rep: SphereRep, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="even"):
         write_orbit_video(rep.render, tmp_path / "orbit.mp4", n_frames=2, resolution=33)
+
+
+# --- mesh silhouettes ---------------------------------------------------
+
+
+def test_mesh_silhouettes_match_the_ray_traced_sphere(rep: SphereRep, mesh: trimesh.Trimesh) -> None:
+    """The extracted sphere's silhouettes against the analytic sphere's: equal but for edge pixels."""
+    floater_free = trimesh.creation.icosphere(subdivisions=4, radius=RADIUS)
+    cameras = look_at_cameras(torch.tensor([0.0, 40.0]), torch.tensor([0.0, 200.0]), torch.tensor([2.5, 2.0]), 45.0, 48, 32)
+    truth = rep.render(cameras, torch.ones(3)).alpha[..., 0] > 0.5
+    for m in (floater_free, mesh):
+        covered = mesh_silhouettes(m, cameras)
+        assert covered.shape == (2, 32, 48)
+        iou = float((covered & truth).sum() / (covered | truth).sum())
+        assert iou > 0.93, iou
+    assert not mesh_silhouettes(floater_free, cameras)[:, 0, :].any()  # the top rows see only background
