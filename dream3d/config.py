@@ -113,6 +113,14 @@ class RunConfig(_Section):
     def _prior(cls, value: str) -> str:
         return _one_of("prior", value, PRIORS)
 
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str | None) -> str | None:
+        # a local folder is saved absolute, so config.yaml re-runs from any working directory
+        if value is not None and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
     @field_validator("guidance")
     @classmethod
     def _guidance(cls, value: str) -> str:

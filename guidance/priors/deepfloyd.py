@@ -15,3 +15,4 @@ class DeepFloydIFPrior(PixelPrior):
     default_model = "DeepFloyd/IF-I-XL-v1.0"
     # IFPipeline's prompt length
     text_max_length = 77
+    download_note = " after accepting its license on its Hugging Face page and `hf auth login` (it is gated)"

@@ -66,14 +66,16 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "~", "/")) or model.count("/") != 1
 
 
-def resolve_model(model: str, components: tuple[str, ...], variant: str | None) -> Path:
-    """The local folder of ``model`` (a folder path, or a hub id fetched into the Hugging Face cache)."""
+def resolve_model(model: str, components: tuple[str, ...], variant: str | None, note: str = "") -> Path:
+    """The local folder of ``model`` (a folder path, or a hub id fetched into the Hugging Face cache).
+
+    note: what to add to "download it with ..." (e.g. that the model is gated)."""
     path = Path(model).expanduser()
     if path.exists():
         return path
     if _looks_like_path(model):
         raise PriorError(f"model folder {model} does not exist; pass --model with a diffusers folder or a hub id")
-    return _snapshot(model, components, variant)
+    return _snapshot(model, components, variant, note)
 
 
 def _download_patterns(components: tuple[str, ...], variant: str | None) -> tuple[list[str], list[str]]:
@@ -87,13 +89,13 @@ def _download_patterns(components: tuple[str, ...], variant: str | None) -> tupl
     return allow + [f"{c}/*.safetensors" for c in weighted], ignore
 
 
-def _snapshot(model: str, components: tuple[str, ...], variant: str | None) -> Path:
+def _snapshot(model: str, components: tuple[str, ...], variant: str | None, note: str) -> Path:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     allow, ignore = _download_patterns(components, variant)
-    get_it = (f"download it where the hub is reachable with `hf download {model}` (then copy the Hugging Face "
-              f"cache, ~/.cache/huggingface) or pass --model PATH to a local diffusers folder")
+    get_it = (f"download it where the hub is reachable with `hf download {model}`{note}, then copy the Hugging "
+              f"Face cache (~/.cache/huggingface) here, or pass --model PATH to a local diffusers folder")
     try:
         return Path(snapshot_download(model, allow_patterns=allow, ignore_patterns=ignore, local_files_only=True))
     except (OSError, ValueError):
@@ -107,6 +109,8 @@ def _snapshot(model: str, components: tuple[str, ...], variant: str | None) -> P
     except RepositoryNotFoundError:
         raise PriorError(f"no model {model} on the Hugging Face hub and no such folder; pass --model with a "
                          f"hub id or a diffusers folder") from None
+    except LocalEntryNotFoundError:
+        raise PriorError(f"model {model} is not in the Hugging Face cache and the hub cannot be reached; {get_it}") from None
     except (OSError, ValueError) as e:
         raise PriorError(f"model {model} is not in the Hugging Face cache and could not be downloaded "
                          f"({type(e).__name__}); {get_it}") from None
@@ -171,7 +175,8 @@ class DiffusersPrior:
     """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
 
     Subclasses set ``name``, ``default_model``, ``components`` (the model_index entries they need),
-    ``text_max_length`` (None: the tokenizer's) and ``text_attention_mask``, and implement
+    ``text_max_length`` (None: the tokenizer's), ``text_attention_mask`` and ``download_note``
+    (added to the how-to-download hint of a missing model), and implement
     ``check_kind`` (is this folder the right kind of model?), ``encode`` and ``decode``.
     """
 
@@ -180,6 +185,7 @@ class DiffusersPrior:
     components: tuple[str, ...] = ("unet", "scheduler", "text_encoder", "tokenizer")
     text_max_length: int | None = None
     text_attention_mask: bool = False
+    download_note: str = ""
 
     def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
         self.model = model or self.default_model
@@ -187,7 +193,7 @@ class DiffusersPrior:
         self.prompts = prompts
         self.device = resolve_device(cfg.device)
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
-        self.folder = resolve_model(self.model, self.components, cfg.variant)
+        self.folder = resolve_model(self.model, self.components, cfg.variant, self.download_note)
         self.index = read_model_index(self.folder, self.model)
         self.check_kind()
         missing = [c for c in self.components if not (self.folder / c).is_dir() or c not in self.index]
