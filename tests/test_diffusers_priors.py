@@ -176,8 +176,15 @@ def test_sds_with_perp_neg_runs_on_sd(models):
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
 
 
-def test_offline_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache (whatever this machine has downloaded); the hub is offline (conftest)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_offline_missing_model_is_one_line(empty_hub_cache, monkeypatch, capsys, tmp_path):
     status, err = dream3d(monkeypatch, capsys, "run", "a cat", "--prior", "sd", "--model", "dream3d-tests/no-such-model",
                           "--out", tmp_path / "runs")
     assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -186,8 +193,20 @@ def test_offline_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_default_models_named_when_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_hub_id_loads_offline_from_the_hugging_face_cache(models, empty_hub_cache, tmp_path):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--dream3d-tests--tiny-sd"
+    commit = "0" * 40
+    shutil.copytree(models["sd"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert constants.HF_HUB_OFFLINE
+    prior = load("sd", "dream3d-tests/tiny-sd")
+    assert prior.folder == repo / "snapshots" / commit and prior.resolution == 16
+
+
+def test_default_models_named_when_offline(empty_hub_cache):
     for prior, model in (("sd", "stabilityai/stable-diffusion-2-1-base"), ("if", "DeepFloyd/IF-I-XL-v1.0")):
         with pytest.raises(PriorError, match=f"model {model} is not in the Hugging Face cache"):
             build_prior(build_config({"prompt": "a cat", "prior": prior}))
