@@ -39,7 +39,7 @@ class Result:
 def run(cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
     """Optimises cfg.prompt from scratch and exports; bad input fails before a run folder exists."""
     rundir.check_writable(Path(cfg.out))
-    prior = build_prior(cfg.prior)
+    prior = build_prior(cfg)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     run_dir = rundir.create_run_dir(cfg)

@@ -82,7 +82,8 @@ def _report(result: api.Result) -> None:
 def run(
     prompt: str = typer.Argument(..., help="What to make, e.g. 'a red cube'."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform"),
-    prior: Optional[str] = typer.Option(None, help="toy | toy-mv"),
+    prior: Optional[str] = typer.Option(None, help="toy-mv | toy | sd | if"),
+    model: Optional[str] = typer.Option(None, help="sd/if: a Hugging Face hub id or a local diffusers folder."),
     guidance: Optional[str] = typer.Option(None, help="sds"),
     representation: Optional[str] = typer.Option(None, help="nerf | gaussians"),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
@@ -93,7 +94,7 @@ def run(
     init_points: Optional[Path] = typer.Option(None, help="Gaussians: start from the points of this PLY file."),
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
-    flags = dict(prior=prior, guidance=guidance, representation=representation, steps=steps, seed=seed,
+    flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
                  resolution=resolution, out=out)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}

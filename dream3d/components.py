@@ -12,13 +12,22 @@ from representations.nerf import NeRF
 
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
-DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0}
+DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "sd": 100.0, "if": 20.0}
 
 
-def build_prior(name: str) -> Prior:
+def build_prior(cfg: RunConfig) -> Prior:
+    """The run's prior; diffusers (slow to import) is imported only for the sd/if priors."""
+    if cfg.prior == "sd":
+        from guidance.priors.sd import StableDiffusionPrior
+
+        return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    if cfg.prior == "if":
+        from guidance.priors.deepfloyd import DeepFloydIFPrior
+
+        return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
     from guidance.priors.toy import build_toy_prior
 
-    return build_toy_prior(name)
+    return build_toy_prior(cfg.prior)
 
 
 def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:

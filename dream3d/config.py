@@ -14,12 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dream3d.sampling import CameraConfig
+from guidance.priors.diffusers_prior import DiffusersConfig
+from guidance.prompts import PromptConfig
 from guidance.schedule import CheckedSchedule
 from guidance.sds import SDSConfig
 from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 
-PRIORS = ("toy", "toy-mv")
+PRIORS = ("toy", "toy-mv", "sd", "if")
 GUIDANCES = ("sds",)
 REPRESENTATIONS = ("nerf", "gaussians")
 EXPORT_FORMATS = ("glb", "obj", "ply")
@@ -74,6 +76,8 @@ class ExportConfig(_Section):
 class RunConfig(_Section):
     prompt: str
     prior: str = "toy-mv"
+    # sd/if: a hub id or a local diffusers folder (None: the prior's default model)
+    model: str | None = None
     guidance: str = "sds"
     representation: str = "nerf"
     steps: int = Field(600, gt=0)
@@ -91,6 +95,8 @@ class RunConfig(_Section):
     nerf: NeRFConfig = NeRFConfig()
     gaussians: GaussiansConfig = GaussiansConfig()
     sds: SDSConfig = SDSConfig()
+    prompts: PromptConfig = PromptConfig()
+    diffusers: DiffusersConfig = DiffusersConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     export: ExportConfig = ExportConfig()
@@ -106,6 +112,14 @@ class RunConfig(_Section):
     @classmethod
     def _prior(cls, value: str) -> str:
         return _one_of("prior", value, PRIORS)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str | None) -> str | None:
+        # a local folder is saved absolute, so config.yaml re-runs from any working directory
+        if value is not None and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
 
     @field_validator("guidance")
     @classmethod
@@ -124,6 +138,12 @@ class RunConfig(_Section):
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if len(sizes) > 1 and len(self.resolution_milestones) != len(sizes) - 1:
             raise ValueError("resolution_milestones needs one step per resolution change")
+        return self
+
+    @model_validator(mode="after")
+    def _model(self) -> "RunConfig":
+        if self.model is not None and self.prior not in ("sd", "if"):
+            raise ValueError(f"--model applies to the sd and if priors, not {self.prior!r}")
         return self
 
     @model_validator(mode="after")

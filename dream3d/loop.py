@@ -68,7 +68,7 @@ class Trainer:
         self.run_dir = run_dir
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.prior = prior if prior is not None else build_prior(cfg.prior)
+        self.prior = prior if prior is not None else build_prior(cfg)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
         self.representation = representation if representation is not None else build_representation(cfg)
         self.guidance = build_guidance(cfg, self.prior)

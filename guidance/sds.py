@@ -2,6 +2,8 @@
 
 g = w(t) * (eps_hat(x_t) - eps), with eps_hat in the DreamFusion CFG convention
 eps_hat = eps_y + omega * (eps_y - eps_u), x_t = alpha_t x + sigma_t eps fresh each call.
+With ``perp_neg`` eps_hat is Perp-Neg's (guidance-math.md section 2; diffusers CFG
+convention with the same omega, as threestudio does).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from guidance.base import GuidanceOutput, clean_gradient, surrogate_loss
-from guidance.priors.base import Prior
+from guidance.base import GuidanceError, GuidanceOutput, clean_gradient, surrogate_loss
+from guidance.perp_neg import perp_neg_combine, perp_neg_embeddings
+from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
 
@@ -30,6 +33,7 @@ class SDSConfig(BaseModel):
     max_step_percent: CheckedSchedule = 0.98
     sqrt_anneal: bool = False
     grad_clip: CheckedSchedule | None = None
+    perp_neg: bool = False
 
 
 def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:
@@ -68,35 +72,57 @@ class SDSGuidance(torch.nn.Module):
         return torch.randint(lo, hi + 1, (batch,), generator=generator)
 
     def push_gradient(
-        self, x: Tensor, t: Tensor, noise: Tensor, embeddings: tuple[Tensor, Tensor], cameras: Cameras | None, step: int
+        self, x: Tensor, t: Tensor, noise: Tensor, embeddings: Embeddings, cameras: Cameras, step: int
     ) -> Tensor:
-        """g [B,C,h,w] for prior inputs x at timesteps t with forward noise ``noise`` (before nan/clip handling)."""
-        abar = self.prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+        """g [B,C,h,w] for prior inputs x at timesteps t [B] with forward noise ``noise`` (before nan/clip handling)."""
+        abar = self.prior.alphas_cumprod[t].to(x.device).view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x.detach() + (1 - abar).sqrt() * noise
-        cond, uncond = embeddings
-        with torch.no_grad():
-            eps = self.prior.predict_noise(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]),
-                None if cameras is None else Cameras.cat([cameras, cameras]),
-            )
-        eps_y, eps_u = eps.chunk(2)
         omega = evaluate(self.guidance_scale, step)
-        eps_hat = eps_y + omega * (eps_y - eps_u)
+        with torch.no_grad():
+            if self.cfg.perp_neg:
+                eps_hat = self.perp_neg_noise(x_t, t, embeddings, cameras, omega)
+            else:
+                cond, uncond = predict_each(self.prior, x_t, t, [
+                    embeddings.conditional(cameras), embeddings.uncond.expand(len(x), *embeddings.uncond.shape)
+                ], cameras)
+                eps_hat = cond + omega * (cond - uncond)
         return sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
+
+    def perp_neg_noise(self, x_t: Tensor, t: Tensor, embeddings: Embeddings, cameras: Cameras, omega: float) -> Tensor:
+        """Perp-Neg's eps_hat [B,C,h,w] (4 UNet evaluations per item)."""
+        if embeddings.views is None:
+            raise GuidanceError(f"sds.perp_neg needs a prior with view-dependent prompts; {self.prior.name} has none")
+        pos, negatives, weights = perp_neg_embeddings(
+            embeddings.views, embeddings.uncond, cameras.elevation, cameras.azimuth
+        )
+        uncond = embeddings.uncond.expand(len(x_t), *embeddings.uncond.shape)
+        eps_pos, eps_u, eps_n0, eps_n1 = predict_each(
+            self.prior, x_t, t, [pos, uncond, negatives[:, 0], negatives[:, 1]], cameras
+        )
+        return perp_neg_combine(eps_pos, eps_u, torch.stack([eps_n0, eps_n1], 1), weights, omega)
 
     def forward(self, rgb: Tensor, prompt: str, cameras: Cameras, step: int, generator: torch.Generator) -> GuidanceOutput:
         """rgb [B,H,W,3] in [0,1] -> the SDS surrogate loss (d loss / d x = g / B)."""
         x = self.prior.encode(rgb.permute(0, 3, 1, 2))
         B = x.shape[0]
-        embeddings = self.prior.embed(prompt)
-        cond = embeddings.cond.expand(B, *embeddings.cond.shape)
-        uncond = embeddings.uncond.expand(B, *embeddings.uncond.shape)
         t = self.sample_timesteps(B, step, generator)
-        noise = torch.randn(x.shape, generator=generator)
-        grad = self.push_gradient(x, t, noise, (cond, uncond), cameras, step)
+        # drawn on the CPU generator (checkpointed with the run), then moved to the prior's device
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        grad = self.push_gradient(x, t, noise, self.prior.embed(prompt), cameras, step)
         clip = None if self.cfg.grad_clip is None else evaluate(self.cfg.grad_clip, step)
         grad = clean_gradient(grad, clip)
         return GuidanceOutput(
             loss=surrogate_loss(x, grad),
             info={"t": float(t.float().mean()), "grad_norm": float(grad.norm())},
         )
+
+
+def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor], cameras: Cameras | None
+                 ) -> list[Tensor]:
+    """The prior's epsilon [B,C,h,w] for x_t [B,C,h,w] under each of K embeddings [B, ...], in one batch of K*B."""
+    k = len(embeddings)
+    eps = prior.predict_noise(
+        torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(embeddings),
+        None if cameras is None else Cameras.cat([cameras] * k),
+    )
+    return list(eps.chunk(k))

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+# No test may download: the Hugging Face hub is offline for every test (set before any import of it).
+os.environ["HF_HUB_OFFLINE"] = "1"
 # One prior dataset cache for the whole test session (built on first use, reused by later runs).
 os.environ.setdefault("DREAM3D_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "dream3d-test"))
 

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from guidance.prompts import view_index
 from representations.cameras import Cameras
 
 
@@ -19,7 +20,9 @@ class PriorError(ValueError):
 class Embeddings:
     """A prompt as the prior sees it.
 
-    cond: the prompt's embedding; uncond: the negative/unconditional one (for CFG).
+    cond: the prompt's embedding; uncond: the negative/unconditional one (for CFG);
+    views: [4, ...] the view prompts' embeddings in ``guidance.prompts.VIEWS`` order,
+    or None for a prior without view-dependent prompting.
     Their type is the prior's own business (text-encoder states for diffusers
     priors, a class mask for the toy prior); rules only pass them back.
     """
@@ -27,6 +30,13 @@ class Embeddings:
     prompt: str
     cond: Tensor
     uncond: Tensor
+    views: Tensor | None = None
+
+    def conditional(self, cameras: Cameras) -> Tensor:
+        """[B, ...] the conditional embedding of each camera: its view's prompt, or cond for every camera."""
+        if self.views is None:
+            return self.cond.expand(len(cameras), *self.cond.shape)
+        return self.views[view_index(cameras.elevation, cameras.azimuth).to(self.views.device)]
 
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from guidance.priors import toy_world
 from guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
+from guidance.priors.cache import cache_root, save_atomic
 from representations.cameras import Cameras, degrees_between, look_at_cameras
 
 RESOLUTION = 64
@@ -48,11 +47,6 @@ def dataset_cameras() -> Cameras:
     return look_at_cameras(el, az, torch.full_like(el, DISTANCE), FOVY_DEG, RESOLUTION, RESOLUTION)
 
 
-def cache_root() -> Path:
-    """``$DREAM3D_CACHE`` if set, else ``~/.cache/dream3d``."""
-    return Path(os.environ.get("DREAM3D_CACHE") or Path.home() / ".cache" / "dream3d")
-
-
 def _dataset_key() -> str:
     spec = {"world": toy_world.WORLD_VERSION, "resolution": RESOLUTION, "supersample": SUPERSAMPLE,
             "distance": DISTANCE, "fovy": FOVY_DEG, "elevations": ELEVATIONS, "azimuths": AZIMUTHS}
@@ -72,15 +66,7 @@ def load_shape_renders(root: Path | None = None) -> dict[str, Tensor]:
     cams = dataset_cameras()
     passes = [toy_world.render_shapes(cams, [s] * len(cams), SUPERSAMPLE) for s in range(len(toy_world.SHAPES))]
     renders = {k: torch.stack([p[k] for p in passes]) for k in ("mask", "shade")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".shapes.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(renders, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomic(renders, path)
     return renders
 
 

@@ -1,0 +1,352 @@
+"""Frozen diffusers models as priors: loading, text embeddings (cached on disk), epsilon prediction.
+
+A model is a hub id or a local folder in the diffusers pipeline layout (``model_index.json``
+plus one subfolder per component). Hub ids resolve to a snapshot in the Hugging Face
+cache, downloaded only when missing and the hub is reachable; everything after that
+loads from the local folder with ``local_files_only``, from ``.safetensors`` only, and
+never with remote code. Every failure the user can cause is a one-line ``PriorError``.
+
+The shared base loads the UNet, the scheduler (for its alphas and prediction type),
+the tokenizer and, lazily on the first prompt missing from the embedding cache, the
+text encoder. ``sd.py`` adds the VAE (latent space); ``deepfloyd.py`` is the
+pixel-space prior.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from guidance.priors.base import Embeddings, PriorError
+from guidance.priors.cache import cache_root, save_atomic
+from guidance.prompts import PromptConfig, view_prompts
+from representations.cameras import Cameras
+
+# Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What a failed load of a component raises (a bad config, a missing or truncated weight file).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+
+
+class DiffusersConfig(BaseModel):
+    """How a diffusers prior is loaded and run.
+
+    dtype applies on CUDA; on the CPU weights are always float32. variant picks a weight
+    file variant ("fp16" halves the download where the model has one). channels_last
+    (CUDA only) and offload_text_encoder (moved to the CPU after embedding) save time and memory.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    variant: str | None = None
+    channels_last: bool = True
+    offload_text_encoder: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PriorError("diffusers.device is cuda but no CUDA GPU is available; use diffusers.device=cpu or auto")
+    return torch.device(device)
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are "owner/name"; anything else with a separator or a leading . or ~ is meant as a folder."""
+    return model.startswith((".", "~", "/")) or model.count("/") != 1
+
+
+def resolve_model(model: str, components: tuple[str, ...], variant: str | None, note: str = "") -> Path:
+    """The local folder of ``model`` (a folder path, or a hub id fetched into the Hugging Face cache).
+
+    note: what to add to "download it with ..." (e.g. that the model is gated)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(model):
+        raise PriorError(f"model folder {model} does not exist; pass --model with a diffusers folder or a hub id")
+    return _snapshot(model, components, variant, note)
+
+
+def _download_patterns(components: tuple[str, ...], variant: str | None) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns: model_index.json, the components' configs and tokenizer files,
+    and the safetensors of one weight variant (none: the full-precision files)."""
+    weighted = [c for c in components if c not in ("scheduler", "tokenizer")]
+    allow = ["model_index.json"] + [f"{c}/*" for c in components if c not in weighted] + [f"{c}/*.json" for c in weighted]
+    if variant:
+        return allow + [f"{c}/*.{variant}{sep}*safetensors" for c in weighted for sep in (".", "-")], []
+    ignore = [f"*.{v}{sep}*" for v in ("fp16", "bf16") for sep in (".", "-")] + ["*non_ema*", "*.ema.*"]
+    return allow + [f"{c}/*.safetensors" for c in weighted], ignore
+
+
+def _snapshot(model: str, components: tuple[str, ...], variant: str | None, note: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    allow, ignore = _download_patterns(components, variant)
+    get_it = (f"download it where the hub is reachable with `hf download {model}`{note}, then copy the Hugging "
+              f"Face cache (~/.cache/huggingface) here, or pass --model PATH to a local diffusers folder")
+    try:
+        return Path(snapshot_download(model, allow_patterns=allow, ignore_patterns=ignore, local_files_only=True))
+    except (OSError, ValueError):
+        if constants.HF_HUB_OFFLINE:
+            raise PriorError(f"model {model} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {get_it}") from None
+    try:
+        return Path(snapshot_download(model, allow_patterns=allow, ignore_patterns=ignore))
+    except GatedRepoError:
+        raise PriorError(f"model {model} is gated: accept its license on its Hugging Face page, log in with "
+                         f"`hf auth login`, then retry; or pass --model PATH to a local diffusers folder") from None
+    except RepositoryNotFoundError:
+        raise PriorError(f"no model {model} on the Hugging Face hub and no such folder; pass --model with a "
+                         f"hub id or a diffusers folder") from None
+    except LocalEntryNotFoundError:
+        raise PriorError(f"model {model} is not in the Hugging Face cache and the hub cannot be reached; {get_it}") from None
+    except (OSError, ValueError) as e:
+        raise PriorError(f"model {model} is not in the Hugging Face cache and could not be downloaded "
+                         f"({type(e).__name__}); {get_it}") from None
+
+
+def read_model_index(folder: Path, model: str) -> dict[str, Any]:
+    """model_index.json of a diffusers folder; PriorError if there is none."""
+    if not folder.is_dir():
+        raise PriorError(f"{model} is not a diffusers model folder (it is a file); pass the folder holding model_index.json")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except FileNotFoundError:
+        raise PriorError(f"{model} is not a diffusers model folder (no model_index.json); pass a folder saved "
+                         f"with the diffusers pipeline layout, or a hub id") from None
+    except (OSError, ValueError):
+        raise PriorError(f"{model}/model_index.json is not readable JSON") from None
+    if not isinstance(index, dict):
+        raise PriorError(f"{model}/model_index.json is not a diffusers model index")
+    return index
+
+
+def read_config(folder: Path, model: str, component: str, name: str = "config.json") -> dict[str, Any]:
+    try:
+        return json.loads((folder / component / name).read_text())
+    except (OSError, ValueError):
+        raise PriorError(f"{model} has no readable {component}/{name}; it is not a complete diffusers model") from None
+
+
+def check_safetensors(folder: Path, model: str, component: str) -> None:
+    if not any((folder / component).glob("*.safetensors")):
+        raise PriorError(f"{model}/{component} has no .safetensors weights; dream3d loads only safetensors "
+                         f"(convert the model, e.g. re-save it with diffusers' save_pretrained)")
+
+
+def to_epsilon(output: Tensor, x_t: Tensor, alphas_cumprod_t: Tensor, prediction_type: str) -> Tensor:
+    """The UNet's output [B,C,h,w] as epsilon, for x_t [B,C,h,w] and abar_t [B,1,1,1].
+
+    v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps give eps = alpha v + sigma x_t.
+    """
+    if prediction_type == "v_prediction":
+        return alphas_cumprod_t.sqrt() * output + (1 - alphas_cumprod_t).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - alphas_cumprod_t.sqrt() * output) / (1 - alphas_cumprod_t).sqrt()
+    return output
+
+
+def resize_square(rgb: Tensor, size: int) -> Tensor:
+    """rgb [B,3,H,W] -> [B,3,size,size], bilinear (antialiased when shrinking)."""
+    if rgb.shape[-2:] == (size, size):
+        return rgb
+    return F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=rgb.shape[-1] > size)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, no parameter gradients (gradients still flow through to the inputs)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class DiffusersPrior:
+    """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
+
+    Subclasses set ``name``, ``default_model``, ``components`` (the model_index entries they need),
+    ``text_max_length`` (None: the tokenizer's), ``text_attention_mask`` and ``download_note``
+    (added to the how-to-download hint of a missing model), and implement
+    ``check_kind`` (is this folder the right kind of model?), ``encode`` and ``decode``.
+    """
+
+    name: str
+    default_model: str
+    components: tuple[str, ...] = ("unet", "scheduler", "text_encoder", "tokenizer")
+    text_max_length: int | None = None
+    text_attention_mask: bool = False
+    download_note: str = ""
+
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
+        self.model = model or self.default_model
+        self.cfg = cfg
+        self.prompts = prompts
+        self.device = resolve_device(cfg.device)
+        self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
+        self.folder = resolve_model(self.model, self.components, cfg.variant, self.download_note)
+        self.index = read_model_index(self.folder, self.model)
+        self.check_kind()
+        missing = [c for c in self.components if not (self.folder / c).is_dir() or c not in self.index]
+        if missing:
+            raise PriorError(f"{self.model} is not a complete diffusers model for --prior {self.name}: "
+                             f"no {', '.join(missing)} component")
+        self._load_scheduler()
+        self.unet = self._load_model("unet", self._diffusers_model("UNet2DConditionModel"))
+        self.tokenizer = self._load("tokenizer", self._tokenizer)
+        self._text_encoder: torch.nn.Module | None = None
+        self._embeddings: dict[str, Embeddings] = {}
+
+    # -- loading -----------------------------------------------------------------
+    def check_kind(self) -> None:
+        """Raises PriorError naming what the folder is when it is not a model this prior runs."""
+        raise NotImplementedError
+
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return read_config(self.folder, self.model, "unet")
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name", "unknown pipeline"))
+
+    def _load(self, component: str, load: Callable[[], Any]) -> Any:
+        try:
+            return load()
+        except PriorError:
+            raise
+        except _LOAD_ERRORS as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PriorError(f"cannot load the {component} of {self.model}: {reason}") from None
+
+    def _load_model(self, component: str, load: Callable[..., torch.nn.Module]) -> torch.nn.Module:
+        """A weighted component, from safetensors, frozen on the prior's device and dtype."""
+        check_safetensors(self.folder, self.model, component)
+        module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
+                                                    local_files_only=True, variant=self.cfg.variant))
+        module = freeze(module).to(self.device)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def _diffusers_model(self, class_name: str) -> Callable[..., torch.nn.Module]:
+        import diffusers
+
+        model_class = getattr(diffusers, class_name)
+        return lambda path, **kw: model_class.from_pretrained(path, torch_dtype=self.dtype, **kw)
+
+    def _load_scheduler(self) -> None:
+        from diffusers import DDPMScheduler
+
+        # Only the training schedule matters (alphas, prediction type), whatever sampler the folder names.
+        scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise PriorError(f"{self.model}: unknown scheduler prediction_type {self.prediction_type!r}; "
+                             f"dream3d handles {', '.join(PREDICTION_TYPES)}")
+
+    def _tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder / "tokenizer", local_files_only=True, trust_remote_code=False)
+
+    def _load_text_encoder(self) -> torch.nn.Module:
+        import transformers
+
+        class_name = str(self.index["text_encoder"][-1])
+        if class_name not in TEXT_ENCODERS:
+            raise PriorError(f"{self.model}: its text encoder is a {class_name}; dream3d loads {', '.join(TEXT_ENCODERS)}")
+        model_class = getattr(transformers, class_name)
+        return self._load_model("text_encoder", lambda path, **kw: model_class.from_pretrained(path, dtype=self.dtype, **kw))
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """Loaded on first use (a prompt whose embeddings are all cached never loads it)."""
+        if self._text_encoder is None:
+            self._text_encoder = self._load_text_encoder()
+        return self._text_encoder
+
+    # -- prompts -----------------------------------------------------------------
+    def embed(self, prompt: str) -> Embeddings:
+        """cond [L,D] (the prompt), uncond [L,D] (the negative prompt), views [4,L,D] or None; float32."""
+        if prompt not in self._embeddings:
+            texts = [prompt, self.prompts.negative_prompt]
+            if self.prompts.view_dependent:
+                texts += view_prompts(prompt)
+            states = self.text_embeddings(texts)
+            views = states[2:] if self.prompts.view_dependent else None
+            self._embeddings[prompt] = Embeddings(prompt, states[0], states[1], views)
+        return self._embeddings[prompt]
+
+    def text_embeddings(self, texts: list[str]) -> Tensor:
+        """[N, L, D] float32 on the prior's device: from the disk cache, or encoded and cached."""
+        paths = [self.cache_path(text) for text in texts]
+        found: dict[int, Tensor] = {}
+        for i, path in enumerate(paths):
+            if path.is_file():
+                found[i] = torch.load(path, weights_only=True)
+        missing = [i for i in range(len(texts)) if i not in found]
+        if missing:
+            encoded = self.encode_text([texts[i] for i in missing]).float().cpu()
+            for i, states in zip(missing, encoded):
+                save_atomic(states.clone(), paths[i])
+                found[i] = states
+        return torch.stack([found[i] for i in range(len(texts))]).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """[N, L, D] last hidden states of the text encoder (in the model's dtype)."""
+        encoder = self.text_encoder.to(self.device)
+        tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        mask = {"attention_mask": tokens.attention_mask.to(self.device)} if self.text_attention_mask else {}
+        states = encoder(tokens.input_ids.to(self.device), **mask)[0]
+        if self.cfg.offload_text_encoder:
+            encoder.to("cpu")
+        return states
+
+    @property
+    def max_length(self) -> int:
+        return self.text_max_length or int(self.tokenizer.model_max_length)
+
+    def cache_path(self, text: str) -> Path:
+        """The embedding cache file of ``text``: keyed by the model's text encoder and tokenizer files and the text."""
+        key = json.dumps({"model": self._model_identity(), "text": text, "max_length": self.max_length,
+                          "mask": self.text_attention_mask}, sort_keys=True)
+        return cache_root() / "text-embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+    def _model_identity(self) -> list[Any]:
+        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key)."""
+        files = sorted(p for c in ("text_encoder", "tokenizer") for p in (self.folder / c).iterdir() if p.is_file())
+        return [str(self.folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+    # -- noise -------------------------------------------------------------------
+    def predict_noise(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Cameras | None = None) -> Tensor:
+        """Epsilon [B,C,h,w] for x_t [B,C,h,w], t [B] long, text states [B,L,D]; cameras are not used.
+
+        A learned-variance UNet (2C output channels, as DeepFloyd IF) gives epsilon in its first C
+        channels; v- and x0-prediction outputs are converted with the scheduler's alphas.
+        """
+        t = t.to(self.device)
+        x_in = x_t.to(self.device, self.dtype)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        output = self.unet(x_in, t, encoder_hidden_states=embeddings.to(self.device, self.dtype)).sample
+        output = output.float()
+        channels = x_t.shape[1]
+        if output.shape[1] == 2 * channels:
+            output = output[:, :channels]
+        abar = self.alphas_cumprod.to(self.device)[t].view(-1, 1, 1, 1)
+        return to_epsilon(output, x_t.to(self.device).float(), abar, self.prediction_type).to(x_t.dtype)

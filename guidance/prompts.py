@@ -1,0 +1,50 @@
+"""View-dependent prompting (threestudio's rules) and the prompt settings of text-conditioned priors.
+
+A camera's view is "front" for |azimuth| < 45 degrees, "back" within 45 degrees of
+180, "overhead" above 60 degrees of elevation (which wins over the others), and
+"side" otherwise; azimuth 0 is the front (the camera on the +x axis, looking at the
+object's front). The view prompt is the prompt with ", <view> view" appended.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+# The order of a prior's view embeddings ([4, ...]) everywhere.
+VIEWS: tuple[str, ...] = ("front", "side", "back", "overhead")
+FRONT, SIDE, BACK, OVERHEAD = range(4)
+FRONT_THRESHOLD_DEG = 45.0
+BACK_THRESHOLD_DEG = 45.0
+OVERHEAD_THRESHOLD_DEG = 60.0
+
+
+class PromptConfig(BaseModel):
+    """How a text prior embeds the prompt: per-view suffixes, and the negative prompt
+    (the "unconditional" branch of classifier-free guidance; "" is the usual unconditional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    view_dependent: bool = True
+    negative_prompt: str = ""
+
+
+def view_prompts(prompt: str) -> list[str]:
+    """The prompt of each view, in ``VIEWS`` order: "a cat, front view", ..."""
+    return [f"{prompt}, {view} view" for view in VIEWS]
+
+
+def shift_azimuth(azimuth: Tensor) -> Tensor:
+    """Degrees -> [-180, 180)."""
+    return (azimuth + 180) % 360 - 180
+
+
+def view_index(elevation: Tensor, azimuth: Tensor) -> Tensor:
+    """[B] long index into ``VIEWS`` for cameras at elevation/azimuth [B] (degrees)."""
+    azimuth = shift_azimuth(azimuth)
+    index = azimuth.new_full(azimuth.shape, SIDE, dtype=torch.long)
+    index[azimuth.abs() < FRONT_THRESHOLD_DEG] = FRONT
+    index[azimuth.abs() > 180 - BACK_THRESHOLD_DEG] = BACK
+    index[elevation > OVERHEAD_THRESHOLD_DEG] = OVERHEAD
+    return index
