@@ -21,7 +21,8 @@ BENCH_PROMPTS = (
     "a green sphere", "a blue cube", "a yellow cylinder", "an orange cone", "a purple torus", "a red pyramid",
 )
 QUICK_PROMPTS = ("a red sphere", "a green cube")
-COLUMNS = ("iou", "r_precision", "colour_error", "seconds_per_step", "wall_seconds", "peak_memory_mb")
+COLUMNS = ("iou", "r_precision", "colour_error", "mesh_iou", "seconds_per_step", "wall_seconds", "peak_memory_mb")
+COUNT_STEPS = (1, 100, 200, 300, 400, 600)  # where the Gaussian count is reported
 
 
 def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
@@ -33,12 +34,22 @@ def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
     run_dir = max(out.glob("*/"), key=lambda p: p.stat().st_mtime)
     subprocess.run([sys.executable, "-m", "dream3d", "eval", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {
+    row = {
         "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
-        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},
+        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error", "mesh_iou")},
         "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),
         "peak_memory_mb": summary["peak_memory_mb"],
     }
+    counts = _gaussian_counts(run_dir)
+    if counts:
+        row["num_gaussians"] = counts
+    return row
+
+
+def _gaussian_counts(run_dir: Path) -> dict[int, int]:
+    """The logged Gaussian count at COUNT_STEPS (empty for representations that log none)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["num_gaussians"] for r in records if r["step"] in COUNT_STEPS and "num_gaussians" in r}
 
 
 def bench(prompts: tuple[str, ...], seeds: list[int], out: Path, options: list[str]) -> list[dict]:
@@ -50,14 +61,19 @@ def bench(prompts: tuple[str, ...], seeds: list[int], out: Path, options: list[s
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = "| prompt | seed | matched | " + " | ".join(COLUMNS) + " |\n"
-    header += "|---" * (3 + len(COLUMNS)) + "|\n"
-    lines = [
-        f"| {r['prompt']} | {r['seed']} | {r['matched_class']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |"
-        for r in rows
-    ]
-    medians = " | ".join(_fmt(statistics.median(r[c] for r in rows)) for c in COLUMNS)
-    return header + "\n".join(lines) + f"\n| **median** | | | {medians} |\n"
+    """One line per run and a median line; a Gaussian count column when the runs logged one."""
+    counts = all("num_gaussians" in r for r in rows)
+    extra = [f"gaussians at steps {'/'.join(map(str, COUNT_STEPS))}"] if counts else []
+    header = "| prompt | seed | matched | " + " | ".join([*COLUMNS, *extra]) + " |\n"
+    header += "|---" * (3 + len(COLUMNS) + len(extra)) + "|\n"
+    lines = []
+    for r in rows:
+        cells = [_fmt(r[c]) for c in COLUMNS]
+        if counts:
+            cells.append(" / ".join(str(r["num_gaussians"].get(s, "-")) for s in COUNT_STEPS))
+        lines.append(f"| {r['prompt']} | {r['seed']} | {r['matched_class']} | " + " | ".join(cells) + " |")
+    medians = [_fmt(statistics.median(r[c] for r in rows)) for c in COLUMNS] + [""] * len(extra)
+    return header + "\n".join(lines) + f"\n| **median** | | | {' | '.join(medians)} |\n"
 
 
 def _fmt(value: float) -> str:

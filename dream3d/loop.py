@@ -160,6 +160,7 @@ class Trainer:
         record = {"step": self.step, "loss": float(loss.detach())}
         record.update({f"loss_{name}": float(value.detach()) for name, value in terms.items()})
         record.update(guided.info)
+        record.update(self.representation.stats())
         record["skipped"] = not finite
         return record
 

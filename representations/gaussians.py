@@ -155,6 +155,10 @@ class Gaussians(torch.nn.Module):
     def colors(self) -> Tensor:
         return torch.sigmoid(self.params["colors"])
 
+    def stats(self) -> dict[str, float]:
+        """What the loop logs about the representation each step."""
+        return {"num_gaussians": len(self)}
+
     def param_groups(self) -> list[dict]:
         """One group per parameter, named by its key (gsplat strategies want one optimizer per key)."""
         lrs = {k: getattr(self.cfg, f"lr_{k}") for k in self.params}

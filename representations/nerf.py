@@ -73,6 +73,10 @@ class NeRF(torch.nn.Module):
         if step % self.cfg.occupancy_every == 0:
             self.update_occupancy()
 
+    def stats(self) -> dict[str, float]:
+        """What the loop logs about the representation each step."""
+        return {"occupied_fraction": float(self.occupancy.float().mean())}
+
     def _occupied(self, points: Tensor) -> Tensor:
         """points [N,3] -> [N] bool, whether the point's occupancy cell is occupied."""
         r = self.cfg.occupancy_resolution
