@@ -9,6 +9,7 @@ folder only (the /download route and Gradio's allowed_paths).
 from __future__ import annotations
 
 import html
+import logging
 import os
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, confi
 from dream3d.web.jobs import FINISHED, JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView
 
+log = logging.getLogger(__name__)
 # system fonts: the default theme fetches web fonts, and the app must work offline
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -158,6 +160,10 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
                 cfg = config_from_form(FormValues(*values), settings.base_layer(), settings.out, settings.max_prompt_chars)
             except ConfigError as e:
                 yield {message: f"**error:** {e}", progress: ""}
+                return
+            except Exception as e:  # a bug: one line in the page, the traceback in the server log
+                log.exception("the form could not be read")
+                yield {message: f"**error:** internal error ({type(e).__name__}); see the server log", progress: ""}
                 return
             job = jobs.submit(cfg)
             yield {job_id: job.id, message: "", model3d: None, video: None, downloads: "", summary: None, preview: None}

@@ -20,19 +20,19 @@ PARTICLE_NAMES = ("particles", "num_particles", "n_particles")
 
 @dataclass
 class FormValues:
-    """One submission of the form; None (or "") means the config's default."""
+    """One submission of the form; None or "" means the config's default (the page sends None for an empty box)."""
 
-    prompt: str
+    prompt: str | None
     prior: str
     guidance: str
     representation: str
     steps: int | None = None
     seed: int | None = None
-    resolution: str = ""  # YAML: 64 or [32, 64]
+    resolution: str | None = None  # YAML: 64 or [32, 64]
     guidance_scale: float | None = None
     lr_scale: float | None = None
     particles: int | None = None
-    overrides: str = ""  # key=value lines, as on the command line
+    overrides: str | None = None  # key=value lines, as on the command line
 
 
 def guidance_setting(guidance: str, names: tuple[str, ...]) -> str | None:
@@ -57,7 +57,7 @@ def resolution_text(cfg: RunConfig) -> str:
 
 def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_prompt_chars: int) -> RunConfig:
     """Validates a submission into a RunConfig writing under ``out``; raises ConfigError in one line."""
-    prompt = values.prompt.strip()
+    prompt = (values.prompt or "").strip()
     if len(prompt) > max_prompt_chars:
         raise ConfigError(f"the prompt is {len(prompt)} characters long; the limit is {max_prompt_chars}")
     layer: dict[str, Any] = {
@@ -66,7 +66,7 @@ def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_pro
     for key in ("steps", "seed"):
         if getattr(values, key) is not None:
             layer[key] = int(getattr(values, key))
-    if values.resolution.strip():
+    if (values.resolution or "").strip():
         try:
             layer["resolution"] = yaml.safe_load(values.resolution)
         except yaml.YAMLError:
@@ -77,7 +77,7 @@ def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_pro
         layer = _set(layer, _guidance_path(values.guidance, GUIDANCE_SCALE_NAMES, "guidance scale"), float(values.guidance_scale))
     if values.particles is not None:
         layer = _set(layer, _guidance_path(values.guidance, PARTICLE_NAMES, "particles"), int(values.particles))
-    overrides = parse_overrides([line.strip() for line in values.overrides.splitlines() if line.strip()])
+    overrides = parse_overrides([line.strip() for line in (values.overrides or "").splitlines() if line.strip()])
     # the run folder is the app's: downloads are served from it and from nowhere else
     return build_config(base, layer, overrides, {"out": out})
 
