@@ -27,7 +27,7 @@ from dream3d import rundir
 from dream3d.cli import USER_ERRORS
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
 from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, config_from_form, defaults, resolution_text
-from dream3d.web.jobs import FINISHED, JobQueue, Snapshot
+from dream3d.web.jobs import JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,13 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
                 preview = gr.Image(label="Preview", type="filepath", interactive=False, elem_id="preview")
             with gr.Column():
                 model3d = gr.Model3D(label="3D model", elem_id="model3d")
-                video = gr.Video(label="Orbit", interactive=False, elem_id="orbit")
+                video = gr.Video(label="Orbit", interactive=False, height=300, elem_id="orbit")
                 downloads = gr.HTML(elem_id="downloads")
                 summary = gr.JSON(label="Run summary", elem_id="summary")
-        gallery = gr.Gallery(label="Earlier runs", columns=6, height=220, allow_preview=False, elem_id="gallery")
+        gallery = gr.Gallery(
+            label="Earlier runs (click one to reopen it)", columns=6, height=200, object_fit="contain", allow_preview=False,
+            elem_id="gallery",
+        )
 
         form = [prompt, prior, guidance, representation, steps, seed, resolution, guidance_scale, lr_scale, particles, overrides]
         results = [model3d, video, downloads, summary]
@@ -156,38 +159,39 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             }
 
         def on_generate(*values: Any) -> Iterator[dict]:
+            """Streams the queue position, then progress and preview, until the job finishes."""
             try:
                 cfg = config_from_form(FormValues(*values), settings.base_layer(), settings.out, settings.max_prompt_chars)
             except ConfigError as e:
-                yield {message: f"**error:** {e}", progress: ""}
+                yield {job_id: None, message: f"**error:** {e}", progress: ""}
                 return
             except Exception as e:  # a bug: one line in the page, the traceback in the server log
                 log.exception("the form could not be read")
-                yield {message: f"**error:** internal error ({type(e).__name__}); see the server log", progress: ""}
+                yield {job_id: None, message: f"**error:** internal error ({type(e).__name__}); see the server log", progress: ""}
                 return
             job = jobs.submit(cfg)
             yield {job_id: job.id, message: "", model3d: None, video: None, downloads: "", summary: None, preview: None}
-            shown: tuple = ()
-            while True:
+            shown = None
+            while not job.finished.is_set():
                 snap = jobs.snapshot(job)
-                update: dict = {}
-                if (snap.state, snap.position, snap.step) != shown[:3]:
-                    update[progress] = progress_html(snap)
-                if snap.preview is not None and snap.preview != (shown[3] if shown else None):
-                    update[preview] = str(snap.preview)
-                if update:
-                    yield update
-                shown = (snap.state, snap.position, snap.step, snap.preview)
-                if snap.state in FINISHED:
-                    break
+                if snap.preview is not None and (shown is None or snap.preview != shown.preview):
+                    yield {progress: progress_html(snap), preview: str(snap.preview)}
+                elif shown is None or (snap.state, snap.position, snap.step) != (shown.state, shown.position, shown.step):
+                    yield {progress: progress_html(snap)}
+                shown = snap
                 time.sleep(settings.poll_s)
-            yield _finished(snap)
+            yield {progress: progress_html(jobs.snapshot(job))}
 
-        def _finished(snap: Snapshot) -> dict:
-            if snap.state == "failed":
-                return {message: f"**error:** {snap.error}"}
-            view = runs.view(snap.result.run_dir)
-            note = "stopped early; exported what it reached" if snap.state == "stopped" else "done"
+        def on_finished(current: str | None) -> dict:
+            """The results of a finished job (a separate event: Model3D renders a value set by a plain
+            event, not the last one of a generator)."""
+            job = jobs.get(current) if current else None
+            if job is None or not job.finished.is_set():
+                return {}
+            if job.state == "failed":
+                return {message: f"**error:** {job.error}"}
+            view = runs.view(job.result.run_dir)
+            note = "stopped early; exported what it reached" if job.state == "stopped" else "done"
             return {message: f"{note}: `{view.run_dir.name}`", **show(view), **refresh_gallery()}
 
         def on_stop(current: str | None) -> dict:
@@ -208,8 +212,9 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
                 })
             return update
 
-        every = [job_id, message, progress, preview, *results, gallery, gallery_runs]
-        generate.click(on_generate, form, every, concurrency_limit=None, show_progress="hidden")
+        generate.click(
+            on_generate, form, [job_id, message, progress, preview, *results], concurrency_limit=None, show_progress="hidden"
+        ).then(on_finished, [job_id], [message, preview, *results, gallery, gallery_runs], show_progress="hidden")
         stop.click(on_stop, [job_id], [message], concurrency_limit=None, show_progress="hidden")
         gallery.select(on_reopen, [gallery_runs], [message, progress, preview, *results, *form, gallery, gallery_runs])
         demo.load(refresh_gallery, None, [gallery, gallery_runs])

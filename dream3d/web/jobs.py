@@ -23,7 +23,6 @@ from dream3d.loop import Progress
 log = logging.getLogger(__name__)
 
 Runner = Callable[[RunConfig, api.EventHandler, api.StopCheck], api.Result]
-FINISHED = ("done", "stopped", "failed")
 
 
 def run_and_export(cfg: RunConfig, on_event: api.EventHandler, should_stop: api.StopCheck) -> api.Result:
