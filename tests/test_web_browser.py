@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v3 as iio
 import pytest
 import trimesh
 import yaml
@@ -149,6 +150,18 @@ def _watch_until_finished(page, timeout_s: float = 240) -> list[dict]:
     pytest.fail(f"the run did not finish; last: {samples[-1]}")
 
 
+def _wait_for_drawing(canvas, timeout_s: float = 30) -> None:
+    """Waits until the canvas shows more than a uniform background (the viewer drew the mesh)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pixels = iio.imread(canvas.screenshot(), extension=".png")[..., :3].astype(float)
+        if pixels.std(axis=(0, 1)).max() > 10:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("the 3D viewer's canvas stayed blank")
+        time.sleep(0.5)
+
+
 @needs_chromium
 def test_generate_shows_progress_preview_viewer_and_downloads(page, tmp_path):
     glb_responses = []
@@ -163,8 +176,11 @@ def test_generate_shows_progress_preview_viewer_and_downloads(page, tmp_path):
     assert len(set(previews)) >= 2, "the preview did not update during the run"
 
     page.wait_for_selector("#model3d canvas")
-    page.wait_for_function("() => document.querySelector('#model3d canvas').width > 0")
+    deadline = time.monotonic() + 60
+    while 200 not in glb_responses and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert 200 in glb_responses, "the 3D viewer did not fetch the GLB"
+    _wait_for_drawing(page.locator("#model3d canvas"))
     assert "done" in page.inner_text("#message")
     assert page.locator("#summary").inner_text().count("a red cube") >= 1
     with page.expect_download() as download:
