@@ -1,5 +1,6 @@
 """The web app's parts without a browser: form -> config, the runs folder, the job queue."""
 
+import sys
 import threading
 import time
 import zipfile
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dream3d import api
+from dream3d import api, cli
 from dream3d.cli import USER_ERRORS
 from dream3d.config import ConfigError, build_config
 from dream3d.web.form import FormValues, config_from_form, defaults, guidance_setting, resolution_text
@@ -128,3 +129,17 @@ def test_stop_ends_the_run_and_exports_what_it_reached(tiny):
     view = RunsFolder(Path(tiny["out"])).view(job.result.run_dir)
     assert view.summary["stopped"] is True and view.summary["steps"] == 3
     assert {"glb", "video", "obj_zip"} <= set(view.files)
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [("steps: [", "does not parse as YAML"), ("nope: 1", "nope: unknown key"), ("steps: 0", "steps: Input should be greater than 0")],
+)
+def test_web_with_a_bad_config_fails_in_one_line_before_serving(monkeypatch, capsys, tmp_path, config_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(config_text)
+    monkeypatch.setattr(sys, "argv", ["dream3d", "web", "--config", str(config), "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and message in err and len(err.splitlines()) == 1
