@@ -28,7 +28,7 @@ from dream3d.cli import USER_ERRORS
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
 from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, config_from_form, defaults, resolution_text
 from dream3d.web.jobs import JobQueue, Snapshot
-from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView
+from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView, latest_preview
 
 log = logging.getLogger(__name__)
 # system fonts: the default theme fetches web fonts, and the app must work offline
@@ -152,9 +152,9 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             }
 
         def refresh_gallery() -> dict:
-            listed = [(run, view) for run in runs.runs() if (view := runs.view(run)).preview is not None]
+            listed = [(run, thumbnail) for run in runs.runs() if (thumbnail := latest_preview(run)) is not None]
             return {
-                gallery: [(str(view.preview), run.name) for run, view in listed],
+                gallery: [(str(thumbnail), run.name) for run, thumbnail in listed],
                 gallery_runs: [run.name for run, _ in listed],
             }
 
