@@ -23,7 +23,7 @@ from dream3d.components import build_prior, build_representation
 from dream3d.config import RunConfig
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
-from dream3d.loop import Progress, Trainer
+from dream3d.loop import Progress, RunInterrupted, Trainer
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
@@ -36,31 +36,48 @@ class Result:
     summary: dict = field(default_factory=dict)
 
 
-def run(cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
-    """Optimises cfg.prompt from scratch and exports; bad input fails before a run folder exists."""
+def run(
+    cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None, export_on_stop: bool = False
+) -> Result:
+    """Optimises cfg.prompt from scratch and exports; bad input fails before a run folder exists.
+
+    A stop request raises RunInterrupted after a checkpoint, or with export_on_stop exports
+    the parameters reached so far (summary.json then says ``stopped: true``)."""
     rundir.check_writable(Path(cfg.out))
     prior = build_prior(cfg)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     run_dir = rundir.create_run_dir(cfg)
     trainer = Trainer(cfg, run_dir, prior, representation)
-    return _train_and_export(trainer, on_event, should_stop)
+    return _train_and_export(trainer, on_event, should_stop, export_on_stop)
 
 
-def resume(run_dir: Path, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
-    """Continues a run from its latest checkpoint, exactly as if it had not stopped."""
+def resume(
+    run_dir: Path, on_event: EventHandler | None = None, should_stop: StopCheck | None = None, export_on_stop: bool = False
+) -> Result:
+    """Continues a run from its latest checkpoint, exactly as if it had not stopped (stops as in ``run``)."""
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
     checkpoint = rundir.latest_checkpoint(run_dir)
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(rundir.load_checkpoint(checkpoint))
     rundir.truncate_metrics(run_dir, trainer.step)
-    return _train_and_export(trainer, on_event, should_stop)
+    return _train_and_export(trainer, on_event, should_stop, export_on_stop)
 
 
-def _train_and_export(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None) -> Result:
-    trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
+def _train_and_export(
+    trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool
+) -> Result:
+    stopped = False
+    try:
+        trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
+    except RunInterrupted:
+        if not export_on_stop:
+            raise
+        stopped = True
     cfg, run_dir = trainer.cfg, trainer.run_dir
+    if stopped:
+        rundir.update_summary(run_dir, stopped=True)
     rundir.update_summary(
         run_dir,
         prompt=cfg.prompt, prior=cfg.prior, guidance=cfg.guidance, representation=cfg.representation,

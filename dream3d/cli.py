@@ -6,6 +6,7 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit:
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import sys
 from pathlib import Path
@@ -151,6 +152,23 @@ def benchmark(
     seed_list = [int(s) for s in seeds.split(",")]
     rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
     typer.echo(markdown_table(rows))
+
+
+@app.command("web")
+def web(
+    host: str = typer.Option("127.0.0.1", help="Address to serve on (0.0.0.0: the local network)."),
+    port: int = typer.Option(7860),
+    share: bool = typer.Option(False, help="Also open a public share link through Gradio."),
+    out: str = typer.Option("runs", help="The runs folder: new runs, the gallery, the only source of downloads."),
+    config: Optional[Path] = typer.Option(None, help="A YAML config whose values become the page's defaults."),
+    max_prompt_chars: int = typer.Option(200, help="Longer prompts are refused."),
+) -> None:
+    """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("the web app needs gradio: pip install 'dream3d[web]'")
+    from dream3d.web.app import launch, settings_from_files
+
+    launch(settings_from_files(out, config, max_prompt_chars), host, port, share)
 
 
 def _fail(line: str) -> None:

@@ -1,0 +1,239 @@
+"""The Gradio page of ``dream3d web``: form, live progress, results, gallery of earlier runs.
+
+A layer over dream3d.api: a Generate press validates the form into a RunConfig, puts a
+job in the JobQueue and then polls it, redrawing the progress bar and the preview from
+the loop's events until the run exports. Files are served to the browser from the runs
+folder only (the /download route and Gradio's allowed_paths).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio reads it
+
+import gradio as gr
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dream3d import rundir
+from dream3d.cli import USER_ERRORS
+from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
+from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, config_from_form, defaults, resolution_text
+from dream3d.web.jobs import JobQueue, Snapshot
+from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView, latest_preview
+
+log = logging.getLogger(__name__)
+# system fonts: the default theme fetches web fonts, and the app must work offline
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+class WebSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = "runs"  # the runs folder: new runs, the gallery, the only source of downloads
+    base: dict[str, Any] = {}  # a config layer under the form (e.g. from --config)
+    max_prompt_chars: int = Field(200, gt=0)
+    preview_every: int = Field(20, gt=0)  # the page's preview cadence unless base sets one
+    poll_s: float = Field(0.25, gt=0)
+
+    def base_layer(self) -> dict[str, Any]:
+        return {"preview_every": self.preview_every, **self.base}
+
+
+def settings_from_files(out: str, config: Path | None, max_prompt_chars: int) -> WebSettings:
+    """Settings for the CLI; a bad --config fails here in one line, before the server starts."""
+    settings = WebSettings(out=out, base=load_yaml(config) if config else {}, max_prompt_chars=max_prompt_chars)
+    defaults(settings.base_layer())
+    return settings
+
+
+def progress_html(snap: Snapshot) -> str:
+    """The progress bar: a <progress> element and one line (waiting position, or step, loss, speed, ETA)."""
+    if snap.state == "waiting":
+        ahead = "run" if snap.position == 1 else "runs"
+        line = f"waiting: position {snap.position + 1} in the queue ({snap.position} {ahead} ahead)"
+    else:
+        loss = "-" if snap.loss is None else f"{snap.loss:.4g}"
+        eta = int(round(snap.eta_s)) if snap.state == "running" else 0
+        line = f"{snap.state}: step {snap.step}/{snap.total} · loss {loss} · {snap.it_per_s:.1f} it/s · ETA {eta // 60}:{eta % 60:02d}"
+    return (
+        f'<div class="d3-progress" data-state="{snap.state}" data-step="{snap.step}" data-total="{snap.total}">'
+        f'<progress value="{snap.step}" max="{max(snap.total, 1)}"></progress> <span>{html.escape(line)}</span></div>'
+    )
+
+
+def downloads_html(view: RunView, runs: RunsFolder) -> str:
+    labels = {"glb": "GLB", "obj_zip": "OBJ (zip)", "splats": "Splats PLY", "video": "Orbit video"}
+    links = [
+        f'<a class="d3-download" data-kind="{kind}" href="{runs.url(view.files[kind])}" download>{label}</a>'
+        for kind, label in labels.items() if kind in view.files
+    ]
+    return '<div class="d3-downloads">' + " · ".join(links) + "</div>" if links else ""
+
+
+def download_route(runs: RunsFolder) -> Route:
+    """GET /download/<path inside the runs folder>: the file as an attachment, or 403."""
+
+    async def download(request: Request) -> Response:
+        path = runs.resolve(request.path_params["path"])
+        if path is None:
+            return PlainTextResponse("only files inside the runs folder can be downloaded", status_code=403)
+        return FileResponse(path, filename=path.name)
+
+    return Route(DOWNLOAD_ROUTE + "/{path:path}", download, methods=["GET", "HEAD"])
+
+
+def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blocks:
+    """The page; ``jobs`` runs the optimisations, ``runs`` is the folder they write to."""
+    start = defaults(settings.base_layer())
+    with gr.Blocks(title="dream3d", analytics_enabled=False) as demo:
+        gr.Markdown("# dream3d\nText to 3D by score distillation.")
+        job_id = gr.State(None)
+        gallery_runs = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder="a red cube", elem_id="prompt", max_lines=1)
+                with gr.Row():
+                    prior = gr.Dropdown(list(PRIORS), value=start.prior, label="Prior", elem_id="prior")
+                    guidance = gr.Dropdown(list(GUIDANCES), value=start.guidance, label="Guidance", elem_id="guidance")
+                    representation = gr.Dropdown(
+                        list(REPRESENTATIONS), value=start.representation, label="Representation", elem_id="representation"
+                    )
+                with gr.Row():
+                    steps = gr.Number(start.steps, label="Steps", precision=0, minimum=1, elem_id="steps")
+                    seed = gr.Number(start.seed, label="Seed", precision=0, elem_id="seed")
+                    resolution = gr.Textbox(resolution_text(start), label="Resolution", elem_id="resolution")
+                with gr.Accordion("Advanced", open=False):
+                    guidance_scale = gr.Number(None, label="Guidance scale (empty: the prior's default)", elem_id="guidance-scale")
+                    lr_scale = gr.Number(
+                        start.optim.lr_scale if isinstance(start.optim.lr_scale, (int, float)) else None,
+                        label="Learning-rate scale (multiplies every parameter group's rate)", elem_id="lr-scale",
+                    )
+                    particles = gr.Number(
+                        None, label="Particles", precision=0, visible=any_guidance_has(PARTICLE_NAMES), elem_id="particles"
+                    )
+                    overrides = gr.Textbox(
+                        label="More settings: key=value per line (as on the command line)", lines=2, elem_id="overrides"
+                    )
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                message = gr.Markdown(elem_id="message")
+                progress = gr.HTML(elem_id="progress")
+                preview = gr.Image(label="Preview", type="filepath", interactive=False, elem_id="preview")
+            with gr.Column():
+                model3d = gr.Model3D(label="3D model", elem_id="model3d")
+                video = gr.Video(label="Orbit", interactive=False, height=300, elem_id="orbit")
+                downloads = gr.HTML(elem_id="downloads")
+                summary = gr.JSON(label="Run summary", elem_id="summary")
+        gallery = gr.Gallery(
+            label="Earlier runs (click one to reopen it)", columns=6, height=200, object_fit="contain", allow_preview=False,
+            elem_id="gallery",
+        )
+
+        form = [prompt, prior, guidance, representation, steps, seed, resolution, guidance_scale, lr_scale, particles, overrides]
+        results = [model3d, video, downloads, summary]
+
+        def show(view: RunView) -> dict:
+            return {
+                model3d: str(view.files["glb"]) if "glb" in view.files else None,
+                video: str(view.files["video"]) if "video" in view.files else None,
+                downloads: downloads_html(view, runs),
+                summary: view.summary or None,
+                preview: str(view.preview) if view.preview else None,
+            }
+
+        def refresh_gallery() -> dict:
+            listed = [(run, thumbnail) for run in runs.runs() if (thumbnail := latest_preview(run)) is not None]
+            return {
+                gallery: [(str(thumbnail), run.name) for run, thumbnail in listed],
+                gallery_runs: [run.name for run, _ in listed],
+            }
+
+        def on_generate(*values: Any) -> Iterator[dict]:
+            """Streams the queue position, then progress and preview, until the job finishes."""
+            try:
+                cfg = config_from_form(FormValues(*values), settings.base_layer(), settings.out, settings.max_prompt_chars)
+            except ConfigError as e:
+                yield {job_id: None, message: f"**error:** {e}", progress: ""}
+                return
+            except Exception as e:  # a bug: one line in the page, the traceback in the server log
+                log.exception("the form could not be read")
+                yield {job_id: None, message: f"**error:** internal error ({type(e).__name__}); see the server log", progress: ""}
+                return
+            job = jobs.submit(cfg)
+            yield {job_id: job.id, message: "", model3d: None, video: None, downloads: "", summary: None, preview: None}
+            shown = None
+            while not job.finished.is_set():
+                snap = jobs.snapshot(job)
+                if snap.preview is not None and (shown is None or snap.preview != shown.preview):
+                    yield {progress: progress_html(snap), preview: str(snap.preview)}
+                elif shown is None or (snap.state, snap.position, snap.step) != (shown.state, shown.position, shown.step):
+                    yield {progress: progress_html(snap)}
+                shown = snap
+                time.sleep(settings.poll_s)
+            yield {progress: progress_html(jobs.snapshot(job))}
+
+        def on_finished(current: str | None) -> dict:
+            """The results of a finished job (a separate event: Model3D renders a value set by a plain
+            event, not the last one of a generator)."""
+            job = jobs.get(current) if current else None
+            if job is None or not job.finished.is_set():
+                return {}
+            if job.state == "failed":
+                return {message: f"**error:** {job.error}"}
+            view = runs.view(job.result.run_dir)
+            note = "stopped early; exported what it reached" if job.state == "stopped" else "done"
+            return {message: f"{note}: `{view.run_dir.name}`", **show(view), **refresh_gallery()}
+
+        def on_stop(current: str | None) -> dict:
+            asked = current is not None and jobs.stop(current)
+            return {message: "stopping after the current step..." if asked else "nothing is running"}
+
+        def on_reopen(names: list[str], evt: gr.SelectData) -> dict:
+            run_dir = runs.find(names[evt.index]) if evt.index < len(names) else None
+            if run_dir is None:
+                return {message: "**error:** that run is no longer in the runs folder", **refresh_gallery()}
+            view = runs.view(run_dir)
+            update = {message: f"reopened `{run_dir.name}`", progress: "", **show(view)}
+            cfg = _saved_config(run_dir)
+            if cfg is not None:
+                update.update({
+                    prompt: cfg.prompt, prior: cfg.prior, guidance: cfg.guidance, representation: cfg.representation,
+                    steps: cfg.steps, seed: cfg.seed, resolution: resolution_text(cfg),
+                })
+            return update
+
+        generate.click(
+            on_generate, form, [job_id, message, progress, preview, *results], concurrency_limit=None, show_progress="hidden"
+        ).then(on_finished, [job_id], [message, preview, *results, gallery, gallery_runs], show_progress="hidden")
+        stop.click(on_stop, [job_id], [message], concurrency_limit=None, show_progress="hidden")
+        gallery.select(on_reopen, [gallery_runs], [message, progress, preview, *results, *form, gallery, gallery_runs])
+        demo.load(refresh_gallery, None, [gallery, gallery_runs])
+    return demo
+
+
+def _saved_config(run_dir: Path) -> RunConfig | None:
+    try:
+        return rundir.load_run_config(run_dir)
+    except USER_ERRORS:
+        return None
+
+
+def launch(settings: WebSettings, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
+    """Serves the page until interrupted."""
+    runs = RunsFolder(Path(settings.out))
+    runs.root.mkdir(parents=True, exist_ok=True)
+    demo = build_app(settings, JobQueue(USER_ERRORS), runs)
+    demo.queue(default_concurrency_limit=None).launch(
+        server_name=host, server_port=port, share=share, theme=THEME, ssr_mode=False,
+        allowed_paths=[str(runs.root)], app_kwargs={"routes": [download_route(runs)]},
+    )

@@ -1,0 +1,95 @@
+"""The page's form as config: its choices and defaults come from dream3d.config, and its
+values become a RunConfig through the same ``build_config`` the CLI uses.
+
+Advanced settings are found in the chosen guidance rule's config section by name, so a
+rule that adds e.g. ``particles`` gets the field without a change here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from dream3d.config import GUIDANCES, ConfigError, RunConfig, build_config, parse_overrides
+
+GUIDANCE_SCALE_NAMES = ("guidance_scale",)
+PARTICLE_NAMES = ("particles", "num_particles", "n_particles")
+
+
+@dataclass
+class FormValues:
+    """One submission of the form; None or "" means the config's default (the page sends None for an empty box)."""
+
+    prompt: str | None
+    prior: str
+    guidance: str
+    representation: str
+    steps: int | None = None
+    seed: int | None = None
+    resolution: str | None = None  # YAML: 64 or [32, 64]
+    guidance_scale: float | None = None
+    lr_scale: float | None = None
+    particles: int | None = None
+    overrides: str | None = None  # key=value lines, as on the command line
+
+
+def guidance_setting(guidance: str, names: tuple[str, ...]) -> str | None:
+    """Dotted config path of the first of ``names`` in guidance's section, e.g. "sds.guidance_scale"."""
+    section = RunConfig.model_fields.get(guidance)
+    fields = getattr(section.annotation, "model_fields", {}) if section else {}
+    return next((f"{guidance}.{name}" for name in names if name in fields), None)
+
+
+def any_guidance_has(names: tuple[str, ...]) -> bool:
+    return any(guidance_setting(g, names) for g in GUIDANCES)
+
+
+def defaults(base: dict[str, Any]) -> RunConfig:
+    """The config the page starts from: RunConfig's defaults under the ``base`` layer."""
+    return build_config({"prompt": "a red cube"}, base)
+
+
+def resolution_text(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.resolution, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_prompt_chars: int) -> RunConfig:
+    """Validates a submission into a RunConfig writing under ``out``; raises ConfigError in one line."""
+    prompt = (values.prompt or "").strip()
+    if len(prompt) > max_prompt_chars:
+        raise ConfigError(f"the prompt is {len(prompt)} characters long; the limit is {max_prompt_chars}")
+    layer: dict[str, Any] = {
+        "prompt": prompt, "prior": values.prior, "guidance": values.guidance, "representation": values.representation,
+    }
+    for key in ("steps", "seed"):
+        if getattr(values, key) is not None:
+            layer[key] = int(getattr(values, key))
+    if (values.resolution or "").strip():
+        try:
+            layer["resolution"] = yaml.safe_load(values.resolution)
+        except yaml.YAMLError:
+            raise ConfigError(f"resolution {values.resolution!r} is neither a number nor a list of numbers") from None
+    if values.lr_scale is not None:
+        layer = _set(layer, "optim.lr_scale", float(values.lr_scale))
+    if values.guidance_scale is not None:
+        layer = _set(layer, _guidance_path(values.guidance, GUIDANCE_SCALE_NAMES, "guidance scale"), float(values.guidance_scale))
+    if values.particles is not None:
+        layer = _set(layer, _guidance_path(values.guidance, PARTICLE_NAMES, "particles"), int(values.particles))
+    overrides = parse_overrides([line.strip() for line in (values.overrides or "").splitlines() if line.strip()])
+    # the run folder is the app's: downloads are served from it and from nowhere else
+    return build_config(base, layer, overrides, {"out": out})
+
+
+def _guidance_path(guidance: str, names: tuple[str, ...], what: str) -> str:
+    path = guidance_setting(guidance, names)
+    if path is None:
+        raise ConfigError(f"guidance {guidance!r} takes no {what}")
+    return path
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``tree`` with ``value`` at the dotted path."""
+    head, _, rest = dotted.partition(".")
+    return {**tree, head: _set(tree.get(head, {}), rest, value) if rest else value}

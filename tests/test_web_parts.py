@@ -1,0 +1,145 @@
+"""The web app's parts without a browser: form -> config, the runs folder, the job queue."""
+
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from dream3d import api, cli
+from dream3d.cli import USER_ERRORS
+from dream3d.config import ConfigError, build_config
+from dream3d.web.form import FormValues, config_from_form, defaults, guidance_setting, resolution_text
+from dream3d.web.jobs import JobQueue, run_and_export
+from dream3d.web.runs import RunsFolder, obj_zip
+
+
+def _form(**values) -> FormValues:
+    return FormValues(**{"prompt": "a red cube", "prior": "toy", "guidance": "sds", "representation": "nerf", **values})
+
+
+def test_form_becomes_the_cli_config(tmp_path):
+    values = _form(steps=7, seed=3, resolution="[16, 32]", guidance_scale=5.0, lr_scale=0.5, overrides="sds.weighting=uniform")
+    cfg = config_from_form(values, {"resolution_milestones": [3]}, str(tmp_path), max_prompt_chars=50)
+    expected = build_config({
+        "prompt": "a red cube", "prior": "toy", "steps": 7, "seed": 3, "resolution": [16, 32], "resolution_milestones": [3],
+        "sds": {"guidance_scale": 5.0, "weighting": "uniform"}, "optim": {"lr_scale": 0.5}, "out": str(tmp_path),
+    })
+    assert cfg == expected
+
+
+def test_form_keeps_runs_in_the_app_folder(tmp_path):
+    cfg = config_from_form(_form(overrides="out=/elsewhere"), {}, str(tmp_path), max_prompt_chars=50)
+    assert cfg.out == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(prompt="a red cube " * 5), "the prompt is 54 characters long; the limit is 20"),
+        (dict(steps=0), "steps: Input should be greater than 0"),
+        (dict(resolution="[16"), "resolution '[16' is neither a number nor a list of numbers"),
+        (dict(particles=4), "guidance 'sds' takes no particles"),
+        (dict(overrides="sds.nope=1"), "sds.nope: unknown key"),
+    ],
+)
+def test_bad_form_is_one_line(tmp_path, values, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_form(_form(**values), {}, str(tmp_path), max_prompt_chars=20)
+    assert str(error.value) == message
+
+
+def test_advanced_fields_come_from_the_guidance_section():
+    assert guidance_setting("sds", ("guidance_scale",)) == "sds.guidance_scale"
+    assert guidance_setting("sds", ("particles", "num_particles")) is None
+    assert resolution_text(defaults({})) == "[32, 64]"
+    assert resolution_text(defaults({"resolution": 48})) == "48"
+
+
+def test_runs_folder_serves_only_its_own_files(tmp_path):
+    runs = RunsFolder(tmp_path / "runs")
+    inside = tmp_path / "runs" / "a-run" / "export" / "model.glb"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"glb")
+    (tmp_path / "secret.txt").write_text("no")
+    (tmp_path / "runs" / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "runs" / "a-run" / "export" / ".model.x.tmp.glb").write_bytes(b"half")
+    assert runs.resolve("a-run/export/model.glb") == inside.resolve()
+    assert runs.url(inside) == "/download/a-run/export/model.glb"
+    for outside in ("../secret.txt", str(tmp_path / "secret.txt"), "link.txt", "a-run/export/.model.x.tmp.glb", "a-run", ""):
+        assert runs.resolve(outside) is None, outside
+
+
+def test_obj_zip_holds_the_obj_and_its_material(tmp_path):
+    (tmp_path / "model.obj").write_text("mtllib material.mtl\nv 0 0 0\n")
+    (tmp_path / "material.mtl").write_text("newmtl m\nmap_Kd -s 1 1 1 texture.png\n")
+    (tmp_path / "texture.png").write_bytes(b"png")
+    with zipfile.ZipFile(obj_zip(tmp_path / "model.obj")) as archive:
+        assert sorted(archive.namelist()) == ["material.mtl", "model.obj", "texture.png"]
+        assert archive.read("model.obj").startswith(b"mtllib")
+
+
+def test_two_jobs_run_one_after_the_other():
+    spans: dict[str, tuple[float, float]] = {}
+    release = threading.Event()
+
+    def runner(cfg, on_event, should_stop):
+        began = time.monotonic()
+        release.wait(5)
+        spans[cfg.prompt] = (began, time.monotonic())
+        return api.Result(Path(cfg.prompt))
+
+    jobs = JobQueue(USER_ERRORS, runner)
+    first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
+    assert jobs.snapshot(second).state == "waiting" and jobs.snapshot(second).position == 1
+    release.set()
+    assert first.finished.wait(5) and second.finished.wait(5)
+    assert (first.state, second.state) == ("done", "done")
+    assert spans["first"][1] <= spans["second"][0]
+
+
+def test_user_errors_become_a_jobs_message_and_bugs_a_generic_one():
+    def runner(cfg, on_event, should_stop):
+        if cfg.prompt == "bad":
+            raise ConfigError("one line")
+        raise KeyError("boom")
+
+    jobs = JobQueue(USER_ERRORS, runner)
+    bad, bug = jobs.submit(build_config({"prompt": "bad"})), jobs.submit(build_config({"prompt": "bug"}))
+    assert bad.finished.wait(5) and bug.finished.wait(5)
+    assert (bad.state, bad.error) == ("failed", "one line")
+    assert bug.error == "internal error (KeyError); see the server log"
+
+
+def test_stop_ends_the_run_and_exports_what_it_reached(tiny):
+    def runner(cfg, on_event, should_stop):
+        def stop_at_step_three(event):
+            on_event(event)
+            if event.kind == "step" and event.step == 3:
+                jobs.stop(job.id)
+
+        return run_and_export(cfg, stop_at_step_three, should_stop)
+
+    jobs = JobQueue(USER_ERRORS, runner)
+    job = jobs.submit(build_config(tiny, {"prompt": "a red cube", "steps": 200}))
+    assert job.finished.wait(120)
+    assert job.state == "stopped", job.error
+    view = RunsFolder(Path(tiny["out"])).view(job.result.run_dir)
+    assert view.summary["stopped"] is True and view.summary["steps"] == 3
+    assert {"glb", "video", "obj_zip"} <= set(view.files)
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [("steps: [", "does not parse as YAML"), ("nope: 1", "nope: unknown key"), ("steps: 0", "steps: Input should be greater than 0")],
+)
+def test_web_with_a_bad_config_fails_in_one_line_before_serving(monkeypatch, capsys, tmp_path, config_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(config_text)
+    monkeypatch.setattr(sys, "argv", ["dream3d", "web", "--config", str(config), "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and message in err and len(err.splitlines()) == 1
