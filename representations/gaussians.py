@@ -67,6 +67,12 @@ class GaussiansConfig(BaseModel):
     near_plane: float = 0.01
     eps2d: float = 0.3
     raster_chunk: int = 4096  # pixels composited at once on CPU (memory knob)
+    # std (world units) of a Gaussian blur applied to the density field (not to renders): converged
+    # splats are often thinner than a 128^3 mesh grid's spacing (0.016), and a grid that steps
+    # over them misses their optical depth and puts the surface too deep (Mip-Splatting's 3D
+    # filter, for the same reason). Mesh-vs-render IoU on two toy runs, filter 0 / 0.0125 / 0.02
+    # / 0.03: red sphere 0.76 / 0.94 / 0.98 / -, green cube 0.54 / 0.86 / 0.96 / 0.96.
+    field_filter: float = 0.02
     field_chunk: int = 2048  # points per chunk in density()/albedo(), in Morton order (about a 13^3 grid block)
 
 
@@ -248,7 +254,7 @@ class Gaussians(torch.nn.Module):
         further than 3 sigma (largest axis) from a chunk's bounding box are skipped.
         """
         means = self.params["means"].detach()
-        scales = self.scales.detach()
+        scales = (self.scales.detach().square() + self.cfg.field_filter**2).sqrt()
         opac = self.opacities.detach().clamp_max(0.95)
         peak = -torch.log1p(-opac) / (math.sqrt(2 * math.pi) * scales.amin(-1))
         precision = torch.linalg.inv(quat_scale_to_covar(self.params["quats"].detach(), scales))

@@ -350,3 +350,24 @@ def test_density_does_not_depend_on_the_order_of_points():
     perm = torch.randperm(len(points), generator=torch.Generator().manual_seed(2))
     assert torch.allclose(model.density(points)[perm], model.density(points[perm]), rtol=1e-4, atol=1e-6)
     assert torch.allclose(model.albedo(points)[perm], model.albedo(points[perm]), atol=1e-4)
+
+
+def test_field_filter_keeps_the_mesh_of_thin_splats_at_the_rendered_surface(tmp_path):
+    """Splats thinner than the mesh grid's spacing (a converged shell) still mesh to what they render."""
+    from dream3d.evaluate import mesh_iou
+    from representations.mesh import extract_mesh
+
+    n = 3000
+    k = torch.arange(n) + 0.5
+    z, phi = 1 - 2 * k / n, math.pi * (1 + 5**0.5) * k  # a Fibonacci sphere of radius 0.45
+    shell = 0.45 * torch.stack([(1 - z**2).sqrt() * phi.cos(), (1 - z**2).sqrt() * phi.sin(), z], -1)
+    model = Gaussians(GaussiansConfig(num_points=n, init_radius=0.1))
+    with torch.no_grad():
+        model.params["means"].copy_(shell)
+        model.params["scales"].fill_(math.log(0.008))  # the 64^3 grid below has spacing 0.032
+        model.params["opacities"].fill_(4.0)
+    scores = {}
+    for field_filter in (0.0, 0.02):
+        model.cfg.field_filter = field_filter
+        scores[field_filter] = mesh_iou(extract_mesh(model.density, model.albedo, resolution=64), model, torch.ones(3))
+    assert scores[0.02] >= 0.9 and scores[0.02] > scores[0.0], scores
