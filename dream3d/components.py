@@ -41,7 +41,7 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
     if cfg.guidance in ("vsd", "esd"):
         from guidance.vsd import VSDGuidance
 
-        return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance)
+        return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance, cfg.seed)
     return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
 
 

@@ -82,9 +82,10 @@ def camera_condition(cameras: Cameras) -> Tensor:
 
 
 class VSDGuidance(DistillationRule):
-    """VSD/ESD on a prior with a diffusers UNet (``prior.unet``); refuses closed-form priors."""
+    """VSD/ESD on a prior with a diffusers UNet (``prior.unet``); refuses closed-form priors.
+    ``seed`` initialises the camera MLP (the global generator is left untouched)."""
 
-    def __init__(self, prior: Prior, cfg: VSDConfig, rule: str = "vsd") -> None:
+    def __init__(self, prior: Prior, cfg: VSDConfig, rule: str = "vsd", seed: int = 0) -> None:
         super().__init__(prior, cfg)
         unet = prior.unet
         if unet is None or not hasattr(unet, "class_embedding"):
@@ -102,8 +103,10 @@ class VSDGuidance(DistillationRule):
             p.data = p.data.float()
             p.requires_grad_(True)
         self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
-        self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features).to(
-            reference.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
+        self.camera_embedding.to(reference.device)
         self.optimizer = torch.optim.AdamW([*self.lora, *self.camera_embedding.parameters()], lr=cfg.lora_lr,
                                            betas=cfg.lora_betas, eps=cfg.lora_eps)
         self.prediction_type = getattr(prior, "prediction_type", "epsilon")
