@@ -15,7 +15,7 @@ from dream3d.loop import RunInterrupted
 from guidance.vsd import VSDConfig, VSDGuidance, camera_condition
 from tests.test_guidance_rules import TINY_FLAGS, cameras
 from tests.test_run import metrics
-from tests.tiny_diffusers import build_tiny_sd
+from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -23,7 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"sd": build_tiny_sd(root / "sd"), "sd-v": build_tiny_sd(root / "sd-v", prediction_type="v_prediction")}
+    return {"sd": build_tiny_sd(root / "sd"), "sd-v": build_tiny_sd(root / "sd-v", prediction_type="v_prediction"),
+            "if": build_tiny_if(root / "if")}
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +32,8 @@ def embedding_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
 
 
-def load(model, **config):
-    return build_prior(build_config({"prompt": "a cat", "prior": "sd", "model": str(model), **config}))
+def load(model, prior="sd"):
+    return build_prior(build_config({"prompt": "a cat", "prior": prior, "model": str(model)}))
 
 
 def perturb_lora(guidance, seed=0):
@@ -103,16 +104,18 @@ def test_lora_shares_the_frozen_prior_and_is_off_for_its_pass(models):
     assert prior.unet.class_embedding is None
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd-v"])
+@pytest.mark.parametrize("kind", ["sd", "sd-v", "if"])
 def test_lora_loss_decreases_on_a_fixed_image(models, kind):
-    prior = load(models[kind])
-    guidance = VSDGuidance(prior, VSDConfig(lora_lr=1e-2, camera_dropout=0.0))
+    """Epsilon and v targets, and IF's learned-variance UNet (epsilon in its first 3 channels)."""
+    prior = load(models[kind], "if" if kind == "if" else "sd")
+    guidance = VSDGuidance(prior, VSDConfig(lora_lr=3e-2, camera_dropout=0.0))
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 4, 8, 8, generator=gen)
+    channels = 3 if kind == "if" else 4
+    x0 = torch.randn(1, channels, 8, 8, generator=gen)
     cams = cameras(1)
     e = prior.embed("a cat")
     probe_t = torch.linspace(50, 950, 8).long()
-    probe_noise = torch.randn(8, 4, 8, 8, generator=gen)
+    probe_noise = torch.randn(8, channels, 8, 8, generator=gen)
 
     def probe():
         with torch.no_grad():
@@ -122,8 +125,8 @@ def test_lora_loss_decreases_on_a_fixed_image(models, kind):
     start = probe()
     for _ in range(60):
         guidance.train_fake_score(x0, e, cams, gen)
-    # a random tiny UNet adapted only in its attention fits slowly (about -0.04 over 60 steps across seeds)
-    assert probe() < start - 0.02
+    # a random tiny UNet adapted only in its attention fits slowly: 4-7% lower after 60 steps here
+    assert probe() < 0.97 * start
 
 
 def test_state_dict_round_trip(models):
