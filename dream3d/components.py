@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from dream3d.config import RunConfig
-from guidance.priors.base import Prior
 from guidance.csd import CSDGuidance
 from guidance.ism import ISMGuidance
+from guidance.priors.base import Prior
 from guidance.sds import SDSGuidance
 from representations.gaussians import Gaussians
 from representations.nerf import NeRF

@@ -14,11 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dream3d.sampling import CameraConfig
+from guidance.csd import CSDConfig
+from guidance.ism import ISMConfig
 from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
 from guidance.schedule import CheckedSchedule
-from guidance.csd import CSDConfig
-from guidance.ism import ISMConfig
 from guidance.sds import SDSConfig
 from guidance.vsd import ESDConfig, VSDConfig
 from representations.gaussians import GaussiansConfig

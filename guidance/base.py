@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 
 from guidance.priors.base import Embeddings, Prior
@@ -44,7 +45,7 @@ class DistillationRule(torch.nn.Module):
     Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None).
     """
 
-    def __init__(self, prior: Prior, cfg) -> None:
+    def __init__(self, prior: Prior, cfg: BaseModel) -> None:
         super().__init__()
         self.prior = prior
         self.cfg = cfg

@@ -157,6 +157,15 @@ def test_vsd_and_esd_refused_with_closed_form_priors(rule, monkeypatch, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rule", ["csd", "ism"])
+def test_negative_prompt_the_prior_cannot_take_fails_before_the_run_folder(rule, monkeypatch, capsys, tmp_path):
+    out = tmp_path / "runs"
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--guidance", rule, "--prior", "toy", "--out", out,
+                          f"{rule}.negative_prompt=ugly")
+    assert status == 1 and len(err.splitlines()) == 1 and "does not know 'ugly'" in err
+    assert not out.exists()
+
+
 def test_vsd_refused_by_the_rule_itself_without_a_unet():
     from guidance.vsd import VSDConfig, VSDGuidance
 
