@@ -23,6 +23,9 @@ from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
 
+# sds_weight and timestep_range now live in guidance.diffusion (shared by every rule); re-exported here
+__all__ = ["SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
+
 
 class SDSConfig(BaseModel):
     """SDS settings. ``guidance_scale`` None means the prior's recommended scale (100 for SD, 20 for IF)."""
@@ -36,9 +39,6 @@ class SDSConfig(BaseModel):
     sqrt_anneal: bool = False
     grad_clip: CheckedSchedule | None = None
     perp_neg: bool = False
-
-
-__all__ = ["SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
 
 
 class SDSGuidance(DistillationRule):
