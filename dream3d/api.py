@@ -19,7 +19,7 @@ import torch
 import trimesh
 
 from dream3d import rundir
-from dream3d.components import build_prior, build_representation
+from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
@@ -47,8 +47,9 @@ def run(
     prior = build_prior(cfg)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
+    guidance = build_guidance(cfg, prior)  # e.g. a negative prompt the prior cannot take fails here
     run_dir = rundir.create_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, prior, representation)
+    trainer = Trainer(cfg, run_dir, prior, representation, guidance)
     return _train_and_export(trainer, on_event, should_stop, export_on_stop)
 
 

@@ -85,7 +85,7 @@ def run(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform"),
     prior: Optional[str] = typer.Option(None, help="toy-mv | toy | sd | if"),
     model: Optional[str] = typer.Option(None, help="sd/if: a Hugging Face hub id or a local diffusers folder."),
-    guidance: Optional[str] = typer.Option(None, help="sds"),
+    guidance: Optional[str] = typer.Option(None, help="sds | csd | ism | vsd | esd"),
     representation: Optional[str] = typer.Option(None, help="nerf | gaussians"),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
     seed: Optional[int] = typer.Option(None),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from dream3d.config import RunConfig
+from guidance.csd import CSDGuidance
+from guidance.ism import ISMGuidance
 from guidance.priors.base import Prior
 from guidance.sds import SDSGuidance
 from representations.gaussians import Gaussians
@@ -31,6 +33,15 @@ def build_prior(cfg: RunConfig) -> Prior:
 
 
 def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
+    """The rule ``cfg.guidance`` with its config section; raises GuidanceError/PriorError in one line."""
+    if cfg.guidance == "csd":
+        return CSDGuidance(prior, cfg.csd)
+    if cfg.guidance == "ism":
+        return ISMGuidance(prior, cfg.ism)
+    if cfg.guidance in ("vsd", "esd"):
+        from guidance.vsd import VSDGuidance
+
+        return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance, cfg.seed)
     return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
 
 

@@ -14,15 +14,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dream3d.sampling import CameraConfig
+from guidance.csd import CSDConfig
+from guidance.ism import ISMConfig
 from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
 from guidance.schedule import CheckedSchedule
 from guidance.sds import SDSConfig
+from guidance.vsd import ESDConfig, VSDConfig
 from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 
 PRIORS = ("toy", "toy-mv", "sd", "if")
-GUIDANCES = ("sds",)
+GUIDANCES = ("sds", "csd", "ism", "vsd", "esd")
+# priors without a diffusion network (closed-form denoisers): nothing for VSD/ESD's LoRA to attach to
+CLOSED_FORM_PRIORS = ("toy", "toy-mv")
+UNET_GUIDANCES = ("vsd", "esd")
 REPRESENTATIONS = ("nerf", "gaussians")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 
@@ -95,6 +101,10 @@ class RunConfig(_Section):
     nerf: NeRFConfig = NeRFConfig()
     gaussians: GaussiansConfig = GaussiansConfig()
     sds: SDSConfig = SDSConfig()
+    csd: CSDConfig = CSDConfig()
+    ism: ISMConfig = ISMConfig()
+    vsd: VSDConfig = VSDConfig()
+    esd: ESDConfig = ESDConfig()
     prompts: PromptConfig = PromptConfig()
     diffusers: DiffusersConfig = DiffusersConfig()
     loss: LossConfig = LossConfig()
@@ -144,6 +154,14 @@ class RunConfig(_Section):
     def _model(self) -> "RunConfig":
         if self.model is not None and self.prior not in ("sd", "if"):
             raise ValueError(f"--model applies to the sd and if priors, not {self.prior!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _guidance_needs_unet(self) -> "RunConfig":
+        if self.guidance in UNET_GUIDANCES and self.prior in CLOSED_FORM_PRIORS:
+            works = ", ".join(p for p in PRIORS if p not in CLOSED_FORM_PRIORS)
+            raise ValueError(f"guidance {self.guidance} trains a LoRA on the prior's UNet, and prior {self.prior} is "
+                             f"closed-form (no UNet); use one of the priors {works}")
         return self
 
     @model_validator(mode="after")

@@ -62,7 +62,8 @@ class Trainer:
     """Holds one run's state: representation, guidance, optimizers, generator, step counters."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: torch.nn.Module | None = None
+        self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: torch.nn.Module | None = None,
+        guidance: torch.nn.Module | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
@@ -71,7 +72,7 @@ class Trainer:
         self.prior = prior if prior is not None else build_prior(cfg)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
         self.representation = representation if representation is not None else build_representation(cfg)
-        self.guidance = build_guidance(cfg, self.prior)
+        self.guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
         self.optimizers = self._build_optimizers()
         self.background = torch.tensor(cfg.background)
         self.step = 0

@@ -1,11 +1,16 @@
-"""What every guidance rule returns, and the one surrogate-loss convention they share."""
+"""What every guidance rule returns, the one surrogate-loss convention they share, and their common pipeline."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
+
+from guidance.priors.base import Embeddings, Prior
+from guidance.schedule import evaluate
+from representations.cameras import Cameras
 
 
 @dataclass
@@ -31,3 +36,34 @@ def clean_gradient(grad: Tensor, clip: float | None) -> Tensor:
     """nan_to_num, then an optional symmetric clamp, as every reference implementation does."""
     grad = torch.nan_to_num(grad)
     return grad if clip is None else grad.clamp(-clip, clip)
+
+
+class DistillationRule(torch.nn.Module):
+    """The shared pipeline of guidance-math.md section 12: encode, the rule's push-gradient g,
+    nan_to_num and clip, an optional rescaling (``finish``), and the surrogate loss (d loss / d x = g / B).
+
+    Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None).
+    """
+
+    def __init__(self, prior: Prior, cfg: BaseModel) -> None:
+        super().__init__()
+        self.prior = prior
+        self.cfg = cfg
+
+    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
+                 ) -> tuple[Tensor, dict[str, float]]:
+        """g [B,C,h,w] for prior inputs x [B,C,h,w] (before nan/clip handling), and the floats to log."""
+        raise NotImplementedError
+
+    def finish(self, grad: Tensor) -> Tensor:
+        """The cleaned g, rescaled as the rule needs (CSD's normalisation); identity by default."""
+        return grad
+
+    def forward(self, rgb: Tensor, prompt: str, cameras: Cameras, step: int, generator: torch.Generator
+                ) -> GuidanceOutput:
+        """rgb [B,H,W,3] in [0,1] -> the surrogate loss (d loss / d x = g / B) and the logged floats."""
+        x = self.prior.encode(rgb.permute(0, 3, 1, 2))
+        grad, info = self.gradient(x, self.prior.embed(prompt), cameras, step, generator)
+        clip = None if self.cfg.grad_clip is None else evaluate(self.cfg.grad_clip, step)
+        grad = self.finish(clean_gradient(grad, clip))
+        return GuidanceOutput(loss=surrogate_loss(x, grad), info={**info, "grad_norm": float(grad.norm())})

@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from guidance.base import GuidanceError
+from guidance.diffusion import batch_of, predict_each
+from guidance.priors.base import Embeddings, Prior
 from guidance.prompts import BACK, FRONT, OVERHEAD, SIDE, shift_azimuth, view_index
+from representations.cameras import Cameras
 
 # f(r) = a exp(-b r) + c: the weight of each negative as a function of the interpolation ratio
 F_FS = (4.0, 0.5, -2.426)
@@ -72,3 +76,15 @@ def perp_neg_combine(eps_pos: Tensor, eps_uncond: Tensor, eps_negatives: Tensor,
         accum = accum + weights[:, i].view((-1,) + (1,) * (e_pos.dim() - 1)) * perpendicular_component(e_i, e_pos)
     return eps_uncond + omega * (e_pos + accum)
 
+
+
+def perp_neg_noise(prior: Prior, x_t: Tensor, t: Tensor, embeddings: Embeddings, cameras: Cameras, omega: float,
+                   rule: str) -> Tensor:
+    """Perp-Neg's eps_hat [B,C,h,w] for x_t [B,C,h,w] (4 prior evaluations per item); ``rule`` names the caller in errors."""
+    if embeddings.views is None:
+        raise GuidanceError(f"{rule}.perp_neg needs a prior with view-dependent prompts; {prior.name} has none")
+    pos, negatives, weights = perp_neg_embeddings(embeddings.views, embeddings.uncond, cameras.elevation, cameras.azimuth)
+    eps_pos, eps_u, eps_n0, eps_n1 = predict_each(
+        prior, x_t, t, [pos, batch_of(embeddings.uncond, len(x_t)), negatives[:, 0], negatives[:, 1]], cameras
+    )
+    return perp_neg_combine(eps_pos, eps_u, torch.stack([eps_n0, eps_n1], 1), weights, omega)

@@ -8,18 +8,23 @@ convention with the same omega, as threestudio does).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from guidance.base import GuidanceError, GuidanceOutput, clean_gradient, surrogate_loss
-from guidance.perp_neg import perp_neg_combine, perp_neg_embeddings
+from guidance.base import DistillationRule
+from guidance.diffusion import (
+    add_noise, alpha_bar, batch_of, cfg_df, forward_noise, predict_each, sample_timesteps, sds_weight, timestep_range,
+)
+from guidance.perp_neg import perp_neg_noise
 from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
+
+# sds_weight and timestep_range now live in guidance.diffusion (shared by every rule); re-exported here
+__all__ = ["SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
 
 
 class SDSConfig(BaseModel):
@@ -36,93 +41,39 @@ class SDSConfig(BaseModel):
     perp_neg: bool = False
 
 
-def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:
-    """w(t) for a batch of cumulative alphas [B]: sigma^2, 1, or alpha * sigma^2."""
-    if weighting == "sds":
-        return 1 - alphas_cumprod_t
-    if weighting == "uniform":
-        return torch.ones_like(alphas_cumprod_t)
-    return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)
-
-
-def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: int) -> tuple[int, int]:
-    """threestudio's integer bounds: min_step = int(T * min%), max_step = int(T * max%)."""
-    return int(num_train_timesteps * min_percent), int(num_train_timesteps * max_percent)
-
-
-class SDSGuidance(torch.nn.Module):
+class SDSGuidance(DistillationRule):
     """SDS on a frozen prior. ``max_steps`` is the run length, needed only by ``sqrt_anneal``."""
 
     def __init__(self, prior: Prior, cfg: SDSConfig, max_steps: int, default_guidance_scale: float) -> None:
-        super().__init__()
-        self.prior = prior
-        self.cfg = cfg
+        super().__init__(prior, cfg)
         self.max_steps = max_steps
         self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else default_guidance_scale
 
     def sample_timesteps(self, batch: int, step: int, generator: torch.Generator) -> Tensor:
         """t [B]: uniform in [min_step, max_step] per item, or HiFA's deterministic sqrt annealing."""
-        lo, hi = timestep_range(
-            evaluate(self.cfg.min_step_percent, step), evaluate(self.cfg.max_step_percent, step),
-            self.prior.num_train_timesteps,
-        )
-        if self.cfg.sqrt_anneal:
-            t = hi - (hi - lo) * math.sqrt(min(step / self.max_steps, 1.0))
-            return torch.full((batch,), int(t), dtype=torch.long)
-        return torch.randint(lo, hi + 1, (batch,), generator=generator)
+        progress = min(step / self.max_steps, 1.0) if self.cfg.sqrt_anneal else None
+        return sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                                batch, step, generator, progress)
 
     def push_gradient(
         self, x: Tensor, t: Tensor, noise: Tensor, embeddings: Embeddings, cameras: Cameras, step: int
     ) -> Tensor:
         """g [B,C,h,w] for prior inputs x at timesteps t [B] with forward noise ``noise`` (before nan/clip handling)."""
-        abar = self.prior.alphas_cumprod[t].to(x.device).view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * x.detach() + (1 - abar).sqrt() * noise
+        abar = alpha_bar(self.prior, t, x.device)
+        x_t = add_noise(x, noise, abar)
         omega = evaluate(self.guidance_scale, step)
         with torch.no_grad():
             if self.cfg.perp_neg:
-                eps_hat = self.perp_neg_noise(x_t, t, embeddings, cameras, omega)
+                eps_hat = perp_neg_noise(self.prior, x_t, t, embeddings, cameras, omega, "sds")
             else:
                 cond, uncond = predict_each(self.prior, x_t, t, [
-                    embeddings.conditional(cameras), embeddings.uncond.expand(len(x), *embeddings.uncond.shape)
+                    embeddings.conditional(cameras), batch_of(embeddings.uncond, len(x))
                 ], cameras)
-                eps_hat = cond + omega * (cond - uncond)
+                eps_hat = cfg_df(cond, uncond, omega)
         return sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
 
-    def perp_neg_noise(self, x_t: Tensor, t: Tensor, embeddings: Embeddings, cameras: Cameras, omega: float) -> Tensor:
-        """Perp-Neg's eps_hat [B,C,h,w] (4 UNet evaluations per item)."""
-        if embeddings.views is None:
-            raise GuidanceError(f"sds.perp_neg needs a prior with view-dependent prompts; {self.prior.name} has none")
-        pos, negatives, weights = perp_neg_embeddings(
-            embeddings.views, embeddings.uncond, cameras.elevation, cameras.azimuth
-        )
-        uncond = embeddings.uncond.expand(len(x_t), *embeddings.uncond.shape)
-        eps_pos, eps_u, eps_n0, eps_n1 = predict_each(
-            self.prior, x_t, t, [pos, uncond, negatives[:, 0], negatives[:, 1]], cameras
-        )
-        return perp_neg_combine(eps_pos, eps_u, torch.stack([eps_n0, eps_n1], 1), weights, omega)
-
-    def forward(self, rgb: Tensor, prompt: str, cameras: Cameras, step: int, generator: torch.Generator) -> GuidanceOutput:
-        """rgb [B,H,W,3] in [0,1] -> the SDS surrogate loss (d loss / d x = g / B)."""
-        x = self.prior.encode(rgb.permute(0, 3, 1, 2))
-        B = x.shape[0]
-        t = self.sample_timesteps(B, step, generator)
-        # drawn on the CPU generator (checkpointed with the run), then moved to the prior's device
-        noise = torch.randn(x.shape, generator=generator).to(x.device)
-        grad = self.push_gradient(x, t, noise, self.prior.embed(prompt), cameras, step)
-        clip = None if self.cfg.grad_clip is None else evaluate(self.cfg.grad_clip, step)
-        grad = clean_gradient(grad, clip)
-        return GuidanceOutput(
-            loss=surrogate_loss(x, grad),
-            info={"t": float(t.float().mean()), "grad_norm": float(grad.norm())},
-        )
-
-
-def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor], cameras: Cameras | None
-                 ) -> list[Tensor]:
-    """The prior's epsilon [B,C,h,w] for x_t [B,C,h,w] under each of K embeddings [B, ...], in one batch of K*B."""
-    k = len(embeddings)
-    eps = prior.predict_noise(
-        torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(embeddings),
-        None if cameras is None else Cameras.cat([cameras] * k),
-    )
-    return list(eps.chunk(k))
+    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
+                 ) -> tuple[Tensor, dict[str, float]]:
+        t = self.sample_timesteps(x.shape[0], step, generator)
+        noise = forward_noise(x, generator)
+        return self.push_gradient(x, t, noise, embeddings, cameras, step), {"t": float(t.float().mean())}

@@ -1,0 +1,82 @@
+"""The diffusion arithmetic every rule shares (guidance-math.md section 0).
+
+Timestep ranges and sampling, forward noising, the weights w(t), batched prior calls,
+and the two classifier-free-guidance conventions, which stay two named functions so
+that no rule mixes them up: omega_DF = omega_DIFF - 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from guidance.priors.base import Prior
+from guidance.schedule import Schedule, evaluate
+from representations.cameras import Cameras
+
+
+def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: int) -> tuple[int, int]:
+    """threestudio's integer bounds: min_step = int(T * min%), max_step = int(T * max%)."""
+    return int(num_train_timesteps * min_percent), int(num_train_timesteps * max_percent)
+
+
+def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_timesteps: int, batch: int, step: int,
+                     generator: torch.Generator, sqrt_anneal_progress: float | None = None) -> Tensor:
+    """t [B] long: uniform in [min_step, max_step] per item, or with ``sqrt_anneal_progress`` p in [0, 1]
+    HiFA's deterministic t = max - (max - min) sqrt(p) for the whole batch."""
+    lo, hi = timestep_range(evaluate(min_percent, step), evaluate(max_percent, step), num_train_timesteps)
+    if sqrt_anneal_progress is not None:
+        return torch.full((batch,), int(hi - (hi - lo) * math.sqrt(sqrt_anneal_progress)), dtype=torch.long)
+    return torch.randint(lo, hi + 1, (batch,), generator=generator)
+
+
+def alpha_bar(prior: Prior, t: Tensor, device: torch.device) -> Tensor:
+    """abar_t [B,1,1,1] on ``device`` for integer timesteps t [B]."""
+    return prior.alphas_cumprod[t.cpu()].to(device).view(-1, 1, 1, 1)
+
+
+def add_noise(x: Tensor, noise: Tensor, abar: Tensor) -> Tensor:
+    """x_t = alpha_t x + sigma_t eps for x, noise [B,C,h,w] and abar [B,1,1,1] (x is detached)."""
+    return abar.sqrt() * x.detach() + (1 - abar).sqrt() * noise
+
+
+def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:
+    """w(t) for a batch of cumulative alphas [B]: sigma^2 ("sds"), 1 ("uniform"), or alpha * sigma^2 ("fantasia3d")."""
+    if weighting == "sds":
+        return 1 - alphas_cumprod_t
+    if weighting == "uniform":
+        return torch.ones_like(alphas_cumprod_t)
+    return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)
+
+
+def cfg_df(eps_cond: Tensor, eps_uncond: Tensor, omega: float) -> Tensor:
+    """DreamFusion's convention: eps_y + omega (eps_y - eps_u)."""
+    return eps_cond + omega * (eps_cond - eps_uncond)
+
+
+def cfg_diff(eps_cond: Tensor, eps_uncond: Tensor, omega: float) -> Tensor:
+    """The diffusers convention: eps_u + omega (eps_y - eps_u)."""
+    return eps_uncond + omega * (eps_cond - eps_uncond)
+
+
+def batch_of(embedding: Tensor, batch: int) -> Tensor:
+    """One embedding [...] repeated for a batch: [B, ...] (a view, no copy)."""
+    return embedding.expand(batch, *embedding.shape)
+
+
+def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor], cameras: Cameras | None
+                 ) -> list[Tensor]:
+    """The prior's epsilon [B,C,h,w] for x_t [B,C,h,w] under each of K embeddings [B, ...], in one batch of K*B."""
+    k = len(embeddings)
+    eps = prior.predict_noise(
+        torch.cat([x_t] * k), torch.cat([t] * k), torch.cat(embeddings),
+        None if cameras is None else Cameras.cat([cameras] * k),
+    )
+    return list(eps.chunk(k))
+
+
+def forward_noise(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Fresh eps ~ N(0, I) shaped like x, drawn on the CPU generator (checkpointed with the run) and moved to x's device."""
+    return torch.randn(x.shape, generator=generator).to(x.device)

@@ -1,0 +1,190 @@
+"""Variational Score Distillation (ProlificDreamer; guidance-math.md section 5) and, with lambda < 1,
+Entropic Score Distillation (section 6).
+
+The fake score eps_psi is the prior's own UNet with a LoRA (peft) on every attention
+projection and a camera MLP (c2w, 16 values -> the timestep-embedding width) installed as
+its class embedding. The base weights are the frozen prior's, not a copy: the adapter and
+the camera MLP are switched on only around the fake score's calls. One shared x_t and eps:
+
+    eps_pre = eps_u + omega (eps_y - eps_u)                          (diffusers CFG, omega = 7.5)
+    eps_est = eps_psi(x_t; y, 0) + lambda (eps_psi(x_t; y, c) - eps_psi(x_t; y, 0))
+    g       = w(t) (eps_pre - eps_est),  w = 1 - abar_t
+
+lambda = 1 is VSD, lambda = 0.5 ESD. The fake score is trained in the same step on the
+detached renders (t' ~ U{0..T-1}, v- or epsilon-target as the prior predicts, the camera
+zeroed for the whole batch with probability ``camera_dropout``) by its own AdamW, stepped in
+``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
+backward gives. Keeping the optimizer here (not in the loop) leaves the loop's optimizers to the
+representation and puts the LoRA, the camera MLP and the AdamW state in ``state_dict()``,
+so checkpoints resume exactly; a non-finite LoRA loss skips the LoRA update.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from guidance.base import DistillationRule, GuidanceError
+from guidance.diffusion import (
+    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight,
+)
+from guidance.priors.base import Embeddings, Prior
+from guidance.priors.diffusers_prior import to_epsilon
+from guidance.schedule import CheckedSchedule, evaluate
+from representations.cameras import Cameras
+
+ADAPTER = "dream3d_vsd"
+# the attention projections (self and cross) that diffusers' LoRAAttnProcessor adapts
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CAMERA_DIM = 16
+
+
+class VSDConfig(BaseModel):
+    """VSD settings (threestudio's prolificdreamer.yaml). ``camera_guidance_scale`` is lambda:
+    1 for VSD, < 1 for ESD, which needs ``camera_dropout`` > 0 to train the camera-free branch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    guidance_scale: CheckedSchedule = 7.5
+    camera_guidance_scale: CheckedSchedule = 1.0
+    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
+    min_step_percent: CheckedSchedule = 0.02
+    max_step_percent: CheckedSchedule = [5000.0, 0.98, 0.5, 5001.0]
+    grad_clip: CheckedSchedule | None = None
+    lora_rank: int = Field(4, gt=0)
+    lora_lr: float = Field(1e-4, gt=0)
+    lora_betas: tuple[float, float] = (0.9, 0.99)
+    lora_eps: float = 1e-15
+    camera_dropout: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _camera_free_branch(self) -> "VSDConfig":
+        if self.camera_dropout == 0 and self.camera_guidance_scale != 1.0:
+            raise ValueError("camera_guidance_scale != 1 mixes in the camera-free fake score, "
+                             "which only camera_dropout > 0 trains")
+        return self
+
+
+class ESDConfig(VSDConfig):
+    """ESD is VSD with the fake score's camera-CFG weight lambda < 1 (the 3D-Mode-Collapse README's 0.5)."""
+
+    camera_guidance_scale: CheckedSchedule = 0.5
+
+
+def camera_condition(cameras: Cameras) -> Tensor:
+    """[B, 16]: the flattened camera-to-world matrices (threestudio's "extrinsics" condition)."""
+    return cameras.c2w.reshape(len(cameras), CAMERA_DIM).float()
+
+
+class VSDGuidance(DistillationRule):
+    """VSD/ESD on a prior with a diffusers UNet (``prior.unet``); refuses closed-form priors.
+    ``seed`` initialises the camera MLP (the global generator is left untouched)."""
+
+    def __init__(self, prior: Prior, cfg: VSDConfig, rule: str = "vsd", seed: int = 0) -> None:
+        super().__init__(prior, cfg)
+        unet = prior.unet
+        if unet is None or not hasattr(unet, "class_embedding"):
+            raise GuidanceError(f"guidance {rule} trains a LoRA on the prior's diffusion UNet; prior {prior.name} "
+                                f"has none (use a UNet prior such as sd or if)")
+        from diffusers.models.embeddings import TimestepEmbedding
+        from peft import LoraConfig
+
+        reference = next(unet.parameters())
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS),
+                         adapter_name=ADAPTER)
+        unet.disable_adapters()
+        params = [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name]
+        for p in params:  # trained in float32 even on a half-precision UNet
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
+        self.camera_embedding.to(reference.device)
+        self.optimizer = torch.optim.AdamW([*self.lora, *self.camera_embedding.parameters()], lr=cfg.lora_lr,
+                                           betas=cfg.lora_betas, eps=cfg.lora_eps)
+        self.prediction_type = getattr(prior, "prediction_type", "epsilon")
+
+    # -- checkpoint: the AdamW state travels with the LoRA in state_dict() ------------
+    def get_extra_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- the fake score -------------------------------------------------------------
+    @contextmanager
+    def fake_score(self) -> Iterator[torch.nn.Module]:
+        """The prior's UNet with the LoRA and the camera MLP on; back to the plain prior on exit."""
+        unet = self.prior.unet
+        unet.enable_adapters()
+        unet.class_embedding = self.camera_embedding
+        try:
+            yield unet
+        finally:
+            unet.class_embedding = None
+            unet.disable_adapters()
+
+    def fake_output(self, x_t: Tensor, t: Tensor, states: Tensor, camera: Tensor) -> Tensor:
+        """The fake score's raw output (the prior's prediction type) [B,C,h,w] float32 for x_t [B,C,h,w],
+        t [B], text states [B, ...] and camera conditions [B, 16] (zeros: no camera)."""
+        reference = next(self.prior.unet.parameters())
+        with self.fake_score() as unet:
+            out = unet(x_t.to(reference.device, reference.dtype), t.to(reference.device),
+                       encoder_hidden_states=states.to(reference.device, reference.dtype),
+                       class_labels=camera.to(reference.device)).sample
+        return out[:, : x_t.shape[1]].float()  # a learned-variance UNet's epsilon is its first C channels
+
+    def fake_loss(self, x0: Tensor, states: Tensor, camera: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """mean ||eps_psi(x_t'; y, c) - target||^2 with target v = alpha eps - sigma x0 or eps (the prior's type)."""
+        abar = alpha_bar(self.prior, t, x0.device)
+        output = self.fake_output(add_noise(x0, noise, abar), t, states, camera)
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.prediction_type == "v_prediction" else noise
+        return F.mse_loss(output, target.to(output.device))
+
+    def train_fake_score(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, generator: torch.Generator
+                         ) -> float:
+        """One AdamW step of the LoRA and camera MLP on the detached x [B,C,h,w]; returns the loss before the step."""
+        B = x.shape[0]
+        t = torch.randint(0, self.prior.num_train_timesteps, (B,), generator=generator)
+        noise = forward_noise(x, generator)
+        camera = camera_condition(cameras)
+        if float(torch.rand(1, generator=generator)) < self.cfg.camera_dropout:
+            camera = torch.zeros_like(camera)
+        with torch.enable_grad():
+            loss = self.fake_loss(x.detach(), batch_of(embeddings.cond, B), camera, t, noise)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if torch.isfinite(loss):
+            self.optimizer.step()
+        return float(loss.detach())
+
+    # -- the rule -------------------------------------------------------------------
+    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
+                 ) -> tuple[Tensor, dict[str, float]]:
+        B = x.shape[0]
+        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                             B, step, generator)
+        noise = forward_noise(x, generator)
+        abar = alpha_bar(self.prior, t, x.device)
+        x_t = add_noise(x, noise, abar)
+        with torch.no_grad():
+            cond, uncond = predict_each(self.prior, x_t, t, [embeddings.conditional(cameras),
+                                                           batch_of(embeddings.uncond, B)], cameras)
+            eps_pre = cfg_diff(cond, uncond, evaluate(self.cfg.guidance_scale, step))
+            camera = camera_condition(cameras)
+            # the fake score sees the view-independent prompt, with and without the camera
+            out = self.fake_output(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_of(embeddings.cond, 2 * B),
+                                   torch.cat([camera, torch.zeros_like(camera)]))
+            eps_c, eps_0 = to_epsilon(out.to(x.device), torch.cat([x_t, x_t]), torch.cat([abar, abar]),
+                                      self.prediction_type).chunk(2)
+        eps_est = eps_0 + evaluate(self.cfg.camera_guidance_scale, step) * (eps_c - eps_0)
+        grad = sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_pre - eps_est)
+        loss_lora = self.train_fake_score(x, embeddings, cameras, generator)
+        return grad, {"t": float(t.float().mean()), "loss_lora": loss_lora}

@@ -1,0 +1,203 @@
+"""CSD, ISM, VSD and ESD: the gradient reaching the image equals guidance-math.md's formula
+(sections 4-7) on priors with known outputs; VSD's fake score learns and checkpoints; rules
+that need a UNet are refused with closed-form priors; every rule runs end to end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dream3d.config import ConfigError, build_config
+from guidance.base import GuidanceError
+from guidance.csd import CSDConfig, CSDGuidance
+from guidance.ism import ISMConfig, ISMGuidance
+from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from guidance.schedule import evaluate
+from representations.cameras import look_at_cameras
+from tests.test_cli import dream3d
+
+
+class AnalyticPrior:
+    """A prior whose epsilon is a known function: 0.5 x_t + e + t / 1000, e = len(prompt) / 10 (uncond -0.2)."""
+
+    name, resolution, num_train_timesteps, unet = "analytic", 8, 1000, None
+
+    def __init__(self):
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+
+    def encode(self, rgb):
+        return 2 * rgb - 1
+
+    def embed(self, prompt):
+        return Embeddings(prompt, torch.tensor([len(prompt) / 10]), torch.tensor([-0.2]))
+
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        return 0.5 * x_t + embeddings.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
+
+    def eps(self, x_t, t, prompt_value):
+        return 0.5 * x_t + prompt_value + torch.as_tensor(t).view(-1, 1, 1, 1) / 1000
+
+
+def cameras(batch, size=8):
+    az = torch.linspace(0, 270, batch)
+    return look_at_cameras(torch.full((batch,), 15.0), az, torch.full((batch,), 2.5), 45.0, size, size)
+
+
+def image_gradient(guidance, rgb, step, seed, prompt="a prompt"):
+    """d loss / d rgb and the output of one guidance call."""
+    rgb = rgb.clone().requires_grad_()
+    out = guidance(rgb, prompt, cameras(len(rgb)), step=step, generator=torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    return rgb.grad, out
+
+
+def as_image_gradient(g, batch):
+    """x = 2 rgb - 1 and d loss / d x = g / B (the one surrogate convention)."""
+    return (2 * g / batch).permute(0, 2, 3, 1)
+
+
+# -- CSD ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_csd_gradient_equals_formula(normalize):
+    prior, B, step, omega = AnalyticPrior(), 3, 2500, 2.0
+    cfg = CSDConfig(guidance_scale=omega, negative_prompt="ugly", weighting="sds", grad_normalize=normalize)
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, out = image_gradient(CSDGuidance(prior, cfg), rgb, step, seed=3)
+
+    replay = torch.Generator().manual_seed(3)
+    t = torch.randint(20, 981, (B,), generator=replay)  # max 0.98 until step 5000
+    noise = torch.randn(B, 3, 8, 8, generator=replay)
+    x = 2 * rgb.permute(0, 3, 1, 2) - 1
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    eps_y, eps_0, eps_neg = (prior.eps(x_t, t, v) for v in (len("a prompt") / 10, -0.2, len("ugly") / 10))
+    beta = 0.5  # [0, 1, 5000] at step 2500
+    g = (1 - abar) * omega * ((eps_y - eps_0) - beta * (eps_neg - eps_0))
+    if normalize:
+        g = g / (g.norm() + 1e-8)
+    torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-5, atol=1e-7)
+    assert out.info["beta"] == pytest.approx(beta)
+
+
+def test_csd_without_negative_prompt_is_pure_classifier_score():
+    prior, B = AnalyticPrior(), 2
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, _ = image_gradient(CSDGuidance(prior, CSDConfig(grad_normalize=False)), rgb, 0, seed=0)
+    # uniform weight, omega 1: g = eps_y - eps_0 = 0.8 - (-0.2), whatever x_t
+    torch.testing.assert_close(grad, as_image_gradient(torch.full((B, 3, 8, 8), 1.0), B))
+
+
+# -- ISM ----------------------------------------------------------------------------
+
+def ddim(x, eps, abar_from, abar_to):
+    return abar_to.sqrt() * (x - (1 - abar_from).sqrt() * eps) / abar_from.sqrt() + (1 - abar_to).sqrt() * eps
+
+
+@pytest.mark.parametrize("steps", [3, 1])
+def test_ism_gradient_equals_formula(steps):
+    prior, B, step = AnalyticPrior(), 2, 50
+    cfg = ISMConfig(guidance_scale=3.0, lambda_guidance=0.5, negative_prompt="blurry", warmup_steps=100,
+                    inversion_stride=60, inversion_steps=steps, delta_t=40, delta_t_start=100)
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, out = image_gradient(ISMGuidance(prior, cfg), rgb, step, seed=5)
+
+    replay = torch.Generator().manual_seed(5)
+    r = 1 - step / 100
+    t = int(torch.randint(20, 500 + int(480 * r), (1,), generator=replay))
+    s = max(t - int(40 + r * 60), 0)
+    offset = torch.randn(1, 3, 1, 1, generator=replay)
+    noise = torch.randn(B, 3, 8, 8, generator=replay) + 0.1 * offset
+    abar = lambda k: prior.alphas_cumprod[k]  # noqa: E731
+    x = 2 * rgb.permute(0, 3, 1, 2) - 1
+    # LucidDreamer: noise to max(s - stride * steps, 0), invert in strides (the last one lands on s), one more to t
+    tau = max(s - 60 * steps, 0)
+    x_tau = abar(tau).sqrt() * x + (1 - abar(tau)).sqrt() * noise
+    for _ in range(steps):
+        nxt = min(tau + 60, s)
+        x_tau = ddim(x_tau, prior.eps(x_tau, tau, -0.2), abar(tau), abar(nxt))
+        tau = nxt
+        if tau == s:
+            break
+    assert tau == s or steps == 1
+    target = prior.eps(x_tau, s, -0.2)
+    x_t = ddim(x_tau, target, abar(s), abar(t))
+    eps_hat = prior.eps(x_t, t, len("blurry") / 10) + 3.0 * (prior.eps(x_t, t, 0.8) - prior.eps(x_t, t, len("blurry") / 10))
+    g = 0.5 * ((1 - abar(t)) / abar(t)).sqrt() * (eps_hat - target)
+    torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-4, atol=1e-6)
+    assert (out.info["t"], out.info["s"]) == (t, s)
+
+
+def test_ism_interval_anneals():
+    guidance = ISMGuidance(AnalyticPrior(), ISMConfig())
+    gen = torch.Generator().manual_seed(0)
+    early = [guidance.interval(0, gen) for _ in range(300)]
+    late = [guidance.interval(1500, gen) for _ in range(300)]
+    assert all(t - s == 100 or s == 0 for t, s in early) and max(t for t, _ in early) > 900
+    assert all(t - s == 80 or s == 0 for t, s in late) and max(t for t, _ in late) < 500
+
+
+def test_ism_runs_on_the_closed_form_toy_prior():
+    from guidance.priors.toy import build_toy_prior
+
+    guidance = ISMGuidance(build_toy_prior("toy"), ISMConfig(inversion_stride=400, inversion_steps=2))
+    grad, out = image_gradient(guidance, torch.rand(1, 16, 16, 3), 0, seed=0, prompt="a red cube")
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0 and out.info["t"] > out.info["s"]
+
+
+# -- refusals -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["vsd", "esd"])
+def test_vsd_and_esd_refused_with_closed_form_priors(rule, monkeypatch, capsys, tmp_path):
+    with pytest.raises(ConfigError, match=f"guidance {rule} .* prior toy is closed-form .*; use one of the priors .*sd"):
+        build_config({"prompt": "a red cube", "guidance": rule, "prior": "toy"})
+    out = tmp_path / "runs"
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--guidance", rule, "--prior", "toy-mv", "--out", out)
+    assert status == 1 and len(err.splitlines()) == 1 and "closed-form (no UNet)" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rule", ["csd", "ism"])
+def test_negative_prompt_the_prior_cannot_take_fails_before_the_run_folder(rule, monkeypatch, capsys, tmp_path):
+    out = tmp_path / "runs"
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--guidance", rule, "--prior", "toy", "--out", out,
+                          f"{rule}.negative_prompt=ugly")
+    assert status == 1 and len(err.splitlines()) == 1 and "does not know 'ugly'" in err
+    assert not out.exists()
+
+
+def test_vsd_refused_by_the_rule_itself_without_a_unet():
+    from guidance.vsd import VSDConfig, VSDGuidance
+
+    with pytest.raises(GuidanceError, match="prior analytic has none"):
+        VSDGuidance(AnalyticPrior(), VSDConfig())
+
+
+def test_esd_is_vsd_with_half_camera_guidance():
+    cfg = build_config({"prompt": "a cat", "guidance": "esd", "prior": "sd", "esd": {"lora_lr": 1e-3}})
+    assert cfg.esd.camera_guidance_scale == 0.5 and cfg.esd.lora_lr == 1e-3 and cfg.vsd.camera_guidance_scale == 1.0
+    with pytest.raises(ConfigError, match="only camera_dropout > 0 trains"):
+        build_config({"prompt": "a cat", "guidance": "esd", "prior": "sd", "esd": {"camera_dropout": 0}})
+
+
+# -- end to end ---------------------------------------------------------------------
+
+TINY_FLAGS = ["--steps", 6, "--resolution", 16, "checkpoint_every=3", "preview_every=3", "nerf.grid_resolutions=[8,16]",
+              "nerf.num_samples=24", "nerf.occupancy_resolution=16", "gaussians.num_points=256",
+              "export.mesh_resolution=32", "export.video_frames=4", "export.video_resolution=32"]
+
+
+def run_cli(monkeypatch, capsys, out, *args):
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--out", out, *args, *TINY_FLAGS)
+    assert status == 0, err
+    (run_dir,) = out.iterdir()
+    assert (run_dir / "export" / "model.glb").stat().st_size > 0 and (run_dir / "export" / "orbit.mp4").is_file()
+    return run_dir
+
+
+@pytest.mark.parametrize("representation", ["nerf", "gaussians"])
+@pytest.mark.parametrize("rule", ["csd", "ism"])
+def test_cli_runs_on_the_toy_prior(rule, representation, monkeypatch, capsys, tmp_path):
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", rule, "--prior", "toy",
+                      "--representation", representation)
+    assert f"guidance: {rule}" in (run_dir / "config.yaml").read_text()
