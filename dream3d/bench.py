@@ -77,4 +77,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.3f}" if isinstance(value, float) and abs(value) < 10 else f"{value}"
+    if not isinstance(value, float):
+        return f"{value}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
