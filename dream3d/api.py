@@ -1,7 +1,8 @@
 """dream3d's public Python API: the calls the CLI (and the web app) make.
 
-    result = run(build_config({"prompt": "a red cube"}))
+    result = dream3d.generate("a red cube", steps=300, on_event=print)
     result.files["glb"]  # runs/a-red-cube-.../export/model.glb
+    result = run(build_config({"prompt": "a red cube"}))  # the same from a RunConfig
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from dream3d import rundir
 from dream3d.components import build_prior, build_representation
-from dream3d.config import RunConfig
+from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.evaluate import evaluate_representation
 from dream3d.export import export_representation
 from dream3d.loop import Progress, Trainer
@@ -34,15 +35,39 @@ class Result:
     summary: dict = field(default_factory=dict)
 
 
+def generate(
+    prompt: str,
+    *,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    on_event: EventHandler | None = None,
+    should_stop: StopCheck | None = None,
+    **options: Any,
+) -> Result:
+    """Makes one asset: the CLI's ``dream3d run`` as a call.
+
+    options are RunConfig fields (``steps=300``, ``prior="toy"``, ``nerf={"lr": 0.05}``);
+    layers as on the command line: the YAML ``config`` file, then options, then ``key=value``
+    overrides. Bad input raises its one-line error (ConfigError, PriorError, ...) before a
+    run folder exists; on_event receives every Progress event (steps, previews, done).
+    """
+    cfg = build_config(load_yaml(config) if config else {}, {"prompt": prompt, **options}, parse_overrides(list(overrides)))
+    return run(cfg, on_event, should_stop)
+
+
 def run(cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
     """Optimises cfg.prompt from scratch and exports; bad input fails before a run folder exists."""
+    return train(start(cfg), on_event, should_stop)
+
+
+def start(cfg: RunConfig) -> Trainer:
+    """Checks the input, creates the run folder and returns its Trainer at step 0."""
     rundir.check_writable(Path(cfg.out))
     prior = build_prior(cfg.prior)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     run_dir = rundir.create_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, prior, representation)
-    return _train_and_export(trainer, on_event, should_stop)
+    return Trainer(cfg, run_dir, prior, representation)
 
 
 def resume(run_dir: Path, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
@@ -53,10 +78,11 @@ def resume(run_dir: Path, on_event: EventHandler | None = None, should_stop: Sto
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(rundir.load_checkpoint(checkpoint))
     rundir.truncate_metrics(run_dir, trainer.step)
-    return _train_and_export(trainer, on_event, should_stop)
+    return train(trainer, on_event, should_stop)
 
 
-def _train_and_export(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None) -> Result:
+def train(trainer: Trainer, on_event: EventHandler | None = None, should_stop: StopCheck | None = None) -> Result:
+    """Steps a trainer to the end of its run, then writes summary.json and export/."""
     trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
     cfg, run_dir = trainer.cfg, trainer.run_dir
     rundir.update_summary(
