@@ -56,10 +56,8 @@ def run_batch_command(
     try:
         coordinator = Coordinator(batch, _executor(ray, workers, stop_file), Manifest.load(batch.out))
         coordinator.plan()
-        interrupts = _Interrupts()
         try:
-            with Live(_table(coordinator), console=console, refresh_per_second=4) as live:
-                stopped = coordinator.run(interrupts, lambda c: live.update(_table(c)))
+            stopped = _run_with_table(coordinator, console)
         finally:
             coordinator.executor.close()
     finally:
@@ -94,6 +92,17 @@ def _executor(ray: str | None, workers: int | None, stop_file: Path) -> Executor
     from dream3d.batch.local import LocalExecutor
 
     return LocalExecutor(workers, torch.cuda.device_count())
+
+
+def _run_with_table(coordinator: Coordinator, console: Console) -> bool:
+    """Runs the batch under a live table on a terminal; elsewhere (a log) the table is printed once, at the end."""
+    interrupts = _Interrupts()
+    if not console.is_terminal:
+        stopped = coordinator.run(interrupts, lambda c: None)
+        console.print(_table(coordinator))
+        return stopped
+    with Live(_table(coordinator), console=console, refresh_per_second=4) as live:
+        return coordinator.run(interrupts, lambda c: live.update(_table(c)))
 
 
 def _table(coordinator: Coordinator) -> Any:

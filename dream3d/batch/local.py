@@ -31,6 +31,8 @@ class LocalExecutor:
         if "forkserver" in methods:
             self._context.set_forkserver_preload(["dream3d.batch.worker"])
         self._events = self._context.Queue()
+        # workers watch the read end: it reaches EOF when this process is gone, however it died
+        self._alive, self._alive_writer = self._context.Pipe(duplex=False)
         self._running: dict[str, tuple[Any, int]] = {}  # job id -> (process, slot)
 
     def free(self) -> int:
@@ -43,7 +45,7 @@ class LocalExecutor:
         slot = min(set(range(self.slots)) - {s for _, s in self._running.values()})
         env = {"CUDA_VISIBLE_DEVICES": str(slot % self._gpus)} if self._gpus else {}
         process = self._context.Process(
-            target=_process_main, args=(spec, self._events, env, self._threads, slot), name=f"dream3d-job-{slot}"
+            target=_process_main, args=(spec, self._events, self._alive, env, self._threads, slot), name=f"dream3d-job-{slot}"
         )
         process.start()
         self._running[spec["id"]] = (process, slot)
@@ -78,6 +80,7 @@ class LocalExecutor:
     def close(self) -> None:
         self.kill()
         self._events.close()
+        self._alive_writer.close()
 
     def _drain(self, timeout: float) -> list[dict[str, Any]]:
         events = []
@@ -97,9 +100,9 @@ class _StopRequest:
     (killed): the loop then checkpoints, so a re-run resumes instead of two processes sharing
     a run folder."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_alive: Any) -> None:
         self.requested = False
-        self._parent = os.getppid()
+        self._batch_alive = batch_alive
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request)
 
@@ -107,11 +110,14 @@ class _StopRequest:
         self.requested = True
 
     def __call__(self) -> bool:
-        return self.requested or os.getppid() != self._parent
+        # poll() is true at EOF, which is the only thing this pipe ever says
+        return self.requested or self._batch_alive.poll()
 
 
-def _process_main(spec: dict[str, Any], events: Any, env: dict[str, str], threads: int, slot: int) -> None:
-    stop = _StopRequest()
+def _process_main(
+    spec: dict[str, Any], events: Any, batch_alive: Any, env: dict[str, str], threads: int, slot: int
+) -> None:
+    stop = _StopRequest(batch_alive)
     os.environ.update(env)
     use_threads(threads)
     events.put(run_job(spec, events.put, stop, describe_worker(f"slot{slot}")))

@@ -125,7 +125,8 @@ class Coordinator:
             fresh = self._specs[job_id]["resume"] is None
             self.manifest.update(
                 job_id, run_dir=event["run_dir"], where=event["where"], started_at=record.started_at or time.time(),
-                attempts=record.attempts + fresh, resumes=record.resumes + (not fresh),
+                # a resumed attempt whose start the killed batch never heard of counts here
+                attempts=record.attempts + (fresh or record.attempts == 0), resumes=record.resumes + (not fresh),
             )
             return
         self.progress.pop(job_id, None)
