@@ -12,24 +12,14 @@ import pytest
 import yaml
 
 import dream3d
-from dream3d import cli
 from dream3d.batch.jobs import BatchFileError, read_jobs
 from dream3d.batch.manifest import Manifest
 from dream3d.batch.scheduler import Batch, Coordinator
 from dream3d.rundir import checkpoint_paths
 from tests.conftest import TINY
+from tests.test_cli import dream3d as dream3d_cli
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def dream3d_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["dream3d", *map(str, args)])
-    try:
-        cli.main()
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
 
 
 def write(path, lines):
