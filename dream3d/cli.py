@@ -160,10 +160,10 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-w
 
 @app.command()
 def batch(
-    file: Path = typer.Argument(..., help="Prompts: a text file (one a line, # comments) or JSONL with per-job settings."),
+    file: Path = typer.Argument(..., help="Prompts: text, one a line (# comments), or JSONL with per-job settings."),
     overrides: Optional[list[str]] = OVERRIDES,
-    out: Optional[Path] = typer.Option(None, help="Output folder: batch.jsonl and one folder per job (default batches/FILE-STEM)."),
-    workers: Optional[int] = typer.Option(None, help="Concurrent jobs (default: one per GPU, else one; with --ray: what the cluster holds)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder for batch.jsonl and the jobs (default batches/FILE-STEM)."),
+    workers: Optional[int] = typer.Option(None, help="Concurrent jobs (default: one per GPU, else one; Ray: the cluster's)."),
     ray: Optional[str] = typer.Option(None, help="Run on Ray: 'auto' starts a local instance, an ADDRESS joins a cluster."),
     retries: int = typer.Option(1, help="Times a failed job is started again (input errors are not retried)."),
     status: bool = typer.Option(False, "--status", help="Show the manifest's table and summary; run nothing."),
@@ -176,15 +176,15 @@ def batch(
     config: Optional[Path] = CONFIG,
     init_points: Optional[Path] = INIT_POINTS,
 ) -> None:
-    """Make an asset for every prompt in FILE; re-running continues where it stopped. The run options are every job's defaults."""
+    """Make an asset for every prompt in FILE; re-running continues where it stopped.
+
+    The run options are every job's defaults."""
     from dream3d.batch.command import run_batch_command, show_status
 
     if status:
         raise typer.Exit(show_status(file, out, console))
-    defaults = merge(
-        merge(load_yaml(config) if config else {}, _run_flags(prior, guidance, representation, steps, seed, resolution, init_points)),
-        parse_overrides(overrides or []),
-    )
+    flags = _run_flags(prior, guidance, representation, steps, seed, resolution, init_points)
+    defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
     raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 
 

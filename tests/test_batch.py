@@ -14,7 +14,7 @@ import yaml
 import dream3d
 from dream3d.batch.jobs import BatchFileError, read_jobs
 from dream3d.batch.manifest import Manifest
-from dream3d.batch.scheduler import Batch, Coordinator
+from dream3d.batch.scheduler import Batch, Coordinator, _resumable
 from dream3d.rundir import checkpoint_paths
 from tests.conftest import TINY
 from tests.test_cli import dream3d as dream3d_cli
@@ -234,3 +234,17 @@ def test_an_invalid_job_config_fails_that_job_only(tmp_path):
     good, bad = records(batch.out)
     assert good.state == "done"
     assert (bad.state, bad.error, bad.attempts) == ("failed", "line 2: steps: Input should be greater than 0", 0)
+
+
+def test_an_interrupted_job_resumes_its_newest_run_folder_unless_that_one_failed(tmp_path):
+    job_dir = tmp_path / "job"
+    old, new = job_dir / "a-cone-1", job_dir / "a-cone-2"
+    for age, run in enumerate((new, old)):  # new is written last
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "step_000005.pt").touch()
+        (run / "config.yaml").touch()
+        os.utime(run / "config.yaml", (1000 - age, 1000 - age))
+    assert _resumable(job_dir, None) == new
+    assert _resumable(job_dir, new) is None  # a retry killed before it made its own folder starts afresh
+    (new / "checkpoints" / "step_000005.pt").unlink()
+    assert _resumable(job_dir, None) is None  # killed before its first checkpoint

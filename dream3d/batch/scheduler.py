@@ -79,7 +79,8 @@ class Coordinator:
                 record.state, record.error, record.retryable = "failed", f"line {job.line}: {e}", False
                 continue
             if record.state in ("running", "stopped"):
-                self._queue.append(self._spec(job, _resumable(self.batch.out / job.id)))
+                failed_run = Path(record.run_dir) if record.error and record.run_dir else None
+                self._queue.append(self._spec(job, _resumable(self.batch.out / job.id, failed_run)))
             elif record.state == "queued" or self._may_retry(record):
                 self._queue.append(self._spec(job, None))
         self.manifest.save()
@@ -124,7 +125,8 @@ class Coordinator:
             self._started.add(job_id)
             fresh = self._specs[job_id]["resume"] is None
             self.manifest.update(
-                job_id, run_dir=event["run_dir"], where=event["where"], started_at=record.started_at or time.time(),
+                job_id, run_dir=event["run_dir"], where=event["where"], error=None,
+                started_at=record.started_at or time.time(),
                 # a resumed attempt whose start the killed batch never heard of counts here
                 attempts=record.attempts + (fresh or record.attempts == 0), resumes=record.resumes + (not fresh),
             )
@@ -147,10 +149,11 @@ class Coordinator:
             self._queue.append(self._spec(self._jobs[job_id], None))
 
 
-def _resumable(job_dir: Path) -> Path | None:
-    """The newest run folder of a job if it has a checkpoint to continue from."""
+def _resumable(job_dir: Path, failed_run: Path | None) -> Path | None:
+    """The newest run folder of a job if it has a checkpoint to continue from and is not the
+    folder of a failed attempt (a retry killed before it made its own folder)."""
     runs = sorted(job_dir.glob("*/config.yaml"), key=lambda p: p.stat().st_mtime)
-    if runs and rundir.checkpoint_paths(runs[-1].parent):
+    if runs and runs[-1].parent != failed_run and rundir.checkpoint_paths(runs[-1].parent):
         return runs[-1].parent
     return None
 

@@ -26,6 +26,7 @@ from representations.splat_ply import PLYError
 # errors of the job's own input: the same job fails the same way however often it is retried
 INPUT_ERRORS = (ConfigError, PriorError, GuidanceError, PLYError)
 STEP_REPORT_SECONDS = 0.5
+OWN_PACKAGES = ("dream3d", "guidance", "representations")
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -82,6 +83,6 @@ def _step_reporter(job_id: str, report: Report) -> Callable[[Progress], None]:
 def _one_line(error: Exception) -> str:
     message = " ".join(str(error).split())
     # our own errors are worded for users; anything else needs its type to make sense
-    if isinstance(error, (ValueError, RuntimeError)) and type(error).__module__.split(".")[0] in ("dream3d", "guidance", "representations"):
+    if type(error).__module__.split(".")[0] in OWN_PACKAGES:
         return message
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
