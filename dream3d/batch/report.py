@@ -14,7 +14,7 @@ ERROR_WIDTH = 60  # the summary prints errors in full
 
 
 def live_table(manifest: Manifest, ids: list[str], progress: dict[str, tuple[int, int]]) -> Table:
-    """Counts by state in the title; rows: running jobs with their step, then the latest finished."""
+    """Counts by state in the title; rows: running (or stopped) jobs with their step, then the latest finished."""
     counts = manifest.counts(ids)
     title = "  ".join(f"[{STATE_STYLES[s]}]{s} {n}[/]" for s, n in counts.items() if n or s != "stopped")
     table = Table(title=title, expand=False)
@@ -22,7 +22,7 @@ def live_table(manifest: Manifest, ids: list[str], progress: dict[str, tuple[int
         table.add_column(column, no_wrap=True)
     table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=ERROR_WIDTH)
     records = [manifest.records[i] for i in ids]
-    running = [r for r in records if r.state == "running"]
+    running = [r for r in records if r.state in ("running", "stopped")]
     finished = sorted((r for r in records if r.state in ("done", "failed")), key=lambda r: r.finished_at or 0)
     for record in running + finished[-SHOWN_FINISHED:]:
         step, total = progress.get(record.id, (0, 0))
