@@ -1,7 +1,8 @@
 """dream3d's public Python API: the calls the CLI (and the web app) make.
 
-    result = run(build_config({"prompt": "a red cube"}))
+    result = dream3d.generate("a red cube", steps=300, on_event=print)
     result.files["glb"]  # runs/a-red-cube-.../export/model.glb
+    result = run(build_config({"prompt": "a red cube"}))  # the same from a RunConfig
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import trimesh
 
 from dream3d import rundir
 from dream3d.components import build_guidance, build_prior, build_representation
-from dream3d.config import RunConfig
+from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer
@@ -36,6 +37,26 @@ class Result:
     summary: dict = field(default_factory=dict)
 
 
+def generate(
+    prompt: str,
+    *,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    on_event: EventHandler | None = None,
+    should_stop: StopCheck | None = None,
+    **options: Any,
+) -> Result:
+    """Makes one asset: the CLI's ``dream3d run`` as a call.
+
+    options are RunConfig fields (``steps=300``, ``prior="toy"``, ``nerf={"lr": 0.05}``);
+    layers as on the command line: the YAML ``config`` file, then options, then ``key=value``
+    overrides. Bad input raises its one-line error (ConfigError, PriorError, ...) before a
+    run folder exists; on_event receives every Progress event (steps, previews, done).
+    """
+    cfg = build_config(load_yaml(config) if config else {}, {"prompt": prompt, **options}, parse_overrides(list(overrides)))
+    return run(cfg, on_event, should_stop)
+
+
 def run(
     cfg: RunConfig, on_event: EventHandler | None = None, should_stop: StopCheck | None = None, export_on_stop: bool = False
 ) -> Result:
@@ -43,14 +64,18 @@ def run(
 
     A stop request raises RunInterrupted after a checkpoint, or with export_on_stop exports
     the parameters reached so far (summary.json then says ``stopped: true``)."""
+    return train(start(cfg), on_event, should_stop, export_on_stop)
+
+
+def start(cfg: RunConfig) -> Trainer:
+    """Checks the input, creates the run folder and returns its Trainer at step 0."""
     rundir.check_writable(Path(cfg.out))
     prior = build_prior(cfg)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     guidance = build_guidance(cfg, prior)  # e.g. a negative prompt the prior cannot take fails here
     run_dir = rundir.create_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, prior, representation, guidance)
-    return _train_and_export(trainer, on_event, should_stop, export_on_stop)
+    return Trainer(cfg, run_dir, prior, representation, guidance)
 
 
 def resume(
@@ -63,12 +88,14 @@ def resume(
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(rundir.load_checkpoint(checkpoint))
     rundir.truncate_metrics(run_dir, trainer.step)
-    return _train_and_export(trainer, on_event, should_stop, export_on_stop)
+    return train(trainer, on_event, should_stop, export_on_stop)
 
 
-def _train_and_export(
-    trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool
+def train(
+    trainer: Trainer, on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
+    export_on_stop: bool = False,
 ) -> Result:
+    """Steps a trainer to the end of its run (or a stop request), then writes summary.json and export/."""
     stopped = False
     try:
         trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))

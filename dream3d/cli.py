@@ -1,4 +1,4 @@
-"""The ``dream3d`` command line: run, resume, export, eval.
+"""The ``dream3d`` command line: run, resume, export, eval, batch.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
@@ -18,7 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dream3d import api
-from dream3d.config import EXPORT_FORMATS, ConfigError, build_config, load_yaml, parse_overrides
+from dream3d.batch import BatchError, BatchInterrupted
+from dream3d.config import (
+    EXPORT_FORMATS, GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge, parse_overrides,
+)
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
 from dream3d.rundir import RunDirError
@@ -29,7 +32,7 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError)
 
 
 class _StopFlag:
@@ -78,30 +81,51 @@ def _report(result: api.Result) -> None:
     for kind, path in result.files.items():
         console.print(f"  {kind}: {path}")
 
+# the run options, shared by `run` and `batch` (where they are every job's defaults)
+OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform")
+PRIOR = typer.Option(None, help=" | ".join(PRIORS))
+MODEL = typer.Option(None, help="sd/if: a Hugging Face hub id or a local diffusers folder.")
+GUIDANCE = typer.Option(None, help=" | ".join(GUIDANCES))
+REPRESENTATION = typer.Option(None, help=" | ".join(REPRESENTATIONS))
+STEPS = typer.Option(None, help="Optimisation steps.")
+SEED = typer.Option(None)
+RESOLUTION = typer.Option(None, help="Render size (one size for the whole run).")
+CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it.")
+INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
+
+
+def _run_flags(
+    prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
+    seed: int | None, resolution: int | None, init_points: Path | None,
+) -> dict[str, Any]:
+    """The config layer of the run options that were given."""
+    flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
+                 resolution=resolution)
+    if init_points is not None:
+        flags["gaussians"] = {"init_points": str(init_points)}
+    return {k: v for k, v in flags.items() if v is not None}
+
 
 @app.command()
 def run(
     prompt: str = typer.Argument(..., help="What to make, e.g. 'a red cube'."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform"),
-    prior: Optional[str] = typer.Option(None, help="toy-mv | toy | sd | if"),
-    model: Optional[str] = typer.Option(None, help="sd/if: a Hugging Face hub id or a local diffusers folder."),
-    guidance: Optional[str] = typer.Option(None, help="sds | csd | ism | vsd | esd"),
-    representation: Optional[str] = typer.Option(None, help="nerf | gaussians"),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps."),
-    seed: Optional[int] = typer.Option(None),
-    resolution: Optional[int] = typer.Option(None, help="Render size (one size for the whole run)."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    prior: Optional[str] = PRIOR,
+    model: Optional[str] = MODEL,
+    guidance: Optional[str] = GUIDANCE,
+    representation: Optional[str] = REPRESENTATION,
+    steps: Optional[int] = STEPS,
+    seed: Optional[int] = SEED,
+    resolution: Optional[int] = RESOLUTION,
     out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default runs/)."),
-    config: Optional[Path] = typer.Option(None, help="A YAML config; flags and overrides win over it."),
-    init_points: Optional[Path] = typer.Option(None, help="Gaussians: start from the points of this PLY file."),
+    config: Optional[Path] = CONFIG,
+    init_points: Optional[Path] = INIT_POINTS,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
-    flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution, out=out)
-    if init_points is not None:
-        flags["gaussians"] = {"init_points": str(init_points)}
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
     cfg = build_config(
         load_yaml(config) if config else {},
-        {"prompt": prompt, **{k: v for k, v in flags.items() if v is not None}},
+        {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
         parse_overrides(overrides or []),
     )
     _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
@@ -137,6 +161,37 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-w
     metrics = api.evaluate(run_dir)
     for key, value in metrics.items():
         typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@app.command()
+def batch(
+    file: Path = typer.Argument(..., help="Prompts: text, one a line (# comments), or JSONL with per-job settings."),
+    overrides: Optional[list[str]] = OVERRIDES,
+    out: Optional[Path] = typer.Option(None, help="Output folder for batch.jsonl and the jobs (default batches/FILE-STEM)."),
+    workers: Optional[int] = typer.Option(None, help="Concurrent jobs (default: one per GPU, else one; Ray: the cluster's)."),
+    ray: Optional[str] = typer.Option(None, help="Run on Ray: 'auto' starts a local instance, an ADDRESS joins a cluster."),
+    retries: int = typer.Option(1, help="Times a failed job is started again (input errors are not retried)."),
+    status: bool = typer.Option(False, "--status", help="Show the manifest's table and summary; run nothing."),
+    prior: Optional[str] = PRIOR,
+    model: Optional[str] = MODEL,
+    guidance: Optional[str] = GUIDANCE,
+    representation: Optional[str] = REPRESENTATION,
+    steps: Optional[int] = STEPS,
+    seed: Optional[int] = SEED,
+    resolution: Optional[int] = RESOLUTION,
+    config: Optional[Path] = CONFIG,
+    init_points: Optional[Path] = INIT_POINTS,
+) -> None:
+    """Make an asset for every prompt in FILE; re-running continues where it stopped.
+
+    The run options are every job's defaults."""
+    from dream3d.batch.command import run_batch_command, show_status
+
+    if status:
+        raise typer.Exit(show_status(file, out, console))
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
+    defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
+    raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 
 
 @app.command("bench")
@@ -178,16 +233,18 @@ def _fail(line: str) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)  # a command's typer.Exit(code) comes back here
     except (Abort, KeyboardInterrupt):
         sys.exit(130)
     except TyperException as e:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         _fail(f"error: {message}")
         sys.exit(2)
-    except RunInterrupted as e:
+    except (RunInterrupted, BatchInterrupted) as e:
         _fail(f"interrupted: {e}")
         sys.exit(130)
     except USER_ERRORS as e:
         _fail(f"error: {e}")
         sys.exit(1)
+    if status:
+        sys.exit(status)
