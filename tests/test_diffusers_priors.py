@@ -127,7 +127,8 @@ def test_gradient_reaches_the_render_through_the_vae(models):
     replay = rgb.detach().requires_grad_()
     x = prior.encode(replay.permute(0, 3, 1, 2))
     (expected,) = torch.autograd.grad((x * pushed[0]).sum() / 2, replay)
-    torch.testing.assert_close(rgb.grad, expected, rtol=1e-4, atol=1e-7)
+    # float32 sums in a different order (surrogate loss vs this product): tolerance relative to the largest entry
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_view_dependent_prompt_picks_the_view_embedding(models):
