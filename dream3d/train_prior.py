@@ -133,7 +133,7 @@ class PriorTrainer:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
     def loss(self, generator: torch.Generator | None = None) -> Tensor:
-        """The epsilon-prediction MSE of one batch drawn from ``generator`` (default: the training one)."""
+        """The v-prediction MSE of one batch drawn from ``generator`` (default: the training one)."""
         generator = generator or self.generator
         x0, captions, features = draw_batch(self.pool, self.cfg, generator)
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.cfg.arch.max_tokens, truncation=True,
@@ -142,8 +142,8 @@ class PriorTrainer:
         t = torch.randint(self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = self.scheduler.add_noise(x0, noise, t)
-        eps = self.unet(x_t, t, encoder_hidden_states=states, class_labels=features).sample
-        return F.mse_loss(eps, noise)
+        v = self.unet(x_t, t, encoder_hidden_states=states, class_labels=features).sample
+        return F.mse_loss(v, self.scheduler.get_velocity(x0, noise, t))
 
     def train_step(self) -> float:
         for group in self.optimizer.param_groups:
@@ -217,7 +217,7 @@ def model_card(trainer: PriorTrainer, command: str) -> str:
     cfg = trainer.cfg
     return (
         "# toy-unet: a text- and camera-conditioned diffusion model of dream3d's toy world\n\n"
-        f"A {cfg.arch.resolution}x{cfg.arch.resolution} pixel-space `UNet2DConditionModel` (x = 2 rgb - 1, epsilon "
+        f"A {cfg.arch.resolution}x{cfg.arch.resolution} pixel-space `UNet2DConditionModel` (x = 2 rgb - 1, v- "
         "prediction, cosine schedule) with a tiny `CLIPTextModel` over a word-level toy vocabulary, and the camera "
         "(elevation in radians, sin/cos azimuth; all zeros = no camera) through a projection class embedding "
         "(`_camera_features` in model_index.json). Weights are the EMA of training. Used by "

@@ -10,18 +10,20 @@ from representations.cameras import Cameras
 
 
 @torch.no_grad()
-def ddim_sample(prior: DiffusersPrior, prompt: str, n: int, cameras: Cameras | None = None, steps: int = 50,
+def ddim_sample(prior: DiffusersPrior, prompts: list[str], cameras: Cameras | None = None, steps: int = 50,
                 guidance_scale: float = 3.0, generator: torch.Generator | None = None) -> Tensor:
-    """n images rgb [n,3,r,r] in [0,1] for ``prompt`` (cameras: n, or None), deterministic DDIM (eta 0).
+    """One image per prompt, rgb [n,3,r,r] in [0,1] (cameras: n, or None), deterministic DDIM (eta 0).
 
     CFG here is the sampling convention eps_u + s (eps_c - eps_u) against the prior's negative prompt.
     """
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(prior.scheduler.config)
+    # the prior answers epsilon whatever its model predicts (v-prediction is converted)
+    scheduler = DDIMScheduler.from_config(prior.scheduler.config, prediction_type="epsilon")
     scheduler.set_timesteps(steps)
-    emb = prior.embed(prompt)
-    states = torch.cat([emb.cond.expand(n, *emb.cond.shape), emb.uncond.expand(n, *emb.uncond.shape)])
+    n = len(prompts)
+    embeddings = [prior.embed(p) for p in prompts]
+    states = torch.stack([e.cond for e in embeddings] + [e.uncond for e in embeddings])
     both = None if cameras is None else Cameras.cat([cameras, cameras])
     r = prior.resolution
     x = torch.randn(n, 3, r, r, generator=generator).to(prior.device)
