@@ -175,13 +175,18 @@ def train_prior(
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}  {task.fields[rate]} it/s"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("training", total=cfg.steps, loss="-", rate="-")
+    bar = Progress(*columns, console=console)
+    task = bar.add_task("training", total=cfg.steps, loss="-", rate="-")
 
-        def on_step(event: TrainStep) -> None:
-            bar.update(task, completed=event.step, loss=f"{event.loss:.4f}", rate=f"{event.it_per_s:.2f}")
+    def on_step(event: TrainStep) -> None:
+        bar.start()  # at the first step, so that a refused start prints only its error
+        bar.update(task, completed=event.step, loss=f"{event.loss:.4f}", rate=f"{event.it_per_s:.2f}")
 
+    try:
         train(cfg, out, work, resume, command, on_step, _StopFlag())
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     console.print(f"model: {out}  checkpoints: {work}")
 
 
