@@ -18,8 +18,9 @@ def ddim_sample(prior: DiffusersPrior, prompts: list[str], cameras: Cameras | No
     """
     from diffusers import DDIMScheduler
 
-    # the prior answers epsilon whatever its model predicts (v-prediction is converted)
-    scheduler = DDIMScheduler.from_config(prior.scheduler.config, prediction_type="epsilon")
+    # DDIM is given the clipped x0 and derives its epsilon from it: diffusers' own clip_sample clips x0 but keeps
+    # the unclipped epsilon, which near t = 1000 (alpha ~ 0.03 on a cosine schedule) turned samples to noise
+    scheduler = DDIMScheduler.from_config(prior.scheduler.config, prediction_type="sample", clip_sample=False)
     scheduler.set_timesteps(steps)
     n = len(prompts)
     embeddings = [prior.embed(p) for p in prompts]
@@ -30,6 +31,9 @@ def ddim_sample(prior: DiffusersPrior, prompts: list[str], cameras: Cameras | No
     for t in scheduler.timesteps:
         eps = prior.predict_noise(torch.cat([x, x]), t.expand(2 * n).long(), states, both)
         cond, uncond = eps.chunk(2)
-        x = scheduler.step(uncond + guidance_scale * (cond - uncond), t, x).prev_sample
+        eps = uncond + guidance_scale * (cond - uncond)
+        abar = prior.alphas_cumprod.to(x.device)[t]
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        x = scheduler.step(x0, t, x).prev_sample
     return prior.decode(x).cpu()
 
