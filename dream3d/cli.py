@@ -84,7 +84,7 @@ def _report(result: api.Result) -> None:
 # the run options, shared by `run` and `batch` (where they are every job's defaults)
 OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform")
 PRIOR = typer.Option(None, help=" | ".join(PRIORS))
-MODEL = typer.Option(None, help="sd/if: a Hugging Face hub id or a local diffusers folder.")
+MODEL = typer.Option(None, help="diffusers priors: a Hugging Face hub id or a local diffusers folder.")
 GUIDANCE = typer.Option(None, help=" | ".join(GUIDANCES))
 REPRESENTATION = typer.Option(None, help=" | ".join(REPRESENTATIONS))
 STEPS = typer.Option(None, help="Optimisation steps.")
@@ -207,6 +207,88 @@ def benchmark(
     seed_list = [int(s) for s in seeds.split(",")]
     rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
     typer.echo(markdown_table(rows))
+
+
+@app.command("train-prior")
+def train_prior(
+    out: Path = typer.Option(Path("assets/toy-unet"), help="The diffusers model folder to write."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
+    checkpoints: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/train-prior/<out name>)."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (1 is fastest on a busy machine)."),
+) -> None:
+    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load."""
+    import torch
+
+    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior as train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = TrainPriorConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    work = checkpoints or Path("runs") / "train-prior" / out.name
+    command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
+    columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}  {task.fields[rate]} it/s"), TimeRemainingColumn())
+    bar = Progress(*columns, console=console)
+    task = bar.add_task("training", total=cfg.steps, loss="-", rate="-")
+
+    def on_step(event: TrainStep) -> None:
+        bar.start()  # at the first step, so that a refused start prints only its error
+        bar.update(task, completed=event.step, loss=f"{event.loss:.4f}", rate=f"{event.it_per_s:.2f}")
+
+    try:
+        train(cfg, out, work, resume, command, on_step, _StopFlag())
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    console.print(f"model: {out}  checkpoints: {work}")
+
+
+@app.command("sample")
+def sample(
+    prompt: str = typer.Argument(..., help="A prompt in the model's vocabulary."),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid of the samples."),
+    prior: str = typer.Option("toy-unet-mv", help="toy-unet | toy-unet-mv | if (a pixel-space diffusers prior)."),
+    model: Optional[str] = typer.Option(None, help="A diffusers folder or hub id (default: the prior's)."),
+    n: int = typer.Option(4, help="How many samples."),
+    elevation: float = typer.Option(15.0, help="Camera elevation (degrees) for camera-conditioned models."),
+    azimuth: Optional[float] = typer.Option(None, help="Camera azimuth (degrees); default: n views around."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance_scale: Optional[float] = typer.Option(None, help="CFG scale (default: the prior's)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
+    from dream3d.prior_eval import save_row, sample_views
+
+    images = sample_views(prior, model, prompt, n, elevation, azimuth, steps, guidance_scale, seed)
+    save_row(images, out)
+    console.print(f"samples: {out}")
+
+
+@app.command("eval-prior")
+def eval_prior(
+    model: Optional[str] = typer.Option(None, help="A toy-unet diffusers folder (default: the shipped one)."),
+    views: int = typer.Option(4, help="Cameras per class."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance_scale: float = typer.Option(3.0, help="Sampling CFG scale."),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="Also write the results here as JSON."),
+) -> None:
+    """Score toy-unet(-mv) samples of every toy class: classification accuracy and silhouette IoU."""
+    import json
+
+    from dream3d.atomic import write_text
+    from dream3d.prior_eval import evaluate_prior
+
+    results = evaluate_prior(model, views, steps, guidance_scale, seed)
+    if out is not None:
+        write_text(out, json.dumps(results, indent=2) + "\n")
+    typer.echo("| prior | class accuracy | median silhouette IoU | mean silhouette IoU |\n|---|---|---|---|")
+    for name in ("toy-unet-mv", "toy-unet"):
+        row = results[name]
+        ious = [f"{row[k]:.3f}" if k in row else "-" for k in ("median_iou", "mean_iou")]
+        typer.echo(f"| {name} | {row['accuracy']:.3f} | {' | '.join(ious)} |")
 
 
 @app.command("web")

@@ -14,11 +14,11 @@ from representations.nerf import NeRF
 
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
-DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "sd": 100.0, "if": 20.0}
+DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 7.5, "toy-unet-mv": 7.5, "sd": 100.0, "if": 20.0}
 
 
 def build_prior(cfg: RunConfig) -> Prior:
-    """The run's prior; diffusers (slow to import) is imported only for the sd/if priors."""
+    """The run's prior; diffusers (slow to import) is imported only for the diffusers priors."""
     if cfg.prior == "sd":
         from guidance.priors.sd import StableDiffusionPrior
 
@@ -27,6 +27,11 @@ def build_prior(cfg: RunConfig) -> Prior:
         from guidance.priors.deepfloyd import DeepFloydIFPrior
 
         return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    if cfg.prior in ("toy-unet", "toy-unet-mv"):
+        from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
+
+        prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
+        return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
     from guidance.priors.toy import build_toy_prior
 
     return build_toy_prior(cfg.prior)

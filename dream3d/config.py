@@ -24,7 +24,9 @@ from guidance.vsd import ESDConfig, VSDConfig
 from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 
-PRIORS = ("toy", "toy-mv", "sd", "if")
+PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if")
+# priors that load a diffusers folder (--model picks another)
+DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if")
 GUIDANCES = ("sds", "csd", "ism", "vsd", "esd")
 # priors without a diffusion network (closed-form denoisers): nothing for VSD/ESD's LoRA to attach to
 CLOSED_FORM_PRIORS = ("toy", "toy-mv")
@@ -82,7 +84,7 @@ class ExportConfig(_Section):
 class RunConfig(_Section):
     prompt: str
     prior: str = "toy-mv"
-    # sd/if: a hub id or a local diffusers folder (None: the prior's default model)
+    # diffusers priors: a hub id or a local diffusers folder (None: the prior's default model)
     model: str | None = None
     guidance: str = "sds"
     representation: str = "nerf"
@@ -152,8 +154,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _model(self) -> "RunConfig":
-        if self.model is not None and self.prior not in ("sd", "if"):
-            raise ValueError(f"--model applies to the sd and if priors, not {self.prior!r}")
+        if self.model is not None and self.prior not in DIFFUSERS_PRIORS:
+            raise ValueError(f"--model applies to the {', '.join(DIFFUSERS_PRIORS)} priors, not {self.prior!r}")
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,13 @@ from representations.cameras import Cameras
 # Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Camera features a model folder may declare (model_index.json "_camera_features", in order) as the
+# input of its UNet's projection class embedding; all zeros means "no camera" (dropped in training).
+CAMERA_FEATURES: dict[str, Callable[[Cameras], Tensor]] = {
+    "elevation_rad": lambda cams: torch.deg2rad(cams.elevation),
+    "sin_azimuth": lambda cams: torch.sin(torch.deg2rad(cams.azimuth)),
+    "cos_azimuth": lambda cams: torch.cos(torch.deg2rad(cams.azimuth)),
+}
 # What a failed load of a component raises (a bad config, a missing or truncated weight file).
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
@@ -175,8 +182,9 @@ class DiffusersPrior:
     """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
 
     Subclasses set ``name``, ``default_model``, ``components`` (the model_index entries they need),
-    ``text_max_length`` (None: the tokenizer's), ``text_attention_mask`` and ``download_note``
-    (added to the how-to-download hint of a missing model), and implement
+    ``text_max_length`` (None: the tokenizer's), ``text_attention_mask``, ``download_note``
+    (added to the how-to-download hint of a missing model) and ``use_cameras`` (pass the cameras
+    to a model that declares camera features; False: the features' "no camera" zeros), and implement
     ``check_kind`` (is this folder the right kind of model?), ``encode`` and ``decode``.
     """
 
@@ -186,6 +194,7 @@ class DiffusersPrior:
     text_max_length: int | None = None
     text_attention_mask: bool = False
     download_note: str = ""
+    use_cameras: bool = True
 
     def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
         self.model = model or self.default_model
@@ -202,6 +211,7 @@ class DiffusersPrior:
                              f"no {', '.join(missing)} component")
         self._load_scheduler()
         self.unet = self._load_model("unet", self._diffusers_model("UNet2DConditionModel"))
+        self.camera_features = self._camera_features()
         self.tokenizer = self._load("tokenizer", self._tokenizer)
         self._text_encoder: torch.nn.Module | None = None
         self._embeddings: dict[str, Embeddings] = {}
@@ -257,6 +267,28 @@ class DiffusersPrior:
             raise PriorError(f"{self.model}: unknown scheduler prediction_type {self.prediction_type!r}; "
                              f"dream3d handles {', '.join(PREDICTION_TYPES)}")
 
+    def _camera_features(self) -> tuple[str, ...]:
+        """The declared camera features, checked against CAMERA_FEATURES and the UNet's class embedding."""
+        names = tuple(self.index.get("_camera_features") or ())
+        unknown = [n for n in names if n not in CAMERA_FEATURES]
+        if unknown:
+            raise PriorError(f"{self.model} declares unknown camera features {', '.join(map(str, unknown))}; "
+                             f"dream3d computes {', '.join(CAMERA_FEATURES)}")
+        unet = self.unet.config
+        if names and (unet.class_embed_type != "projection" or unet.projection_class_embeddings_input_dim != len(names)):
+            raise PriorError(f"{self.model} declares {len(names)} camera features but its UNet has no projection "
+                             f"class embedding of that many inputs")
+        return names
+
+    def camera_labels(self, cameras: Cameras | None, batch: int) -> Tensor | None:
+        """[B, F] class labels of a camera-conditioned UNet (zeros without cameras), None for other UNets."""
+        if not self.camera_features:
+            return None
+        if cameras is None or not self.use_cameras:
+            return torch.zeros(batch, len(self.camera_features), device=self.device, dtype=self.dtype)
+        features = [CAMERA_FEATURES[name](cameras).float() for name in self.camera_features]
+        return torch.stack(features, dim=-1).to(self.device, self.dtype)
+
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
@@ -290,8 +322,26 @@ class DiffusersPrior:
             self._embeddings[prompt] = Embeddings(prompt, states[0], states[1], views)
         return self._embeddings[prompt]
 
+    def check_vocabulary(self, texts: list[str]) -> None:
+        """PriorError listing the vocabulary when a word-level tokenizer cannot spell a word of ``texts``.
+
+        A word-level tokenizer has no subwords to fall back on, so its unknown token means the
+        prompt is outside the model's (small) vocabulary; subword tokenizers are not checked."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or type(backend.model).__name__ != "WordLevel":
+            return
+        special = set(self.tokenizer.all_special_tokens)
+        for text in texts:
+            words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+            unknown = [w for w in dict.fromkeys(words) if w not in backend.get_vocab()]
+            if unknown:
+                vocab = sorted(backend.get_vocab(), key=backend.get_vocab().get)
+                raise PriorError(f"{self.model} does not know {', '.join(map(repr, unknown))} in prompt {text!r}; "
+                                 f"its vocabulary: {' '.join(w for w in vocab if w not in special)}")
+
     def text_embeddings(self, texts: list[str]) -> Tensor:
         """[N, L, D] float32 on the prior's device: from the disk cache, or encoded and cached."""
+        self.check_vocabulary(texts)
         paths = [self.cache_path(text) for text in texts]
         found: dict[int, Tensor] = {}
         for i, path in enumerate(paths):
@@ -334,8 +384,9 @@ class DiffusersPrior:
 
     # -- noise -------------------------------------------------------------------
     def predict_noise(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Cameras | None = None) -> Tensor:
-        """Epsilon [B,C,h,w] for x_t [B,C,h,w], t [B] long, text states [B,L,D]; cameras are not used.
+        """Epsilon [B,C,h,w] for x_t [B,C,h,w], t [B] long, text states [B,L,D], cameras (B, or None).
 
+        Cameras condition only a model that declares camera features (``camera_labels``).
         A learned-variance UNet (2C output channels, as DeepFloyd IF) gives epsilon in its first C
         channels; v- and x0-prediction outputs are converted with the scheduler's alphas.
         """
@@ -343,7 +394,8 @@ class DiffusersPrior:
         x_in = x_t.to(self.device, self.dtype)
         if self.device.type == "cuda" and self.cfg.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        output = self.unet(x_in, t, encoder_hidden_states=embeddings.to(self.device, self.dtype)).sample
+        output = self.unet(x_in, t, encoder_hidden_states=embeddings.to(self.device, self.dtype),
+                           class_labels=self.camera_labels(cameras, x_t.shape[0])).sample
         output = output.float()
         channels = x_t.shape[1]
         if output.shape[1] == 2 * channels:
