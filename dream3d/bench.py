@@ -36,7 +36,8 @@ def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     row = {
         "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
-        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error", "mesh_iou")},
+        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},
+        "mesh_iou": summary["eval"].get("mesh_iou", float("nan")),  # nan when the run exported no GLB
         "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),
         "peak_memory_mb": summary["peak_memory_mb"],
     }

@@ -95,7 +95,7 @@ def morton_order(points: Tensor, bits: int = 10) -> Tensor:
     so that runs of consecutive points fill compact cubes."""
     lo, hi = points.amin(0), points.amax(0)
     cells = ((points - lo) / (hi - lo).clamp_min(1e-12) * (2**bits - 1)).round().long()
-    code = torch.zeros(len(points), dtype=torch.long)
+    code = torch.zeros(len(points), dtype=torch.long, device=points.device)
     for bit in range(bits):
         for axis in range(3):
             code |= ((cells[:, axis] >> bit) & 1) << (3 * bit + axis)
@@ -249,9 +249,11 @@ class Gaussians(torch.nn.Module):
         sigma_i(x) = tau_i / (sqrt(2 pi) s_min,i) * exp(-0.5 m_i(x)^2), tau_i = -ln(1 - min(o_i, 0.95)):
         a ray through the centre of a Gaussian along its thinnest axis then accumulates optical
         depth tau_i, i.e. alpha = o_i, the same as its splat (capped at alpha 0.95, "opaque",
-        for opacity >= 0.95). Points are taken in Morton order, ``field_chunk`` at a time, so a
-        chunk is a small cube of space (a grid block, or a patch of mesh vertices); Gaussians
-        further than 3 sigma (largest axis) from a chunk's bounding box are skipped.
+        for opacity >= 0.95). The field is blurred: each covariance becomes Sigma + field_filter^2 I
+        (s_min included), which keeps every tau_i. Points are taken in Morton order,
+        ``field_chunk`` at a time, so a chunk is a small cube of space (a grid block, or a patch
+        of mesh vertices); Gaussians further than 3 sigma (largest axis) from a chunk's bounding
+        box are skipped.
         """
         means = self.params["means"].detach()
         scales = (self.scales.detach().square() + self.cfg.field_filter**2).sqrt()
