@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.config import (
-    EXPORT_FORMATS, GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge, parse_overrides,
+    EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge, parse_overrides,
 )
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
@@ -92,15 +92,17 @@ SEED = typer.Option(None)
 RESOLUTION = typer.Option(None, help="Render size (one size for the whole run).")
 CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it.")
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
+NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per step, or fixed on the 3D "
+                     "representation (sds, ism; cfd always).")
 
 
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
-    seed: int | None, resolution: int | None, init_points: Path | None,
+    seed: int | None, resolution: int | None, init_points: Path | None, noise: str | None = None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution)
+                 resolution=resolution, noise=noise)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}
     return {k: v for k, v in flags.items() if v is not None}
@@ -120,9 +122,10 @@ def run(
     out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default runs/)."),
     config: Optional[Path] = CONFIG,
     init_points: Optional[Path] = INIT_POINTS,
+    noise: Optional[str] = NOISE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, noise)
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
@@ -181,6 +184,7 @@ def batch(
     resolution: Optional[int] = RESOLUTION,
     config: Optional[Path] = CONFIG,
     init_points: Optional[Path] = INIT_POINTS,
+    noise: Optional[str] = NOISE,
 ) -> None:
     """Make an asset for every prompt in FILE; re-running continues where it stopped.
 
@@ -189,7 +193,7 @@ def batch(
 
     if status:
         raise typer.Exit(show_status(file, out, console))
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, noise)
     defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
     raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 

@@ -15,6 +15,8 @@ from representations.nerf import NeRF
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
 DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 7.5, "toy-unet-mv": 7.5, "sd": 100.0, "if": 20.0}
+# CFD's own (guidance-math.md section 10: 70 for SD); the other priors keep the SDS scale
+CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
 
 
 def build_prior(cfg: RunConfig) -> Prior:
@@ -47,10 +49,15 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
         from guidance.vsd import VSDGuidance
 
         return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance, cfg.seed)
+    if cfg.guidance == "cfd":
+        return SDSGuidance(prior, cfg.cfd, cfg.steps, CFD_GUIDANCE_SCALE[cfg.prior])
     return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
 
 
 def build_representation(cfg: RunConfig) -> torch.nn.Module:
+    """The representation, carrying consistent-noise state (seeded by the run's seed) when the run uses it."""
+    noise = cfg.noise_field if cfg.consistent_noise else None
+    generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.representation == "gaussians":
-        return Gaussians(cfg.gaussians, generator=torch.Generator().manual_seed(cfg.seed))
-    return NeRF(cfg.nerf)
+        return Gaussians(cfg.gaussians, generator=generator, noise=noise)
+    return NeRF(cfg.nerf, noise=noise, generator=generator)
