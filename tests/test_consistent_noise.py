@@ -197,6 +197,15 @@ def test_ism_uses_the_supplied_noise_in_place_of_its_draw(monkeypatch):
     torch.testing.assert_close(supplied, grad())
 
 
+def test_a_rule_that_draws_its_own_noise_refuses_supplied_noise():
+    from guidance.base import GuidanceError
+    from guidance.csd import CSDConfig, CSDGuidance
+
+    with pytest.raises(GuidanceError, match="CSDGuidance draws its own noise"):
+        CSDGuidance(AnalyticPrior(), CSDConfig())(torch.rand(1, 8, 8, 3), "a prompt", cameras(1), 0,
+                                                   generator=torch.Generator(), noise=lambda shape: torch.zeros(shape))
+
+
 # -- state: densification and resume ------------------------------------------------
 
 def test_noise_values_follow_densification_and_load_back():
