@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.config import (
-    EXPORT_FORMATS, GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge, parse_overrides,
+    EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
+    parse_overrides,
 )
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
@@ -94,15 +95,18 @@ CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
 PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
 REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
+NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per step, or fixed on the 3D "
+                     "representation (sds, ism; cfd always).")
 
 
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
     seed: int | None, resolution: int | None, init_points: Path | None, particles: int | None, repulsion: float | None,
+    noise: str | None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution, particles=particles)
+                 resolution=resolution, particles=particles, noise=noise)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}
     if repulsion is not None:
@@ -126,9 +130,11 @@ def run(
     init_points: Optional[Path] = INIT_POINTS,
     particles: Optional[int] = PARTICLES,
     repulsion: Optional[float] = REPULSION,
+    noise: Optional[str] = NOISE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
+                       noise)
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
@@ -195,6 +201,7 @@ def batch(
     init_points: Optional[Path] = INIT_POINTS,
     particles: Optional[int] = PARTICLES,
     repulsion: Optional[float] = REPULSION,
+    noise: Optional[str] = NOISE,
 ) -> None:
     """Make an asset for every prompt in FILE; re-running continues where it stopped.
 
@@ -203,7 +210,8 @@ def batch(
 
     if status:
         raise typer.Exit(show_status(file, out, console))
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
+                       noise)
     defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
     raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 

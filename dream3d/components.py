@@ -16,6 +16,8 @@ from representations.particles import Particles
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
 DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 7.5, "toy-unet-mv": 7.5, "sd": 100.0, "if": 20.0}
+# CFD's own (guidance-math.md section 10: 70 for SD); the other priors keep the SDS scale
+CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
 
 
 def build_prior(cfg: RunConfig) -> Prior:
@@ -48,17 +50,23 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
         from guidance.vsd import VSDGuidance
 
         return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance, cfg.seed)
+    if cfg.guidance == "cfd":
+        return SDSGuidance(prior, cfg.cfd, cfg.steps, CFD_GUIDANCE_SCALE[cfg.prior])
     return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
 
 
 def build_representation(cfg: RunConfig) -> torch.nn.Module:
-    """The run's representation, or ``Particles`` of ``cfg.particles`` of them (particle i seeded seed + i)."""
+    """The run's representation, or ``Particles`` of ``cfg.particles`` of them (particle i seeded seed + i);
+    each carries consistent-noise state when the run uses it."""
     if cfg.particles > 1:
         return Particles(cfg.particles, lambda i: _one_representation(cfg, cfg.seed + i))
     return _one_representation(cfg, cfg.seed)
 
 
 def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
+    noise = cfg.noise_field if cfg.consistent_noise else None
+    generator = torch.Generator().manual_seed(seed)
     if cfg.representation == "gaussians":
-        return Gaussians(cfg.gaussians, generator=torch.Generator().manual_seed(seed))
-    return NeRF(cfg.nerf)  # deterministic: NeRF particles start equal and differ by their noise
+        return Gaussians(cfg.gaussians, generator=generator, noise=noise)
+    # the NeRF's field starts deterministic (NeRF particles start equal); the generator seeds its noise
+    return NeRF(cfg.nerf, noise=noise, generator=generator)

@@ -8,7 +8,7 @@ carries its own typed section; unknown keys and wrong types are errors. The save
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,15 +20,19 @@ from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
 from guidance.repulsion import RepulsionConfig
 from guidance.schedule import CheckedSchedule
-from guidance.sds import SDSConfig
+from guidance.sds import CFDConfig, SDSConfig
 from guidance.vsd import ESDConfig, VSDConfig
 from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
+from representations.noise import NoiseFieldConfig
 
 PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if")
 # priors that load a diffusers folder (--model picks another)
 DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if")
-GUIDANCES = ("sds", "csd", "ism", "vsd", "esd")
+GUIDANCES = ("sds", "csd", "ism", "vsd", "esd", "cfd")
+# rules that take 3D-consistent forward noise (--noise consistent); cfd always does
+NOISE_GUIDANCES = ("sds", "ism", "cfd")
+NOISES = ("independent", "consistent")
 # priors without a diffusion network (closed-form denoisers): nothing for VSD/ESD's LoRA to attach to
 CLOSED_FORM_PRIORS = ("toy", "toy-mv")
 UNET_GUIDANCES = ("vsd", "esd")
@@ -65,6 +69,16 @@ class OptimConfig(_Section):
     lr_scale: CheckedSchedule = 1.0
 
 
+class NoiseConfig(NoiseFieldConfig):
+    """Consistent noise (``--noise consistent``, always on for ``--guidance cfd``): the representation's
+    noise state, and ``refresh``, the gamma of CFD's renewal n <- sqrt(1 - gamma) n + sqrt(gamma) xi
+    each step (a schedule; CFD's default 1e-4: a value keeps ~e^-1 of itself after 10k steps)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    refresh: CheckedSchedule = 1e-4
+
+
 class ExportConfig(_Section):
     formats: list[str] = list(EXPORT_FORMATS)
     mesh_resolution: int = Field(128, gt=8)
@@ -88,6 +102,8 @@ class RunConfig(_Section):
     # diffusers priors: a hub id or a local diffusers folder (None: the prior's default model)
     model: str | None = None
     guidance: str = "sds"
+    # where the forward noise comes from: fresh draws, or fixed noise attached to the 3D representation
+    noise: Literal["independent", "consistent"] = "independent"
     representation: str = "nerf"
     steps: int = Field(600, gt=0)
     seed: int = 0
@@ -106,6 +122,8 @@ class RunConfig(_Section):
     nerf: NeRFConfig = NeRFConfig()
     gaussians: GaussiansConfig = GaussiansConfig()
     sds: SDSConfig = SDSConfig()
+    cfd: CFDConfig = CFDConfig()
+    noise_field: NoiseConfig = NoiseConfig()
     csd: CSDConfig = CSDConfig()
     ism: ISMConfig = ISMConfig()
     vsd: VSDConfig = VSDConfig()
@@ -176,6 +194,18 @@ class RunConfig(_Section):
             raise ValueError(f"repulsion needs --particles 3 or more (got {self.particles}): its kernel bandwidth "
                              "median(d^2) / log(N - 1) is undefined for fewer")
         return self
+
+    @model_validator(mode="after")
+    def _noise(self) -> "RunConfig":
+        if self.noise == "consistent" and self.guidance not in NOISE_GUIDANCES:
+            raise ValueError(f"--noise consistent works with the guidance rules {', '.join(NOISE_GUIDANCES)}, "
+                             f"not {self.guidance}")
+        return self
+
+    @property
+    def consistent_noise(self) -> bool:
+        """Whether the forward noise comes from the representation (``--noise consistent`` or ``--guidance cfd``)."""
+        return self.noise == "consistent" or self.guidance == "cfd"
 
     @model_validator(mode="after")
     def _gaussians(self) -> "RunConfig":

@@ -24,10 +24,11 @@ from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
 from dream3d.sampling import orbit_cameras, sample_cameras
+from guidance.base import NoiseSource
 from guidance.priors.base import Prior
 from guidance.repulsion import build_features, repulsion_loss
 from guidance.schedule import evaluate
-from representations.cameras import Cameras
+from representations.cameras import Cameras, RenderOutput
 
 
 class RunError(RuntimeError):
@@ -134,7 +135,8 @@ class Trainer:
             cameras, self.background, generator=self.generator, with_normals=weights["lambda_orient"] > 0
         )
         particles = cfg.particles
-        guided = self.guidance(out.rgb, cfg.prompt, Cameras.cat([cameras] * particles), step, generator=self.generator)
+        guided = self.guidance(out.rgb, cfg.prompt, Cameras.cat([cameras] * particles), step, generator=self.generator,
+                               noise=self._consistent_noise(cameras, out))
         terms = {"guidance": guided.loss}
         if weights["lambda_sparsity"] > 0:
             terms["sparsity"] = sparsity_loss(out.alpha)
@@ -173,6 +175,14 @@ class Trainer:
         record.update(self.representation.stats())
         record["skipped"] = not finite
         return record
+
+    def _consistent_noise(self, cameras: Cameras, out: RenderOutput) -> NoiseSource | None:
+        """With consistent noise: refreshes the representation's noise state and returns the guidance's
+        noise source (x.shape [B,C,h,w] -> the representation's noise for these cameras and render)."""
+        if not self.cfg.consistent_noise:
+            return None
+        self.representation.refresh_noise(evaluate(self.cfg.noise_field.refresh, self.step), self.generator)
+        return lambda shape: self.representation.consistent_noise(cameras, out, tuple(shape[1:]))
 
     # -- the loop ----------------------------------------------------------------
     def run(

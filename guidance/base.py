@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from pydantic import BaseModel
@@ -11,6 +12,9 @@ from torch import Tensor
 from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import evaluate
 from representations.cameras import Cameras
+
+# Consistent forward noise, asked for once the prior's input x [B,C,h,w] exists: x.shape -> eps [B,C,h,w]
+NoiseSource = Callable[[torch.Size], Tensor]
 
 
 @dataclass
@@ -42,8 +46,12 @@ class DistillationRule(torch.nn.Module):
     """The shared pipeline of guidance-math.md section 12: encode, the rule's push-gradient g,
     nan_to_num and clip, an optional rescaling (``finish``), and the surrogate loss (d loss / d x = g / B).
 
-    Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None).
+    Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None). Rules that
+    can take the forward noise from outside (3D-consistent noise) set ``takes_noise`` and accept a
+    ``noise`` keyword [B,C,h,w] in ``gradient``.
     """
+
+    takes_noise = False
 
     def __init__(self, prior: Prior, cfg: BaseModel) -> None:
         super().__init__()
@@ -59,11 +67,18 @@ class DistillationRule(torch.nn.Module):
         """The cleaned g, rescaled as the rule needs (CSD's normalisation); identity by default."""
         return grad
 
-    def forward(self, rgb: Tensor, prompt: str, cameras: Cameras, step: int, generator: torch.Generator
-                ) -> GuidanceOutput:
-        """rgb [B,H,W,3] in [0,1] -> the surrogate loss (d loss / d x = g / B) and the logged floats."""
+    def forward(self, rgb: Tensor, prompt: str, cameras: Cameras, step: int, generator: torch.Generator,
+                noise: NoiseSource | None = None) -> GuidanceOutput:
+        """rgb [B,H,W,3] in [0,1] -> the surrogate loss (d loss / d x = g / B) and the logged floats.
+
+        ``noise``, when given, supplies the forward noise for the encoded x (instead of fresh draws)."""
         x = self.prior.encode(rgb.permute(0, 3, 1, 2))
-        grad, info = self.gradient(x, self.prior.embed(prompt), cameras, step, generator)
+        supplied = {}
+        if noise is not None:
+            if not self.takes_noise:
+                raise GuidanceError(f"{type(self).__name__} draws its own noise and cannot take consistent noise")
+            supplied["noise"] = noise(x.shape).to(x)
+        grad, info = self.gradient(x, self.prior.embed(prompt), cameras, step, generator, **supplied)
         clip = None if self.cfg.grad_clip is None else evaluate(self.cfg.grad_clip, step)
         grad = self.finish(clean_gradient(grad, clip))
         return GuidanceOutput(loss=surrogate_loss(x, grad), info={**info, "grad_norm": float(grad.norm())})

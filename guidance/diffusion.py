@@ -43,9 +43,12 @@ def add_noise(x: Tensor, noise: Tensor, abar: Tensor) -> Tensor:
 
 
 def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:
-    """w(t) for a batch of cumulative alphas [B]: sigma^2 ("sds"), 1 ("uniform"), or alpha * sigma^2 ("fantasia3d")."""
+    """w(t) for a batch of cumulative alphas [B]: sigma^2 ("sds"), 1 ("uniform"), alpha * sigma^2 ("fantasia3d"),
+    or sigma / alpha ("sigma_over_alpha", CFD's and ISM's)."""
     if weighting == "sds":
         return 1 - alphas_cumprod_t
+    if weighting == "sigma_over_alpha":
+        return ((1 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
     if weighting == "uniform":
         return torch.ones_like(alphas_cumprod_t)
     return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)

@@ -12,7 +12,8 @@ training indices themselves (the reference's DDIM timesteps add the scheduler's 
 1 for SD); the gradient follows dream3d's one surrogate convention d loss / d x = g / B where
 LucidDreamer applies g itself (fold B into lambda_g to match); eps_0 is the prior's unconditional
 branch (``prompts.negative_prompt``, "" by default), and ``ism.negative_prompt`` replaces it in
-the CFG only.
+the CFG only. Supplied noise (3D-consistent noise) replaces eps as is, without the channel offset,
+so that it stays N(0,1) per pixel.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def ddim_invert_step(x: Tensor, eps: Tensor, abar_from: Tensor, abar_to: Tensor)
 class ISMGuidance(DistillationRule):
     """ISM on a frozen epsilon-predicting prior; no state across steps."""
 
+    takes_noise = True
+
     def __init__(self, prior: Prior, cfg: ISMConfig) -> None:
         super().__init__(prior, cfg)
         self.negative = None if not cfg.negative_prompt else prior.embed(cfg.negative_prompt).cond
@@ -100,10 +103,11 @@ class ISMGuidance(DistillationRule):
     def abar(self, t: int, like: Tensor) -> Tensor:
         return alpha_bar(self.prior, torch.tensor([t]), like.device)
 
-    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
-                 ) -> tuple[Tensor, dict[str, float]]:
+    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator,
+                 noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """g for x [B,C,h,w]; ``noise`` [B,C,h,w] replaces the drawn eps when given."""
         t, s = self.interval(step, generator)
-        noise = self.noise(x, generator)
+        noise = self.noise(x, generator) if noise is None else noise
         B = x.shape[0]
         with torch.no_grad():
             x_s = self.invert(x, noise, s, embeddings, cameras)

@@ -4,6 +4,10 @@ g = w(t) * (eps_hat(x_t) - eps), with eps_hat in the DreamFusion CFG convention
 eps_hat = eps_y + omega * (eps_y - eps_u), x_t = alpha_t x + sigma_t eps fresh each call.
 With ``perp_neg`` eps_hat is Perp-Neg's (guidance-math.md section 2; diffusers CFG
 convention with the same omega, as threestudio does).
+
+The forward noise eps may come from outside (``noise`` in ``forward``: 3D-consistent noise).
+``CFDConfig`` makes this rule Consistent Flow Distillation (guidance-math.md section 10):
+w = sigma_t / alpha_t, a deterministic descending t, and (the loop's part) consistent noise.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
 from guidance.base import DistillationRule
@@ -24,25 +28,47 @@ from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
 
 # sds_weight and timestep_range now live in guidance.diffusion (shared by every rule); re-exported here
-__all__ = ["SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
+__all__ = ["CFDConfig", "SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
 
 
 class SDSConfig(BaseModel):
-    """SDS settings. ``guidance_scale`` None means the prior's recommended scale (100 for SD, 20 for IF)."""
+    """SDS settings. ``guidance_scale`` None means the prior's recommended scale (100 for SD, 20 for IF).
+
+    ``descending_t``: a deterministic t for the whole batch (CFD), t = round(T (min% + (max% - min%)(1 - p)))
+    with p a schedule over the run's progress (step / steps in [0, 1]), e.g. ``[[0, 0], [1, 0.8]]``."""
 
     model_config = ConfigDict(extra="forbid")
 
     guidance_scale: CheckedSchedule | None = None
-    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
+    weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sds"
     min_step_percent: CheckedSchedule = 0.02
     max_step_percent: CheckedSchedule = 0.98
     sqrt_anneal: bool = False
+    descending_t: CheckedSchedule | None = None
     grad_clip: CheckedSchedule | None = None
     perp_neg: bool = False
 
+    @model_validator(mode="after")
+    def _one_t_rule(self) -> "SDSConfig":
+        if self.sqrt_anneal and self.descending_t is not None:
+            raise ValueError("sqrt_anneal and descending_t both set t; choose one")
+        return self
+
+
+class CFDConfig(SDSConfig):
+    """Consistent Flow Distillation as SDS settings (guidance-math.md section 10): w = sigma_t / alpha_t and
+    t% = 0.02 + 0.96 (1 - p), p piecewise linear through CFD's SD stage-1 milestones p = 0, 0.3, 0.6, 0.8
+    at steps 0, 2.5k, 12.5k, 25k, rescaled to the run: the same fractions 0, 0.1, 0.5, 1 of ``steps``.
+    The CFG stays DreamFusion's convention (omega 70 for SD in the reference)."""
+
+    weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sigma_over_alpha"
+    descending_t: CheckedSchedule | None = [[0.0, 0.0], [0.1, 0.3], [0.5, 0.6], [1.0, 0.8]]
+
 
 class SDSGuidance(DistillationRule):
-    """SDS on a frozen prior. ``max_steps`` is the run length, needed only by ``sqrt_anneal``."""
+    """SDS on a frozen prior. ``max_steps`` is the run length, needed by ``sqrt_anneal`` and ``descending_t``."""
+
+    takes_noise = True
 
     def __init__(self, prior: Prior, cfg: SDSConfig, max_steps: int, default_guidance_scale: float) -> None:
         super().__init__(prior, cfg)
@@ -50,7 +76,12 @@ class SDSGuidance(DistillationRule):
         self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else default_guidance_scale
 
     def sample_timesteps(self, batch: int, step: int, generator: torch.Generator) -> Tensor:
-        """t [B]: uniform in [min_step, max_step] per item, or HiFA's deterministic sqrt annealing."""
+        """t [B]: uniform in [min_step, max_step] per item, HiFA's deterministic sqrt annealing, or ``descending_t``."""
+        if self.cfg.descending_t is not None:
+            p = evaluate(self.cfg.descending_t, min(step / self.max_steps, 1.0))
+            lo, hi = (evaluate(v, step) for v in (self.cfg.min_step_percent, self.cfg.max_step_percent))
+            T = self.prior.num_train_timesteps
+            return torch.full((batch,), min(round(T * (lo + (hi - lo) * (1 - p))), T - 1), dtype=torch.long)
         progress = min(step / self.max_steps, 1.0) if self.cfg.sqrt_anneal else None
         return sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
                                 batch, step, generator, progress)
@@ -72,8 +103,9 @@ class SDSGuidance(DistillationRule):
                 eps_hat = cfg_df(cond, uncond, omega)
         return sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
 
-    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
-                 ) -> tuple[Tensor, dict[str, float]]:
+    def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator,
+                 noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """g for x [B,C,h,w]; ``noise`` [B,C,h,w] is the forward noise (fresh draws when None)."""
         t = self.sample_timesteps(x.shape[0], step, generator)
-        noise = forward_noise(x, generator)
+        noise = forward_noise(x, generator) if noise is None else noise
         return self.push_gradient(x, t, noise, embeddings, cameras, step), {"t": float(t.float().mean())}

@@ -7,6 +7,10 @@ opacity logits and colour logits. Colours are view-independent RGB through a sig
 (SH degree 0): the toy world's shading is view-independent, and a sigmoid keeps renders in
 [0,1] without the clamp that SH-DC colours need (which zeroes gradients); PLY export
 converts to SH DC (``splat_ply.rgb_to_sh_dc``).
+
+With a ``NoiseFieldConfig`` each Gaussian also carries C fixed N(0,1) noise values (the buffer
+``noise_values`` [N,C], kept the same length as the Gaussians through densification), splatted
+into 3D-consistent noise images by ``consistent_noise``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import remove, reset_opa
 
 from representations.cameras import Cameras, RenderOutput
+from representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
 from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
 from representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
 
@@ -105,7 +110,9 @@ def morton_order(points: Tensor, bits: int = 10) -> Tensor:
 class Gaussians(torch.nn.Module):
     """N 3D Gaussians rendered by ``splat_raster.rasterize``."""
 
-    def __init__(self, cfg: GaussiansConfig, generator: torch.Generator | None = None) -> None:
+    def __init__(self, cfg: GaussiansConfig, generator: torch.Generator | None = None,
+                 noise: NoiseFieldConfig | None = None) -> None:
+        """``generator`` draws the initial points (and the noise state); ``noise``: carry consistent-noise state."""
         super().__init__()
         self.cfg = cfg
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -138,6 +145,11 @@ class Gaussians(torch.nn.Module):
                 "colors": torch.nn.Parameter(colors.clone()),
             }
         )
+        self.noise_cfg = noise
+        if noise is not None:
+            size = noise.background_resolution
+            self.register_buffer("noise_values", torch.randn(n, noise.channels, generator=generator))
+            self.register_buffer("noise_background", torch.randn(noise.channels, size, size, generator=generator))
 
     def _sample(self, n: int, generator: torch.Generator) -> Tensor:
         r = self.cfg.init_radius
@@ -184,6 +196,9 @@ class Gaussians(torch.nn.Module):
         """Densifies and prunes (gsplat's strategy), resets opacities, and enforces max_gaussians."""
         if not self.cfg.densify:
             return
+        if self.noise_cfg is not None:
+            # gsplat's clone/split/prune ops carry every tensor of the strategy state along with the Gaussians
+            self.strategy_state["noise_source"] = torch.arange(len(self), device=self.params["means"].device)
         self.strategy.step_post_backward(self.params, optimizers, self.strategy_state, step, output.extras["meta"])
         # as in 3DGS, opacities are reset only while densifying, so that they recover after
         if self.cfg.reset_every and step % self.cfg.reset_every == 0 and step < self.cfg.refine_stop:
@@ -193,6 +208,33 @@ class Gaussians(torch.nn.Module):
             drop = torch.zeros(len(self), dtype=torch.bool)
             drop[self.params["opacities"].detach().argsort()[:excess]] = True
             remove(self.params, optimizers, self.strategy_state, drop)
+        if self.noise_cfg is not None:
+            self._follow_noise(self.strategy_state.pop("noise_source"))
+
+    def _follow_noise(self, source: Tensor) -> None:
+        """Rebuilds noise_values for the Gaussians after densification; source [N'] is the index each
+        came from. Pruned ones drop their values; a clone or a split's second child is new and gets a
+        fresh N(0,1) draw (from the global generator, which the run checkpoints and gsplat's splits use);
+        the first Gaussian from each source keeps its value."""
+        values = self.noise_values[source]
+        new = ~first_occurrences(source)
+        values[new] = torch.randn(int(new.sum()), values.shape[1]).to(values)
+        self.noise_values = values
+
+    def refresh_noise(self, gamma: float, generator: torch.Generator) -> None:
+        """CFD's renewal n <- sqrt(1 - gamma) n + sqrt(gamma) xi of the per-Gaussian values and the background map."""
+        self.noise_values = refreshed(self.noise_values, gamma, generator)
+        self.noise_background = refreshed(self.noise_background, gamma, generator)
+
+    def consistent_noise(self, cameras: Cameras, output: RenderOutput, shape: tuple[int, int, int]) -> Tensor:
+        """3D-consistent noise [B,C,h,w] for the prior input shape (C,h,w): the first C per-Gaussian
+        values splatted into the B cameras at (h,w) (``render_noise``, exactly N(0,1) per pixel) over
+        the fixed background map. ``output`` is not needed: the splats are rasterised again at (h,w),
+        so a latent pixel gets the Gaussians that cover it, as CFD's latent-grid triangles do."""
+        check_shape(self.noise_cfg.channels, self.noise_cfg.background_resolution, shape)
+        C, h, w = shape
+        bg = background(self.noise_background, len(cameras), shape).permute(0, 2, 3, 1)
+        return self.render_noise(cameras.resized(w, h), self.noise_values[:, :C], bg).permute(0, 3, 1, 2)
 
     def get_extra_state(self) -> dict:
         return {"strategy_state": self.strategy_state}
@@ -204,6 +246,8 @@ class Gaussians(torch.nn.Module):
         """Loads a checkpoint whose Gaussian count may differ from this model's (densification)."""
         for key in self.params:
             self.params[key] = torch.nn.Parameter(torch.empty_like(state_dict[f"params.{key}"]))
+        if self.noise_cfg is not None and "noise_values" in state_dict:
+            self.noise_values = torch.empty_like(state_dict["noise_values"])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def render(

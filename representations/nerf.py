@@ -15,6 +15,9 @@ from the bounding cube. Empty space is skipped with an occupancy grid (cells who
 density, dilated by a cell, is above a small threshold), refreshed every few steps:
 samples in empty cells get density 0 without evaluating the field, which is most of
 them once the object has formed. The grid is a buffer, so it is checkpointed.
+
+With a ``NoiseFieldConfig`` the NeRF also carries 3D-consistent noise (``consistent_noise``):
+a fixed [C,R,R,R] N(0,1) voxel grid over the cube and a fixed 2D background map, both buffers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from representations.cameras import Cameras, RenderOutput, ray_aabb
+from representations.noise import NoiseFieldConfig, background, check_shape, refreshed
+
+# a prior-input pixel whose (resized) opacity is below this takes the background noise
+SURFACE_ALPHA = 0.5
 
 
 class NeRFConfig(BaseModel):
@@ -46,9 +53,17 @@ class NeRFConfig(BaseModel):
 class NeRF(torch.nn.Module):
     """Density and colour fields over the cube [-bound, bound]^3 rendered by volume rendering."""
 
-    def __init__(self, cfg: NeRFConfig) -> None:
+    def __init__(self, cfg: NeRFConfig, noise: NoiseFieldConfig | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """``noise``: carry consistent-noise state, drawn from ``generator`` (seed 0 if None)."""
         super().__init__()
         self.cfg = cfg
+        self.noise_cfg = noise
+        if noise is not None:
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            r, s = noise.grid_resolution, noise.background_resolution
+            self.register_buffer("noise_grid", torch.randn(noise.channels, r, r, r, generator=generator))
+            self.register_buffer("noise_background", torch.randn(noise.channels, s, s, generator=generator))
         self.grids = torch.nn.ParameterList(
             torch.nn.Parameter(torch.zeros(1, 4, r, r, r)) for r in cfg.grid_resolutions
         )
@@ -82,6 +97,39 @@ class NeRF(torch.nn.Module):
         r = self.cfg.occupancy_resolution
         idx = ((points / self.cfg.bound + 1) / 2 * r).long().clamp(0, r - 1)
         return self.occupancy[idx[:, 0], idx[:, 1], idx[:, 2]]
+
+    def refresh_noise(self, gamma: float, generator: torch.Generator) -> None:
+        """CFD's renewal n <- sqrt(1 - gamma) n + sqrt(gamma) xi of the noise grid and background map."""
+        self.noise_grid = refreshed(self.noise_grid, gamma, generator)
+        self.noise_background = refreshed(self.noise_background, gamma, generator)
+
+    @torch.no_grad()
+    def consistent_noise(self, cameras: Cameras, output: RenderOutput, shape: tuple[int, int, int]) -> Tensor:
+        """3D-consistent noise [B,C,h,w] for the prior input shape (C,h,w) of the B cameras rendered as ``output``.
+
+        The render's alpha and depth [B,H,W,1] are resized to (h,w) (bilinear, antialiased; the depth,
+        which is alpha-weighted, divided by the resized alpha), the surface point of each pixel is
+        o + depth * d on the ray through its centre at (h,w), and its value is the noise grid's at the
+        nearest voxel: exactly N(0,1) per pixel, and the same for a surface point from every view.
+        Pixels with alpha below ``SURFACE_ALPHA`` take the fixed background map.
+
+        Deviations from CFD's generator (guidance-math.md section 10), for cost on CPU: a nearest-voxel
+        lookup in one 3D grid instead of rasterising two triangles per pixel into six 2048^2 textures
+        with depth peeling and averaging the covered texels; so two pixels whose surface points fall in
+        one voxel share a value (CFD's pixels are independent), and a surface point near a voxel face may
+        fall on either side from two views whose depths differ slightly.
+        """
+        check_shape(self.noise_cfg.channels, self.noise_cfg.background_resolution, shape)
+        C, h, w = shape
+        alpha, depth = (v.detach().permute(0, 3, 1, 2) for v in (output.alpha, output.depth))
+        if alpha.shape[-2:] != (h, w):
+            alpha, depth = (F.interpolate(v, size=(h, w), mode="bilinear", antialias=True) for v in (alpha, depth))
+        origins, dirs = cameras.resized(w, h).rays()  # [B,h,w,3]
+        points = origins + (depth / alpha.clamp_min(1e-6)).permute(0, 2, 3, 1) * dirs
+        r = self.noise_cfg.grid_resolution
+        idx = ((points / self.cfg.bound + 1) / 2 * r).floor().long().clamp(0, r - 1)
+        surface = self.noise_grid[:C, idx[..., 0], idx[..., 1], idx[..., 2]].transpose(0, 1)  # [B,C,h,w]
+        return torch.where(alpha >= SURFACE_ALPHA, surface, background(self.noise_background, len(cameras), shape))
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.grids.parameters()), "lr": self.cfg.lr, "name": "grids"}]

@@ -75,3 +75,12 @@ class Particles(torch.nn.Module):
             prefix = f"members.{i}."
             member.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
                                    strict=strict, assign=assign)
+
+    def refresh_noise(self, gamma: float, generator: torch.Generator) -> None:
+        for member in self.members:
+            member.refresh_noise(gamma, generator)
+
+    def consistent_noise(self, cameras: Cameras, output: RenderOutput, shape: tuple[int, int, int]) -> Tensor:
+        """Each particle's own consistent noise for the B cameras, particle-major: [N*B,C,h,w]."""
+        outs = output.extras["particles"]
+        return torch.cat([m.consistent_noise(cameras, out, shape) for m, out in zip(self.members, outs)])

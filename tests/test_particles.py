@@ -37,7 +37,7 @@ def test_each_particle_gets_the_guidance_gradient_it_would_get_alone(tiny, tmp_p
         member.load_state_dict(single.representation.state_dict())
     pair = Trainer(build_config(*layers, {"particles": 2}), tmp_path / "b", representation=particles)
 
-    def constant_push(rgb, prompt, cameras, step, generator):  # g = 1 everywhere: d loss / d x = 1 / batch
+    def constant_push(rgb, prompt, cameras, step, generator, noise=None):  # g = 1: d loss / d x = 1 / batch
         return GuidanceOutput(surrogate_loss(rgb, torch.ones_like(rgb)))
 
     for trainer in (single, pair):
@@ -151,3 +151,14 @@ def test_dino_features_from_a_local_vit_folder_and_its_errors(tmp_path):
         build_features(RepulsionConfig(features="dino"))
     with pytest.raises(GuidanceError, match="no local ViT model"):
         build_features(RepulsionConfig(features="dino", dino_model=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("representation", ["nerf", "gaussians"])
+def test_particles_carry_their_own_consistent_noise(representation, tiny, tmp_path):
+    cfg = build_config(tiny, {"prompt": "a red cube", "guidance": "cfd", "particles": 2,
+                              "representation": representation})
+    trainer = Trainer(cfg, tmp_path / "r")
+    trainer.train_step()
+    first, second = (m.state_dict() for m in trainer.representation.members)
+    noise = [k for k in first if "noise" in k]
+    assert noise and all(not torch.equal(first[k], second[k]) for k in noise)
