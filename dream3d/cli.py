@@ -221,7 +221,7 @@ def bench_guidance(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds of the faithful prompts (default 0)."),
     diversity_seeds: Optional[str] = typer.Option(None, help="Seeds of the ambiguous prompts (default 0,1,2)."),
     particles: Optional[int] = typer.Option(None, help="Particles per ambiguous run (default 4)."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 200)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 100)."),
 ) -> None:
     """Compare the guidance rules: fidelity, diversity and cost per step; writes bench.md / bench.json."""
     from dream3d import guidance_bench as gb
