@@ -36,8 +36,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "vsd": ("guidance=vsd",),
     "esd": ("guidance=esd",),
     "cfd": ("guidance=cfd",),
-    # SDS + kernel repulsion, which needs at least 3 particles; 200 is gamma of RSD's 3D code (guidance-math.md §8)
-    "rsd": ("particles=4", "repulsion.weight=200"),
+    # SDS + kernel repulsion, which needs at least 3 particles; the README's example weight, not tuned
+    "rsd": ("particles=4", "repulsion.weight=100"),
 }
 
 # 100 steps at 32x32: the shapes have formed (IoU ~0.86 on "a green cube", docs/benchmarks.md) at a
