@@ -25,6 +25,7 @@ from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer
+from representations.particles import Particles
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
@@ -143,19 +144,23 @@ def export(
         cfg = rundir.load_run_config(run_dir)
     ex = cfg.export
     tick = time.perf_counter()
-    files = export_representation(
-        representation,
-        run_dir / "export",
-        formats=list(formats or ex.formats),
-        resolution=resolution or ex.mesh_resolution,
-        threshold=threshold if threshold is not None else ex.threshold,
-        video=ex.video,
-        video_frames=ex.video_frames,
-        video_resolution=ex.video_resolution,
-    )
-    if hasattr(representation, "save_ply"):
-        files["splats"] = run_dir / "export" / "splats.ply"
-        representation.save_ply(files["splats"])
+    files = {}
+    for name, member in _particles(representation):
+        folder = run_dir / "export" / name
+        own = export_representation(
+            member,
+            folder,
+            formats=list(formats or ex.formats),
+            resolution=resolution or ex.mesh_resolution,
+            threshold=threshold if threshold is not None else ex.threshold,
+            video=ex.video,
+            video_frames=ex.video_frames,
+            video_resolution=ex.video_resolution,
+        )
+        if hasattr(member, "save_ply"):
+            own["splats"] = folder / "splats.ply"
+            member.save_ply(own["splats"])
+        files.update({f"{name}/{kind}" if name else kind: path for kind, path in own.items()})
     rundir.update_summary(
         run_dir, export_seconds=round(time.perf_counter() - tick, 2),
         files={k: str(v.relative_to(run_dir)) for k, v in files.items()},
@@ -167,17 +172,34 @@ def evaluate(run_dir: Path) -> dict:
     """Scores a toy-prompt run against the toy world; the result is merged into summary.json.
 
     With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``).
+    A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
     """
     run_dir = Path(run_dir)
     cfg, representation = load_representation(run_dir)
     background = torch.tensor(cfg.background)
-    metrics = evaluate_representation(representation, cfg.prompt, background)
-    glb = run_dir / "export" / "model.glb"
-    if glb.exists():
-        mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
-        metrics["mesh_iou"] = mesh_iou(mesh, representation, background)
+    per_particle = []
+    for name, member in _particles(representation):
+        metrics = evaluate_representation(member, cfg.prompt, background)
+        glb = run_dir / "export" / name / "model.glb"
+        if glb.exists():
+            mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
+            metrics["mesh_iou"] = mesh_iou(mesh, member, background)
+        per_particle.append(metrics)
+    if len(per_particle) == 1:
+        metrics = per_particle[0]
+    else:
+        scores = [k for k in ("iou", "r_precision", "colour_error", "mesh_iou") if all(k in m for m in per_particle)]
+        metrics = {k: sum(m[k] for m in per_particle) / len(per_particle) for k in scores}
+        metrics["particles"] = per_particle
     rundir.update_summary(run_dir, eval=metrics)
     return metrics
+
+
+def _particles(representation: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(export subfolder, representation) per particle: ("", it) for a single one, ("p{i}", member i) for Particles."""
+    if isinstance(representation, Particles):
+        return [(f"p{i}", member) for i, member in enumerate(representation.members)]
+    return [("", representation)]
 
 
 def _peak_memory_mb() -> float:

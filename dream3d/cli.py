@@ -93,17 +93,21 @@ SEED = typer.Option(None)
 RESOLUTION = typer.Option(None, help="Render size (one size for the whole run).")
 CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it.")
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
+PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
+REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
 
 
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
-    seed: int | None, resolution: int | None, init_points: Path | None,
+    seed: int | None, resolution: int | None, init_points: Path | None, particles: int | None, repulsion: float | None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution)
+                 resolution=resolution, particles=particles)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}
+    if repulsion is not None:
+        flags["repulsion"] = {"weight": repulsion}
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -121,9 +125,11 @@ def run(
     out: Optional[str] = typer.Option(None, help="Folder that receives the run folder (default runs/)."),
     config: Optional[Path] = CONFIG,
     init_points: Optional[Path] = INIT_POINTS,
+    particles: Optional[int] = PARTICLES,
+    repulsion: Optional[float] = REPULSION,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion)
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
@@ -160,8 +166,14 @@ def export(
 def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt.")) -> None:
     """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
     metrics = api.evaluate(run_dir)
+    for i, particle in enumerate(metrics.pop("particles", [])):
+        typer.echo(f"p{i}: " + ", ".join(_fmt_metric(k, v) for k, v in particle.items()))
     for key, value in metrics.items():
-        typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        typer.echo(_fmt_metric(key, value))
+
+
+def _fmt_metric(key: str, value: Any) -> str:
+    return f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}"
 
 
 @app.command()
@@ -182,6 +194,8 @@ def batch(
     resolution: Optional[int] = RESOLUTION,
     config: Optional[Path] = CONFIG,
     init_points: Optional[Path] = INIT_POINTS,
+    particles: Optional[int] = PARTICLES,
+    repulsion: Optional[float] = REPULSION,
 ) -> None:
     """Make an asset for every prompt in FILE; re-running continues where it stopped.
 
@@ -190,7 +204,7 @@ def batch(
 
     if status:
         raise typer.Exit(show_status(file, out, console))
-    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points)
+    flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion)
     defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
     raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 

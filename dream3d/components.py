@@ -11,6 +11,7 @@ from guidance.priors.base import Prior
 from guidance.sds import SDSGuidance
 from representations.gaussians import Gaussians
 from representations.nerf import NeRF
+from representations.particles import Particles
 
 # The DreamFusion-convention CFG scale each prior is used with by default
 # (guidance-math.md: 100 for SD, 20 for IF; the exact toy denoiser needs far less).
@@ -51,6 +52,13 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
 
 
 def build_representation(cfg: RunConfig) -> torch.nn.Module:
+    """The run's representation, or ``Particles`` of ``cfg.particles`` of them (particle i seeded seed + i)."""
+    if cfg.particles > 1:
+        return Particles(cfg.particles, lambda i: _one_representation(cfg, cfg.seed + i))
+    return _one_representation(cfg, cfg.seed)
+
+
+def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
     if cfg.representation == "gaussians":
-        return Gaussians(cfg.gaussians, generator=torch.Generator().manual_seed(cfg.seed))
-    return NeRF(cfg.nerf)
+        return Gaussians(cfg.gaussians, generator=torch.Generator().manual_seed(seed))
+    return NeRF(cfg.nerf)  # deterministic: NeRF particles start equal and differ by their noise

@@ -18,6 +18,7 @@ from guidance.csd import CSDConfig
 from guidance.ism import ISMConfig
 from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
+from guidance.repulsion import RepulsionConfig
 from guidance.schedule import CheckedSchedule
 from guidance.sds import SDSConfig
 from guidance.vsd import ESDConfig, VSDConfig
@@ -90,6 +91,8 @@ class RunConfig(_Section):
     representation: str = "nerf"
     steps: int = Field(600, gt=0)
     seed: int = 0
+    # independent representations optimised together (export/p{i}/ each); one guidance, VSD's LoRA shared
+    particles: int = Field(1, ge=1, le=64)
     # render size per step: one int, or sizes switched at resolution_milestones (threestudio's form)
     resolution: int | list[int] = [32, 64]
     resolution_milestones: list[int] = [400]
@@ -108,6 +111,7 @@ class RunConfig(_Section):
     vsd: VSDConfig = VSDConfig()
     esd: ESDConfig = ESDConfig()
     prompts: PromptConfig = PromptConfig()
+    repulsion: RepulsionConfig = RepulsionConfig()
     diffusers: DiffusersConfig = DiffusersConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -164,6 +168,13 @@ class RunConfig(_Section):
             works = ", ".join(p for p in PRIORS if p not in CLOSED_FORM_PRIORS)
             raise ValueError(f"guidance {self.guidance} trains a LoRA on the prior's UNet, and prior {self.prior} is "
                              f"closed-form (no UNet); use one of the priors {works}")
+        return self
+
+    @model_validator(mode="after")
+    def _repulsion(self) -> "RunConfig":
+        if self.repulsion.weight > 0 and self.particles < 3:
+            raise ValueError(f"repulsion needs --particles 3 or more (got {self.particles}): its kernel bandwidth "
+                             "median(d^2) / log(N - 1) is undefined for fewer")
         return self
 
     @model_validator(mode="after")

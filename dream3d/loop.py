@@ -26,7 +26,9 @@ from dream3d.config import RunConfig
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
 from guidance.priors.base import Prior
+from guidance.repulsion import build_features, repulsion_loss
 from guidance.schedule import evaluate
+from representations.cameras import Cameras
 
 
 class RunError(RuntimeError):
@@ -75,6 +77,7 @@ class Trainer:
         self.nfe = NFECounter(self.prior)
         self.representation = representation if representation is not None else build_representation(cfg)
         self.guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
+        self.features = build_features(cfg.repulsion) if cfg.repulsion.weight > 0 else None
         self.optimizers = self._build_optimizers()
         self.background = torch.tensor(cfg.background)
         self.step = 0
@@ -132,7 +135,8 @@ class Trainer:
         out = self.representation.render(
             cameras, self.background, generator=self.generator, with_normals=weights["lambda_orient"] > 0
         )
-        guided = self.guidance(out.rgb, cfg.prompt, cameras, step, generator=self.generator)
+        particles = cfg.particles
+        guided = self.guidance(out.rgb, cfg.prompt, Cameras.cat([cameras] * particles), step, generator=self.generator)
         terms = {"guidance": guided.loss}
         if weights["lambda_sparsity"] > 0:
             terms["sparsity"] = sparsity_loss(out.alpha)
@@ -140,7 +144,12 @@ class Trainer:
             terms["opaque"] = opaque_loss(out.alpha)
         if weights["lambda_orient"] > 0:
             terms["orient"] = out.extras["orient"]
-        loss = sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
+        # every term is a mean over the particles' images: times N, each particle gets the gradient it would alone
+        loss = particles * sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
+        if self.features is not None:
+            features = self.features(out.rgb.permute(0, 3, 1, 2))
+            terms["repulsion"] = repulsion_loss(features.view(particles, len(cameras), -1))
+            loss = loss + cfg.repulsion.weight * terms["repulsion"]
 
         scale = evaluate(cfg.optim.lr_scale, step)
         for opt in self.optimizers.values():
@@ -208,9 +217,10 @@ class Trainer:
 
     @torch.no_grad()
     def write_preview(self, views: int = 4, resolution: int = 64) -> Path:
-        """A 1 x views grid of renders around the object, saved under previews/."""
+        """A particles x views grid of renders around the object, saved under previews/."""
         out = self.representation.render(orbit_cameras(views, resolution), self.background)
-        grid = torch.cat(list(out.rgb), dim=1)
+        rows = out.rgb.view(-1, views, resolution, resolution, 3)  # a row per particle
+        grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)
         path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
         with atomic_path(path) as tmp:
             iio.imwrite(tmp, (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8), extension=".png")

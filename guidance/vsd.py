@@ -123,12 +123,13 @@ class VSDGuidance(DistillationRule):
     def fake_score(self) -> Iterator[torch.nn.Module]:
         """The prior's UNet with the LoRA and the camera MLP on; back to the plain prior on exit."""
         unet = self.prior.unet
+        own_embedding = unet.class_embedding  # a camera-conditioned prior (toy-unet) has its own
         unet.enable_adapters()
         unet.class_embedding = self.camera_embedding
         try:
             yield unet
         finally:
-            unet.class_embedding = None
+            unet.class_embedding = own_embedding
             unet.disable_adapters()
 
     def fake_output(self, x_t: Tensor, t: Tensor, states: Tensor, camera: Tensor) -> Tensor:

@@ -165,13 +165,3 @@ def test_vsd_resume_equals_uninterrupted(models, tmp_path):
     api.resume(interrupted)
     assert [m["loss_lora"] for m in metrics(interrupted)] == [m["loss_lora"] for m in metrics(straight)]
     assert metrics(interrupted) == metrics(straight)
-
-
-@pytest.mark.parametrize("representation", ["nerf", "gaussians"])
-@pytest.mark.parametrize("rule", ["vsd", "esd"])
-def test_cli_runs_on_tiny_sd(models, rule, representation, monkeypatch, capsys, tmp_path):
-    from tests.test_guidance_rules import run_cli
-
-    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", rule, "--prior", "sd", "--model",
-                      models["sd"], "--representation", representation)
-    assert all("loss_lora" in m for m in metrics(run_dir))
