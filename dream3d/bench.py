@@ -1,7 +1,8 @@
 """The toy benchmark: run a set of toy prompts, evaluate each against the toy world, tabulate.
 
 Each run is a separate ``dream3d run`` process (so peak memory is per run), followed
-by ``dream3d eval``. The table (markdown and JSON) has one row per run and a median row.
+by its evaluation (``api.evaluate``, what ``dream3d eval`` calls, in this process: it saves
+a process start per run). The table (markdown and JSON) has one row per run and a median row.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from dream3d import api
 from dream3d.atomic import write_text
 
 # Twelve classes: every shape and every colour twice.
@@ -25,15 +27,34 @@ COLUMNS = ("iou", "r_precision", "colour_error", "mesh_iou", "seconds_per_step",
 COUNT_STEPS = (1, 100, 200, 300, 400, 600)  # where the Gaussian count is reported
 
 
-def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
-    """Runs and evaluates one prompt in subprocesses; returns its table row."""
+class BenchError(RuntimeError):
+    """A benchmark run or its evaluation failed; the message is one line."""
+
+
+def run_and_eval(prompt: str, seed: int, out: Path, options: list[str]) -> tuple[Path, dict, float]:
+    """Runs ``dream3d run`` in a subprocess, then evaluates its run folder (the newest under ``out``).
+
+    Returns (run folder, its summary.json, wall seconds of the run process); a failed run
+    raises BenchError with its last line on stderr."""
     command = [sys.executable, "-m", "dream3d", "run", prompt, "--seed", str(seed), "--out", str(out), *options]
     tick = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    _call(command)
     wall = time.perf_counter() - tick
     run_dir = max(out.glob("*/"), key=lambda p: p.stat().st_mtime)
-    subprocess.run([sys.executable, "-m", "dream3d", "eval", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    api.evaluate(run_dir)
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), wall
+
+
+def _call(command: list[str]) -> None:
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise BenchError(f"`dream3d run {command[4]!r}` failed: {last}")
+
+
+def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
+    """Runs and evaluates one prompt in subprocesses; returns its table row."""
+    run_dir, summary, wall = run_and_eval(prompt, seed, out, options)
     row = {
         "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
         **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},

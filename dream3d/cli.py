@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
+from dream3d.bench import BenchError
 from dream3d.config import (
     EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
     parse_overrides,
@@ -33,7 +34,7 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError)
 
 
 class _StopFlag:
@@ -229,6 +230,47 @@ def benchmark(
     seed_list = [int(s) for s in seeds.split(",")]
     rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
     typer.echo(markdown_table(rows))
+
+
+@app.command("bench-guidance")
+def bench_guidance(
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run (last)"),
+    out: Path = typer.Option(Path("bench-guidance"), help="Folder for the runs, bench.md and bench.json."),
+    quick: bool = typer.Option(False, help="The small matrix CI runs (2 rules, NeRF, toy-mv, 1 faithful + 1 ambiguous prompt, a few steps)."),
+    rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: all): sds,csd,ism,vsd,esd,cfd,rsd"),
+    representations: Optional[str] = typer.Option(None, help="Comma-separated: nerf,gaussians (default: both)."),
+    prior: Optional[str] = typer.Option(None, help="The embedded prior of every run (default toy-unet-mv)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds of the faithful prompts (default 0)."),
+    diversity_seeds: Optional[str] = typer.Option(None, help="Seeds of the ambiguous prompts (default 0,1,2)."),
+    particles: Optional[int] = typer.Option(None, help="Particles per ambiguous run (default 4)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 100)."),
+) -> None:
+    """Compare the guidance rules: fidelity, diversity and cost per step; writes bench.md / bench.json."""
+    from dream3d import guidance_bench as gb
+
+    matrix = gb.with_choices(
+        gb.QUICK if quick else gb.FULL, rules=_names(rules), representations=_names(representations), prior=prior,
+        seeds=_seeds(seeds), ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
+    )
+    extra = [*([f"steps={steps}"] if steps is not None else []), *(overrides or [])]
+
+    def on_row(row: dict) -> None:
+        outcome = row.get("error") or f"{row['wall_seconds']} s"
+        console.print(f"{row['rule']} {row['representation']} {row['prompt']!r} seed {row['seed']}: {outcome}")
+
+    rows = gb.run_matrix(matrix, out, extra, on_row)
+    typer.echo(gb.markdown(gb.write(out, matrix, extra, rows)))
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _seeds(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if value is None else tuple(int(s) for s in value.split(","))
+    except ValueError:
+        raise ConfigError(f"seeds must be comma-separated integers, got {value!r}") from None
 
 
 @app.command("train-prior")

@@ -23,6 +23,7 @@ from dream3d import rundir
 from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
+from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
 from guidance.base import NoiseSource
 from guidance.priors.base import Prior
@@ -74,6 +75,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.prior = prior if prior is not None else build_prior(cfg)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
+        self.nfe = NFECounter(self.prior)
         self.representation = representation if representation is not None else build_representation(cfg)
         self.guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
         self.features = build_features(cfg.repulsion) if cfg.repulsion.weight > 0 else None
@@ -201,6 +203,7 @@ class Trainer:
             tick = time.perf_counter()
             record = self.train_step()
             record["step_time"] = time.perf_counter() - tick
+            record["nfe"] = self.nfe.take()
             self.elapsed += record["step_time"]
             rundir.append_metrics(self.run_dir, record)
             if self.nonfinite_streak >= cfg.max_nan_steps:
@@ -220,6 +223,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
                 on_event(Progress("checkpoint", **progress))
+        rundir.update_summary(self.run_dir, nfe_per_step=mean_per_step(self.run_dir / "metrics.jsonl"))
 
     @torch.no_grad()
     def write_preview(self, views: int = 4, resolution: int = 64) -> Path:

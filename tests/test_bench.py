@@ -26,3 +26,168 @@ def test_gaussian_counts_column_when_every_run_logged_them():
     table = markdown_table([_row("a red cube", 0.9, counts)])
     assert "gaussians at steps 1/100/200/300/400/600" in table
     assert "4096 / 4096 / 12000 / - / - / 11000" in table
+
+
+# -- the guidance comparison (dream3d bench-guidance) ------------------------------
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from dream3d import api, cli
+from dream3d.bench import BenchError, run_and_eval
+from dream3d.config import build_config
+from dream3d.guidance_bench import FULL, HEADERS, QUICK, RULES, cell, diversity
+from dream3d.nfe import NFECounter
+
+
+@pytest.mark.parametrize("classes, distinct, bits", [
+    ([], 0, 0.0),
+    (["red cube"] * 4, 1, 0.0),
+    (["red cube", "red cube", "blue cube", "blue cube"], 2, 1.0),
+    (["red cube", "blue cube", "green cube", "purple cube"], 4, 2.0),
+    (["red cube"] * 3 + ["blue cube"], 2, -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))),
+])
+def test_diversity_counts_classes_and_their_entropy(classes, distinct, bits):
+    assert diversity(classes) == (distinct, pytest.approx(bits))
+
+
+def _run(kind, prompt, seed, classes, iou=0.5, cost=1.0):
+    particles = [{"matched_class": c, "iou": iou, "r_precision": 1.0, "colour_error": 0.1} for c in classes]
+    return {"rule": "sds", "representation": "nerf", "set": kind, "prompt": prompt, "seed": seed,
+            "particles": particles, "seconds_per_step": cost, "nfe_per_step": 2 * cost, "peak_memory_mb": 100 * cost}
+
+
+def test_cell_scores_every_particle_and_pools_seeds_per_ambiguous_prompt():
+    rows = [
+        _run("faithful", "a red sphere", 0, ["red sphere"], iou=0.9, cost=1.0),
+        _run("faithful", "a green cube", 0, ["green cube"], iou=0.5, cost=3.0),
+        _run("faithful", "a blue cone", 0, ["blue cone", "blue cone"], iou=0.6, cost=2.0),
+        # two seeds of "a cube": 4 particles, 3 classes (2, 1, 1)
+        _run("ambiguous", "a cube", 0, ["red cube", "blue cube"], cost=10.0),
+        _run("ambiguous", "a cube", 1, ["red cube", "green cube"], cost=10.0),
+        # "a red shape": one class from both seeds
+        _run("ambiguous", "a red shape", 0, ["red sphere", "red sphere"], cost=10.0),
+        _run("ambiguous", "a red shape", 1, ["red sphere", "red sphere"], cost=10.0),
+        {"rule": "sds", "representation": "nerf", "set": "ambiguous", "prompt": "a cube", "seed": 2, "error": "boom"},
+    ]
+    entry = cell(rows)
+    assert (entry["runs"], entry["failed"]) == (7, 1)
+    assert entry["iou"] == 0.6  # median of the 4 faithful particles 0.9, 0.5, 0.6, 0.6
+    # cost: the faithful runs only
+    assert (entry["seconds_per_step"], entry["nfe_per_step"], entry["peak_memory_mb"]) == (2.0, 4.0, 200.0)
+    assert entry["diversity_by_prompt"]["a cube"] == {"distinct_classes": 3, "entropy_bits": 1.5}
+    assert entry["diversity_by_prompt"]["a red shape"] == {"distinct_classes": 1, "entropy_bits": 0.0}
+    assert entry["distinct_classes"] == 2.0 and entry["entropy_bits"] == 0.75
+
+
+def test_rules_are_run_overrides_that_win_over_the_shared_settings():
+    options = FULL.options("rsd", "gaussians", ambiguous=False)
+    assert options[:4] == ["--prior", "toy-unet-mv", "--representation", "gaussians"]
+    assert options[-2:] == list(RULES["rsd"])
+    assert "particles=4" in FULL.options("sds", "nerf", ambiguous=True)
+    assert not any(o.startswith("particles=") for o in FULL.options("sds", "nerf", ambiguous=False))
+    assert not any(o.startswith("particles=") for o in QUICK.options("sds", "nerf", ambiguous=True))
+
+
+class _ClosedForm:
+    unet = None
+
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        return torch.zeros_like(x_t)
+
+
+class _WithUNet(_ClosedForm):
+    def __init__(self):
+        self.unet = torch.nn.Identity()
+
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        return self.unet(x_t)
+
+
+@pytest.mark.parametrize("prior", [_ClosedForm(), _WithUNet()])
+def test_nfe_counter_counts_items_through_the_network_and_resets(prior):
+    counter = NFECounter(prior)
+    prior.predict_noise(torch.zeros(3, 3, 4, 4), None, None)
+    prior.predict_noise(torch.zeros(2, 3, 4, 4), None, None)
+    assert counter.take() == 5
+    assert counter.take() == 0
+
+
+class _UNet(torch.nn.Module):
+    def forward(self, sample, timestep=None):
+        return sample
+
+
+def test_nfe_hook_counts_a_keyword_sample():
+    prior = _WithUNet()
+    prior.unet = _UNet()
+    counter = NFECounter(prior)
+    prior.unet(sample=torch.zeros(6, 4), timestep=None)
+    assert counter.take() == 6
+
+
+@pytest.mark.parametrize("prior, guidance, nfe", [
+    ("toy-mv", "sds", 2),  # CFG: a conditional and an unconditional item per image
+    ("toy-unet-mv", "sds", 2),
+    ("toy-unet-mv", "vsd", 5),  # + the LoRA's fake score with and without the camera (2) + its training pass (1)
+])
+def test_nfe_is_logged_per_step_and_summarised(tiny, prior, guidance, nfe):
+    cfg = build_config(tiny, {"prompt": "a red cube", "prior": prior, "guidance": guidance, "steps": 2,
+                              "export": {"formats": ["glb"], "video": False, "mesh_resolution": 16}})
+    result = api.run(cfg)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nfe"] for r in records] == [nfe, nfe]
+    assert result.summary["nfe_per_step"] == nfe
+
+
+def test_a_failed_run_is_one_line(tmp_path):
+    with pytest.raises(BenchError, match="`dream3d run 'a red banana'` failed: error: .*does not know 'banana'"):
+        run_and_eval("a red banana", 0, tmp_path, [])
+
+
+def _bench(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["dream3d", "bench-guidance", *map(str, args)])
+    try:
+        cli.main()
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rules", "sds,magic"], "error: unknown rule 'magic'; valid: sds, csd, ism, vsd, esd, cfd, rsd"),
+    (["--representations", "mesh"], "error: unknown representation 'mesh'; valid: nerf, gaussians"),
+    (["--rules", ","], "error: no rule to run; valid: sds, csd, ism, vsd, esd, cfd, rsd"),
+    (["--seeds", "0,x"], "error: seeds must be comma-separated integers, got '0,x'"),
+    (["--particles", "0"], "error: particles must be at least 1, got 0"),
+])
+def test_bad_matrix_is_one_line_and_runs_nothing(monkeypatch, capsys, tmp_path, args, message):
+    status, captured = _bench(monkeypatch, capsys, "--out", tmp_path / "b", *args)
+    assert status == 1 and captured.err.strip() == message
+    assert not (tmp_path / "b").exists()
+
+
+def test_quick_matrix_end_to_end(monkeypatch, capsys, tmp_path):
+    status, captured = _bench(monkeypatch, capsys, "--quick", "--out", tmp_path)
+    assert status == 0, captured.err
+    lines = (tmp_path / "bench.md").read_text().splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["rule", "representation", "runs", "failed", *HEADERS]
+    assert captured.out.strip() == (tmp_path / "bench.md").read_text().strip()
+    document = json.loads((tmp_path / "bench.json").read_text())
+    rows, table = document["rows"], document["table"]
+    assert len(rows) == len(QUICK.rules) * (len(QUICK.faithful) * len(QUICK.seeds)
+                                           + len(QUICK.ambiguous) * len(QUICK.ambiguous_seeds))
+    assert [(e["rule"], e["representation"]) for e in table] == [(r, "nerf") for r in QUICK.rules]
+    for entry in table:
+        ambiguous = [p["matched_class"] for r in rows if r["rule"] == entry["rule"] and r["set"] == "ambiguous"
+                     for p in r["particles"]]
+        assert len(ambiguous) == QUICK.particles * len(QUICK.ambiguous_seeds)
+        assert all(c.endswith("cube") for c in ambiguous)
+        assert (entry["distinct_classes"], entry["entropy_bits"]) == diversity(ambiguous)
+        assert entry["failed"] == 0 and entry["nfe_per_step"] == 2.0  # CFG: 2 items through the prior per step
+        assert 0 <= entry["iou"] <= 1 and entry["peak_memory_mb"] > 0
