@@ -15,6 +15,8 @@ representation's own renders (alpha > 0.5) from the same 16 views.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import trimesh
 from torch import Tensor
@@ -55,8 +57,7 @@ def evaluate_renders(rgb: Tensor, alpha: Tensor, prompt: str) -> dict[str, float
     target_shapes = sorted({int(CLASS_SHAPE[c]) for c in targets})
     best = (-1.0, 0, 0.0, 0)
     for offset in torch.arange(0, 360 / EVAL_AZIMUTHS, ROTATION_STEP).tolist():
-        cams = eval_cameras(offset, resolution)
-        masks = _render(cams, target_shapes)["mask"][..., 0] > 0.5  # [shapes, 16, H, W]
+        masks = _ground_truth(offset, resolution, tuple(target_shapes))["mask"][..., 0] > 0.5  # [shapes, 16, H, W]
         for i, shape in enumerate(target_shapes):
             for shift in range(EVAL_AZIMUTHS):
                 true_mask = _shift_views(masks[i], shift)
@@ -64,7 +65,7 @@ def evaluate_renders(rgb: Tensor, alpha: Tensor, prompt: str) -> dict[str, float
                 if iou > best[0]:
                     best = (iou, shape, offset, shift)
     iou, shape, offset, shift = best
-    truth = _render(eval_cameras(offset, resolution), list(range(len(SHAPES))))
+    truth = _ground_truth(offset, resolution, tuple(range(len(SHAPES))))
     mask, shade = (torch.stack([_shift_views(x, shift) for x in truth[k]]) for k in ("mask", "shade"))
     truth_rgb = composite(mask[CLASS_SHAPE], shade[CLASS_SHAPE], ALBEDOS.view(-1, 1, 1, 1, 3))  # [36,16,H,W,3]
     # of the prompt's classes with the best shape, the one whose colour is closest
@@ -81,6 +82,13 @@ def evaluate_renders(rgb: Tensor, alpha: Tensor, prompt: str) -> dict[str, float
         "matched_class": CLASSES[target].name,
         "rotation_deg": (offset + shift * 360 / EVAL_AZIMUTHS) % 360,
     }
+
+
+@functools.lru_cache(maxsize=32)
+def _ground_truth(offset: float, resolution: int, shapes: tuple[int, ...]) -> dict[str, Tensor]:
+    """``_render`` of the evaluation views at an azimuth offset, cached: every run and particle a
+    process scores (the benchmarks score many) needs the same few renders. Callers must not modify them."""
+    return _render(eval_cameras(offset, resolution), list(shapes))
 
 
 def _render(cameras: Cameras, shapes: list[int]) -> dict[str, Tensor]:
