@@ -21,14 +21,22 @@ def embedding_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
 
 
+# each rule's run options; "rsd" is SDS with kernel repulsion between 3 particles
+RULES = {**{rule: ["--guidance", rule] for rule in GUIDANCES}, "rsd": ["--particles", "3", "--repulsion", "100"]}
+
+
 @pytest.mark.parametrize("representation", ["nerf", "gaussians"])
-@pytest.mark.parametrize("rule", GUIDANCES)
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("prior", ["toy-unet-mv", "sd"])
 def test_every_rule_runs_and_exports(prior, rule, representation, tiny_sd, monkeypatch, capsys, tmp_path):
     model = ["--model", tiny_sd] if prior == "sd" else []
-    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", rule, "--prior", prior, *model,
-                      "--representation", representation)
-    assert f"guidance: {rule}" in (run_dir / "config.yaml").read_text()
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", *RULES[rule], "--prior", prior, *model,
+                      "--representation", representation, check_export=rule != "rsd")
+    if rule == "rsd":
+        assert all((run_dir / "export" / f"p{i}" / "model.glb").is_file() for i in range(3))
+        assert all("loss_repulsion" in m for m in metrics(run_dir))
+    else:
+        assert f"guidance: {rule}" in (run_dir / "config.yaml").read_text()
     if rule in ("vsd", "esd"):
         assert all("loss_lora" in m for m in metrics(run_dir))
 
