@@ -335,7 +335,7 @@ def eval_prior(
     model: Optional[str] = typer.Option(None, help="A toy-unet diffusers folder (default: the shipped one)."),
     views: int = typer.Option(4, help="Cameras per class."),
     steps: int = typer.Option(50, help="DDIM steps."),
-    guidance_scale: float = typer.Option(3.0, help="Sampling CFG scale."),
+    guidance_scale: Optional[float] = typer.Option(None, help="Sampling CFG scale (default 9, from a sweep)."),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Also write the results here as JSON."),
 ) -> None:
