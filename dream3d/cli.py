@@ -240,6 +240,8 @@ def bench_guidance(
     rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: all): sds,csd,ism,vsd,esd,cfd,rsd"),
     representations: Optional[str] = typer.Option(None, help="Comma-separated: nerf,gaussians (default: both)."),
     prior: Optional[str] = typer.Option(None, help="The embedded prior of every run (default toy-unet-mv)."),
+    faithful: Optional[str] = typer.Option(None, help="Comma-separated one-class prompts (default: 4 of them)."),
+    ambiguous: Optional[str] = typer.Option(None, help="Comma-separated ambiguous prompts (default: a red shape,a cube)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds of the faithful prompts (default 0)."),
     diversity_seeds: Optional[str] = typer.Option(None, help="Seeds of the ambiguous prompts (default 0,1,2)."),
     particles: Optional[int] = typer.Option(None, help="Particles per ambiguous run (default 4)."),
@@ -250,7 +252,8 @@ def bench_guidance(
 
     matrix = gb.with_choices(
         gb.QUICK if quick else gb.FULL, rules=_names(rules), representations=_names(representations), prior=prior,
-        seeds=_seeds(seeds), ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
+        faithful=_prompts(faithful), ambiguous=_prompts(ambiguous), seeds=_seeds(seeds),
+        ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
     )
     extra = [*([f"steps={steps}"] if steps is not None else []), *(overrides or [])]
 
@@ -264,6 +267,10 @@ def bench_guidance(
 
 def _names(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _prompts(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 def _seeds(value: str | None) -> tuple[int, ...] | None:

@@ -36,7 +36,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "vsd": ("guidance=vsd",),
     "esd": ("guidance=esd",),
     "cfd": ("guidance=cfd",),
-    # SDS + kernel repulsion, which needs at least 3 particles; the README's example weight, not tuned
+    # SDS + kernel repulsion, which needs at least 3 particles; weight from a probe of 0 / 100 / 1000 on
+    # "a red shape" (docs/benchmarks.md): 100 found more classes at some cost in IoU, 1000 broke the shapes
     "rsd": ("particles=4", "repulsion.weight=100"),
 }
 
