@@ -115,7 +115,7 @@ def test_entry_point_one_line_error(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the toy prior does not know")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "does not know 'banana'" in proc.stderr
 
 
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path):

@@ -18,7 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from guidance.priors.pixel import PixelPrior
-from guidance.priors.toy_world import CLASSES, COLOURS, SHAPES
+from guidance.priors.base import Embeddings
+from guidance.priors.toy_world import CLASSES, COLOURS, SHAPES, parse_prompt
 from guidance.prompts import VIEWS
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-unet"
@@ -122,6 +123,10 @@ def caption(class_id: int, view: int | None, generator: torch.Generator) -> str:
     return text
 
 
+# what view-dependent prompting appends (", front view"); the tokenizer knows them, the toy grammar does not
+VIEW_WORDS = {*VIEWS, "view"}
+
+
 class ToyUNetPrior(PixelPrior):
     """The shipped toy model as a camera-free 2D prior."""
 
@@ -129,8 +134,15 @@ class ToyUNetPrior(PixelPrior):
     default_model = str(SHIPPED_MODEL)
     use_cameras = False
 
+    def embed(self, prompt: str) -> Embeddings:
+        """As every pixel prior (whose word-level tokenizer rejects unknown words), then the toy grammar:
+        the tokenizer alone would take "a cube sphere", which names no class of the world."""
+        embeddings = super().embed(prompt)
+        parse_prompt(" ".join(w for w in prompt.replace(",", " ").split() if w.lower() not in VIEW_WORDS))
+        return embeddings
 
-class ToyUNetMVPrior(PixelPrior):
+
+class ToyUNetMVPrior(ToyUNetPrior):
     """The shipped toy model conditioned on each render's camera, a multi-view-style prior."""
 
     name = "toy-unet-mv"
