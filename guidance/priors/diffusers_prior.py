@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Literal
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,25 @@ def read_config(folder: Path, model: str, component: str, name: str = "config.js
         raise PriorError(f"{model} has no readable {component}/{name}; it is not a complete diffusers model") from None
 
 
+@contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """Loads without transformers' and diffusers' progress bars: a local folder loads in a moment,
+    and stderr belongs to the caller (the CLI's own progress, its one-line errors)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            diffusers_logging.enable_progress_bar()
+
+
 def check_safetensors(folder: Path, model: str, component: str) -> None:
     if not any((folder / component).glob("*.safetensors")):
         raise PriorError(f"{model}/{component} has no .safetensors weights; dream3d loads only safetensors "
@@ -241,8 +261,9 @@ class DiffusersPrior:
     def _load_model(self, component: str, load: Callable[..., torch.nn.Module]) -> torch.nn.Module:
         """A weighted component, from safetensors, frozen on the prior's device and dtype."""
         check_safetensors(self.folder, self.model, component)
-        module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
-                                                    local_files_only=True, variant=self.cfg.variant))
+        with without_progress_bars():
+            module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
+                                                        local_files_only=True, variant=self.cfg.variant))
         module = freeze(module).to(self.device)
         if self.device.type == "cuda" and self.cfg.channels_last:
             module = module.to(memory_format=torch.channels_last)
