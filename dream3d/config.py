@@ -98,7 +98,7 @@ class ExportConfig(_Section):
 
 class RunConfig(_Section):
     prompt: str
-    prior: str = "toy-unet-mv"  # the embedded default: docs/benchmarks.md, "SDS with the trained toy prior"
+    prior: str = "toy-mv"  # the embedded default: docs/benchmarks.md, "SDS with the trained toy prior"
     # diffusers priors: a hub id or a local diffusers folder (None: the prior's default model)
     model: str | None = None
     guidance: str = "sds"
