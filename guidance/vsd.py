@@ -16,7 +16,8 @@ zeroed for the whole batch with probability ``camera_dropout``) by its own AdamW
 ``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
 backward gives. Keeping the optimizer here (not in the loop) leaves the loop's optimizers to the
 representation and puts the LoRA, the camera MLP and the AdamW state in ``state_dict()``,
-so checkpoints resume exactly; a non-finite LoRA loss skips the LoRA update.
+so checkpoints resume exactly; a non-finite LoRA loss or gradient skips the LoRA update (counted and
+logged as ``lora_skipped_steps``).
 """
 
 from __future__ import annotations
@@ -95,17 +96,18 @@ class VSDGuidance(DistillationRule):
         from peft import LoraConfig
 
         reference = next(unet.parameters())
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS),
-                         adapter_name=ADAPTER)
-        unet.disable_adapters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # "gaussian": A ~ N(0, 1/r^2), B = 0, as diffusers' LoRALinearLayer that threestudio trains
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
+                                        init_lora_weights="gaussian"), adapter_name=ADAPTER)
+            self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
         params = [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name]
         for p in params:  # trained in float32 even on a half-precision UNet
             p.data = p.data.float()
-            p.requires_grad_(True)
         self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
+        self._adapter_off()
+        self.skipped_lora_steps = 0
         self.camera_embedding.to(reference.device)
         self.optimizer = torch.optim.AdamW([*self.lora, *self.camera_embedding.parameters()], lr=cfg.lora_lr,
                                            betas=cfg.lora_betas, eps=cfg.lora_eps)
@@ -113,10 +115,11 @@ class VSDGuidance(DistillationRule):
 
     # -- checkpoint: the AdamW state travels with the LoRA in state_dict() ------------
     def get_extra_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "skipped_lora_steps": self.skipped_lora_steps}
 
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.skipped_lora_steps = state.get("skipped_lora_steps", 0)
 
     # -- the fake score -------------------------------------------------------------
     @contextmanager
@@ -130,7 +133,15 @@ class VSDGuidance(DistillationRule):
             yield unet
         finally:
             unet.class_embedding = own_embedding
-            unet.disable_adapters()
+            self._adapter_off()
+
+    def _adapter_off(self) -> None:
+        """The plain prior again. peft's disable also sets requires_grad=False on the LoRA, and autograd
+        accumulates only into leaves that require grad when ``backward`` runs, which is after this exit:
+        so the LoRA keeps requires_grad (the disabled adapter takes no part in the prior's forward)."""
+        self.prior.unet.disable_adapters()
+        for p in self.lora:
+            p.requires_grad_(True)
 
     def fake_output(self, x_t: Tensor, t: Tensor, states: Tensor, camera: Tensor) -> Tensor:
         """The fake score's raw output (the prior's prediction type) [B,C,h,w] float32 for x_t [B,C,h,w],
@@ -151,7 +162,10 @@ class VSDGuidance(DistillationRule):
 
     def train_fake_score(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, generator: torch.Generator
                          ) -> float:
-        """One AdamW step of the LoRA and camera MLP on the detached x [B,C,h,w]; returns the loss before the step."""
+        """One AdamW step of the LoRA and camera MLP on the detached x [B,C,h,w]; returns the loss before the step.
+
+        A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
+        silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
         B = x.shape[0]
         t = torch.randint(0, self.prior.num_train_timesteps, (B,), generator=generator)
         noise = forward_noise(x, generator)
@@ -162,9 +176,17 @@ class VSDGuidance(DistillationRule):
             loss = self.fake_loss(x.detach(), batch_of(embeddings.cond, B), camera, t, noise)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if torch.isfinite(loss):
+        if self._finite(loss):
             self.optimizer.step()
+        else:
+            self.skipped_lora_steps += 1
         return float(loss.detach())
+
+    def _finite(self, loss: Tensor) -> bool:
+        """Whether the loss and every gradient of the fake score are finite (one device sync)."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)])
+        return bool(checks.all())
 
     # -- the rule -------------------------------------------------------------------
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
@@ -188,4 +210,5 @@ class VSDGuidance(DistillationRule):
         eps_est = eps_0 + evaluate(self.cfg.camera_guidance_scale, step) * (eps_c - eps_0)
         grad = sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_pre - eps_est)
         loss_lora = self.train_fake_score(x, embeddings, cameras, generator)
-        return grad, {"t": float(t.float().mean()), "loss_lora": loss_lora}
+        return grad, {"t": float(t.float().mean()), "loss_lora": loss_lora,
+                      "lora_skipped_steps": float(self.skipped_lora_steps)}

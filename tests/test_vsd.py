@@ -12,7 +12,7 @@ from dream3d import api
 from dream3d.components import build_prior
 from dream3d.config import build_config
 from dream3d.loop import RunInterrupted
-from guidance.vsd import VSDConfig, VSDGuidance, camera_condition
+from guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
 from tests.test_guidance_rules import TINY_FLAGS, cameras
 from tests.test_run import metrics
 from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
@@ -30,6 +30,10 @@ def models(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def embedding_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+
+
+def toy_unet_mv():
+    return build_prior(build_config({"prompt": "a red cube", "prior": "toy-unet-mv"}))
 
 
 def load(model, prior="sd"):
@@ -165,3 +169,95 @@ def test_vsd_resume_equals_uninterrupted(models, tmp_path):
     api.resume(interrupted)
     assert [m["loss_lora"] for m in metrics(interrupted)] == [m["loss_lora"] for m in metrics(straight)]
     assert metrics(interrupted) == metrics(straight)
+
+
+# -- the LoRA itself learns (not only the camera MLP) ---------------------------------
+
+def lora_snapshot(guidance):
+    return [p.detach().clone() for p in guidance.lora]
+
+
+def fixed_renders(prior, gen, batch=2):
+    size = prior.unet.config.sample_size
+    return torch.randn(batch, prior.unet.config.in_channels, size, size, generator=gen)
+
+
+@pytest.mark.parametrize("config", [VSDConfig, ESDConfig])
+@pytest.mark.parametrize("kind", ["sd", "toy-unet-mv"])
+def test_every_lora_tensor_trains(models, kind, config):
+    """Three rule steps (the guidance's own forward, as the loop calls it) move every LoRA tensor."""
+    prior = load(models["sd"]) if kind == "sd" else toy_unet_mv()
+    guidance = VSDGuidance(prior, config(lora_lr=1e-3))
+    before = lora_snapshot(guidance)
+    assert len(before) > 0
+    gen = torch.Generator().manual_seed(0)
+    size = 16 if kind == "sd" else prior.resolution
+    for step in range(3):
+        rgb = torch.rand(2, size, size, 3, generator=gen, requires_grad=True)
+        guidance(rgb, "a red cube", cameras(2, size), step, gen).loss.backward()
+    changed = [not torch.equal(a, b) for a, b in zip(before, guidance.lora)]
+    assert all(changed), f"{changed.count(False)} of {len(changed)} LoRA tensors did not move"
+
+
+def test_lora_training_lowers_the_fake_loss_beyond_the_camera_mlp(models):
+    """Training LoRA + camera MLP fits a fixed set of renders clearly better than the camera MLP alone."""
+    prior = toy_unet_mv()
+    gen = torch.Generator().manual_seed(0)
+    x0, e, cams = fixed_renders(prior, gen, batch=4), prior.embed("a red cube"), cameras(4)
+    probe_t = torch.linspace(50, 950, 8).long().repeat_interleave(4)
+    probe_noise = torch.randn(32, *x0.shape[1:], generator=gen)
+
+    def trained_loss(freeze_lora: bool) -> float:
+        guidance = VSDGuidance(prior, VSDConfig(lora_lr=3e-3, camera_dropout=0.0))
+        if freeze_lora:
+            guidance.optimizer.param_groups[0]["params"] = list(guidance.camera_embedding.parameters())
+        train_gen = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            guidance.train_fake_score(x0, e, cams, train_gen)
+        with torch.no_grad():
+            loss = float(guidance.fake_loss(x0.repeat(8, 1, 1, 1), e.cond.expand(32, -1, -1),
+                                            camera_condition(cams).repeat(8, 1), probe_t, probe_noise))
+        prior.unet.delete_adapters(ADAPTER)
+        return loss
+
+    frozen, trained = trained_loss(freeze_lora=True), trained_loss(freeze_lora=False)
+    assert trained < 0.9 * frozen, (trained, frozen)
+
+
+def test_lora_init_is_gaussian_a_and_zero_b(models):
+    """diffusers' LoRALinearLayer (threestudio's): A ~ N(0, 1/r^2), B = 0, so the adapter starts as the prior."""
+    prior = load(models["sd"])
+    guidance = VSDGuidance(prior, VSDConfig(lora_rank=4))
+    names = [n for n, _ in prior.unet.named_parameters() if f".{ADAPTER}." in n]
+    a = torch.cat([p.flatten() for n, p in zip(names, guidance.lora) if ".lora_A." in n])
+    b = torch.cat([p.flatten() for n, p in zip(names, guidance.lora) if ".lora_B." in n])
+    assert torch.count_nonzero(b) == 0
+    assert a.std().item() == pytest.approx(1 / 4, rel=0.15)
+    assert a.abs().max() > 2 * (1 / 4)  # a normal's tail, not kaiming-uniform's bound
+
+
+def test_nonfinite_lora_gradients_skip_the_step_and_are_counted(models):
+    prior = load(models["sd"])
+    guidance = VSDGuidance(prior, VSDConfig(lora_lr=1e-2, camera_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    x0, e, cams = fixed_renders(prior, gen), prior.embed("a cat"), cameras(2)
+    guidance.train_fake_score(x0, e, cams, gen)
+    before = lora_snapshot(guidance)
+    handle = guidance.lora[0].register_hook(lambda g: torch.full_like(g, float("nan")))
+    guidance.train_fake_score(x0, e, cams, gen)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, guidance.lora))
+    assert all(torch.isfinite(p).all() for p in guidance.lora)
+    assert guidance.skipped_lora_steps == 1
+    guidance.train_fake_score(x0, e, cams, gen)
+    assert not all(torch.equal(a, b) for a, b in zip(before, guidance.lora))
+
+
+def test_vsd_run_checkpoint_holds_a_trained_lora(models, tmp_path):
+    layers = [TINY_RUN, {"prompt": "a cat", "prior": "sd", "model": str(models["sd"]), "guidance": "vsd",
+                         "out": str(tmp_path / "runs"), "export": {"formats": ["obj"], "video": False}}]
+    run_dir = api.run(build_config(*layers)).run_dir
+    state = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    lora = [v for k, v in state["guidance"].items() if k.startswith("lora.")]
+    # B starts at zero: every tensor non-zero means every B moved
+    assert lora and all(torch.count_nonzero(v) > 0 for v in lora)
