@@ -18,6 +18,13 @@ from representations.particles import Particles
 DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 3.0, "toy-unet-mv": 3.0, "sd": 100.0, "if": 20.0}
 # CFD's own (guidance-math.md section 10: 70 for SD); the other priors keep the SDS scale
 CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
+# The open-vocabulary priors take the references' negative prompts and Perp-Neg; the toy priors know
+# neither those words nor view prompts, so on them these defaults are off.
+TEXT_PRIORS = ("sd", "if")
+ISM_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                       "low-resolution, oversaturation.")  # LucidDreamer's configs
+CSD_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"  # csd-if.yaml
+CSD_PERP_NEG_SCALE = 3.0  # csd-if.yaml, stage 1
 
 
 def build_prior(cfg: RunConfig) -> Prior:
@@ -42,10 +49,11 @@ def build_prior(cfg: RunConfig) -> Prior:
 
 def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
     """The rule ``cfg.guidance`` with its config section; raises GuidanceError/PriorError in one line."""
+    text = cfg.prior in TEXT_PRIORS
     if cfg.guidance == "csd":
-        return CSDGuidance(prior, cfg.csd)
+        return CSDGuidance(prior, cfg.csd, CSD_NEGATIVE_PROMPT if text else "", CSD_PERP_NEG_SCALE if text else 0.0)
     if cfg.guidance == "ism":
-        return ISMGuidance(prior, cfg.ism)
+        return ISMGuidance(prior, cfg.ism, ISM_NEGATIVE_PROMPT if text else "")
     if cfg.guidance in ("vsd", "esd"):
         from guidance.vsd import VSDGuidance
 

@@ -8,6 +8,12 @@ eps_0 is the prior's unconditional branch (``prompts.negative_prompt``, "" by de
 it empty for CSD); eps_neg is ``csd.negative_prompt``'s conditional prediction. Without a
 negative prompt the beta term is skipped (pure CSD, 2 instead of 3 evaluations per view).
 omega multiplies the whole bracket (the paper's pure form); the shipped code has omega = 1.
+
+With ``perp_neg_scale`` s_pn > 0 (csd-if.yaml's stage 1: 3) the prompt is the azimuth blend of the
+view prompts and the Perp-Neg term w * s_pn * sum_i w_i perp(e_i, e_pos) is added, e_pos = eps_y - eps_0
+and e_i = eps_{view_i} - eps_0 the other views' (2 more evaluations per view). On sd/if both that term
+and the shipped negative prompt are on by default; the toy priors have neither view prompts nor
+those words, so there they are off.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from guidance.base import DistillationRule
+from guidance.base import DistillationRule, GuidanceError
 from guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
+from guidance.perp_neg import perp_neg_embeddings, perp_neg_term
 from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
@@ -32,8 +39,9 @@ class CSDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     guidance_scale: CheckedSchedule = 1.0
-    negative_prompt: str | None = None
+    negative_prompt: str | None = None  # None: the prior's default (the shipped one on sd/if); "": none
     negative_weight: CheckedSchedule = [0.0, 1.0, 5000.0]
+    perp_neg_scale: CheckedSchedule | None = None  # None: the prior's default (3 on sd/if, off on toy priors)
     weighting: Literal["sds", "uniform", "fantasia3d"] = "uniform"
     min_step_percent: CheckedSchedule = 0.02
     max_step_percent: CheckedSchedule = [5000.0, 0.98, 0.5, 5001.0]
@@ -42,11 +50,15 @@ class CSDConfig(BaseModel):
 
 
 class CSDGuidance(DistillationRule):
-    """CSD on a frozen prior; the negative prompt is embedded here, so a prompt the prior cannot take fails at build."""
+    """CSD on a frozen prior; the negative prompt is embedded here, so a prompt the prior cannot take fails at
+    build. ``default_negative`` and ``default_perp_neg_scale`` apply where the config leaves them None."""
 
-    def __init__(self, prior: Prior, cfg: CSDConfig) -> None:
+    def __init__(self, prior: Prior, cfg: CSDConfig, default_negative: str = "",
+                 default_perp_neg_scale: float = 0.0) -> None:
         super().__init__(prior, cfg)
-        self.negative = None if not cfg.negative_prompt else prior.embed(cfg.negative_prompt).cond
+        negative = default_negative if cfg.negative_prompt is None else cfg.negative_prompt
+        self.negative = prior.embed(negative).cond if negative else None
+        self.perp_neg_scale = default_perp_neg_scale if cfg.perp_neg_scale is None else cfg.perp_neg_scale
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, float]]:
@@ -56,7 +68,16 @@ class CSDGuidance(DistillationRule):
         abar = alpha_bar(self.prior, t, x.device)
         # the noise cancels in g, but it still picks the point x_t where the scores are compared
         x_t = add_noise(x, forward_noise(x, generator), abar)
-        prompts = [embeddings.conditional(cameras), batch_of(embeddings.uncond, B)]
+        s_pn = evaluate(self.perp_neg_scale, step)
+        if s_pn > 0 and embeddings.views is None:
+            raise GuidanceError(f"csd.perp_neg_scale needs a prior with view-dependent prompts; {self.prior.name} "
+                                f"has none (set csd.perp_neg_scale=0)")
+        if s_pn > 0:
+            pos, view_negatives, view_weights = perp_neg_embeddings(embeddings.views, embeddings.uncond,
+                                                                    cameras.elevation, cameras.azimuth)
+            prompts = [pos, batch_of(embeddings.uncond, B), view_negatives[:, 0], view_negatives[:, 1]]
+        else:
+            prompts = [embeddings.conditional(cameras), batch_of(embeddings.uncond, B)]
         if self.negative is not None:
             prompts.append(batch_of(self.negative, B))
         with torch.no_grad():
@@ -64,9 +85,13 @@ class CSDGuidance(DistillationRule):
         classifier = eps[0] - eps[1]
         beta = evaluate(self.cfg.negative_weight, step)
         if self.negative is not None:
-            classifier = classifier - beta * (eps[2] - eps[1])
+            classifier = classifier - beta * (eps[-1] - eps[1])
         w = sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1)
-        return w * evaluate(self.cfg.guidance_scale, step) * classifier, {"t": float(t.float().mean()), "beta": beta}
+        grad = w * evaluate(self.cfg.guidance_scale, step) * classifier
+        if s_pn > 0:
+            views = torch.stack([eps[2], eps[3]], 1) - eps[1].unsqueeze(1)
+            grad = grad + w * s_pn * perp_neg_term(eps[0] - eps[1], views, view_weights)
+        return grad, {"t": float(t.float().mean()), "beta": beta}
 
     def finish(self, grad: Tensor) -> Tensor:
         """One global norm over the whole batch tensor, as ``grad_normalize`` in the reference."""

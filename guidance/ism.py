@@ -12,7 +12,9 @@ training indices themselves (the reference's DDIM timesteps add the scheduler's 
 1 for SD); the gradient follows dream3d's one surrogate convention d loss / d x = g / B where
 LucidDreamer applies g itself (fold B into lambda_g to match); eps_0 is the prior's unconditional
 branch (``prompts.negative_prompt``, "" by default), and ``ism.negative_prompt`` replaces it in
-the CFG only. Supplied noise (3D-consistent noise) replaces eps as is, without the channel offset,
+the CFG only (by default LucidDreamer's negative prompt on sd/if, none on the toy priors, whose
+vocabulary has no such words). As LucidDreamer, the prompt y is blended between the view prompts by
+azimuth (``view_interpolation``) rather than picked by the nearest view. Supplied noise (3D-consistent noise) replaces eps as is, without the channel offset,
 so that it stays N(0,1) per pixel.
 """
 
@@ -38,7 +40,8 @@ class ISMConfig(BaseModel):
 
     guidance_scale: CheckedSchedule = 7.5
     lambda_guidance: CheckedSchedule = 0.1
-    negative_prompt: str | None = None
+    negative_prompt: str | None = None  # None: the prior's default (LucidDreamer's for sd/if); "": none
+    view_interpolation: bool = True
     min_step_percent: float = Field(0.02, ge=0, lt=1)
     max_step_percent: float = Field(0.5, gt=0, le=1)
     warmup_max_step_percent: float = Field(0.98, gt=0, le=1)
@@ -58,13 +61,15 @@ def ddim_invert_step(x: Tensor, eps: Tensor, abar_from: Tensor, abar_to: Tensor)
 
 
 class ISMGuidance(DistillationRule):
-    """ISM on a frozen epsilon-predicting prior; no state across steps."""
+    """ISM on a frozen epsilon-predicting prior; no state across steps. ``default_negative`` is the
+    negative prompt used when ``cfg.negative_prompt`` is None (the prior's own default)."""
 
     takes_noise = True
 
-    def __init__(self, prior: Prior, cfg: ISMConfig) -> None:
+    def __init__(self, prior: Prior, cfg: ISMConfig, default_negative: str = "") -> None:
         super().__init__(prior, cfg)
-        self.negative = None if not cfg.negative_prompt else prior.embed(cfg.negative_prompt).cond
+        negative = default_negative if cfg.negative_prompt is None else cfg.negative_prompt
+        self.negative = prior.embed(negative).cond if negative else None
 
     def interval(self, step: int, generator: torch.Generator) -> tuple[int, int]:
         """(t, s): t ~ U[lo, hi + (hi_start - hi) r) and s = max(t - delta_T, 0), r = 1 - min(step / warmup, 1)."""
@@ -114,8 +119,9 @@ class ISMGuidance(DistillationRule):
             target = self.unconditional(x_s, s, embeddings, cameras)
             x_t = ddim_invert_step(x_s, target, self.abar(s, x), self.abar(t, x))
             negative = embeddings.uncond if self.negative is None else self.negative
+            prompt = embeddings.interpolated(cameras) if self.cfg.view_interpolation else embeddings.conditional(cameras)
             cond, uncond = predict_each(self.prior, x_t, torch.full((B,), t, dtype=torch.long),
-                                        [embeddings.conditional(cameras), batch_of(negative, B)], cameras)
+                                        [prompt, batch_of(negative, B)], cameras)
         eps_hat = cfg_diff(cond, uncond, evaluate(self.cfg.guidance_scale, step))
         abar_t = self.abar(t, x)
         scale = evaluate(self.cfg.lambda_guidance, step) * ((1 - abar_t) / abar_t).sqrt()

@@ -15,7 +15,7 @@ from torch import Tensor
 from guidance.base import GuidanceError
 from guidance.diffusion import batch_of, predict_each
 from guidance.priors.base import Embeddings, Prior
-from guidance.prompts import BACK, FRONT, OVERHEAD, SIDE, shift_azimuth, view_index
+from guidance.prompts import FRONT, OVERHEAD, SIDE, interpolate_views, shift_azimuth, view_index
 from representations.cameras import Cameras
 
 # f(r) = a exp(-b r) + c: the weight of each negative as a function of the interpolation ratio
@@ -43,9 +43,7 @@ def perp_neg_embeddings(views: Tensor, uncond: Tensor, elevation: Tensor, azimut
     a = azimuth.abs()
     front_half = a < 90
     r = torch.where(front_half, 1 - a / 90, 2 - a / 90)
-    rv = r.view(shape)
-    pos = torch.where(front_half.view(shape), rv * views[FRONT] + (1 - rv) * views[SIDE],
-                      rv * views[SIDE] + (1 - rv) * views[BACK])
+    pos = interpolate_views(views, elevation, azimuth)
     neg_front_half = torch.stack([views[FRONT], views[SIDE]])
     neg_back_half = torch.stack([views[SIDE], views[FRONT]])
     negatives = torch.where(front_half.view((-1, 1) + shape[1:]), neg_front_half, neg_back_half)
@@ -53,7 +51,6 @@ def perp_neg_embeddings(views: Tensor, uncond: Tensor, elevation: Tensor, azimut
                           torch.stack([-decay(F_FS, r), -decay(F_SF, 1 - r)], dim=1),
                           torch.stack([-decay(F_SB, r), -decay(F_FSB, r)], dim=1))
     overhead = view_index(elevation, azimuth) == OVERHEAD
-    pos = torch.where(overhead.view(shape), views[OVERHEAD], pos)
     negatives = torch.where(overhead.view((-1, 1) + shape[1:]), uncond, negatives)
     weights = torch.where(overhead[:, None], torch.zeros_like(weights), weights)
     return pos, negatives, weights
@@ -66,16 +63,20 @@ def perpendicular_component(a: Tensor, b: Tensor) -> Tensor:
     return a - (dot / norm2).view((-1,) + (1,) * (a.dim() - 1)) * b
 
 
+def perp_neg_term(e_pos: Tensor, e_negatives: Tensor, weights: Tensor) -> Tensor:
+    """sum_i w_i perp(e_i, e_pos) [B, ...] for e_pos [B, ...], e_negatives [B, 2, ...] and weights [B, 2]."""
+    accum = torch.zeros_like(e_pos)
+    for i in range(e_negatives.shape[1]):
+        accum = accum + weights[:, i].view((-1,) + (1,) * (e_pos.dim() - 1)) * perpendicular_component(
+            e_negatives[:, i], e_pos)
+    return accum
+
+
 def perp_neg_combine(eps_pos: Tensor, eps_uncond: Tensor, eps_negatives: Tensor, weights: Tensor, omega: float
                      ) -> Tensor:
     """eps_hat [B, ...] = eps_u + omega (e_pos + sum_i w_i perp(e_i, e_pos)); eps_negatives [B, 2, ...], weights [B, 2]."""
     e_pos = eps_pos - eps_uncond
-    accum = torch.zeros_like(e_pos)
-    for i in range(eps_negatives.shape[1]):
-        e_i = eps_negatives[:, i] - eps_uncond
-        accum = accum + weights[:, i].view((-1,) + (1,) * (e_pos.dim() - 1)) * perpendicular_component(e_i, e_pos)
-    return eps_uncond + omega * (e_pos + accum)
-
+    return eps_uncond + omega * (e_pos + perp_neg_term(e_pos, eps_negatives - eps_uncond.unsqueeze(1), weights))
 
 
 def perp_neg_noise(prior: Prior, x_t: Tensor, t: Tensor, embeddings: Embeddings, cameras: Cameras, omega: float,

@@ -40,6 +40,22 @@ def shift_azimuth(azimuth: Tensor) -> Tensor:
     return (azimuth + 180) % 360 - 180
 
 
+def interpolate_views(views: Tensor, elevation: Tensor, azimuth: Tensor) -> Tensor:
+    """[B, ...] per-camera prompt embeddings blended by azimuth (Perp-Neg's positive prompt, and LucidDreamer's
+    prompt for ISM): r front + (1 - r) side with r = 1 - |a| / 90 on the front half, r side + (1 - r) back with
+    r = 2 - |a| / 90 on the back half; the overhead view's embedding above 60 degrees of elevation.
+
+    views: [4, ...] in ``VIEWS`` order; elevation, azimuth: [B] degrees."""
+    elevation, azimuth = elevation.to(views.device), shift_azimuth(azimuth.to(views.device).float())
+    shape = (-1,) + (1,) * (views.dim() - 1)
+    a = azimuth.abs()
+    front_half = (a < 90).view(shape)
+    r = torch.where(a < 90, 1 - a / 90, 2 - a / 90).view(shape)
+    blend = torch.where(front_half, r * views[FRONT] + (1 - r) * views[SIDE], r * views[SIDE] + (1 - r) * views[BACK])
+    overhead = (elevation > OVERHEAD_THRESHOLD_DEG).view(shape)
+    return torch.where(overhead, views[OVERHEAD], blend)
+
+
 def view_index(elevation: Tensor, azimuth: Tensor) -> Tensor:
     """[B] long index into ``VIEWS`` for cameras at elevation/azimuth [B] (degrees)."""
     azimuth = shift_azimuth(azimuth)

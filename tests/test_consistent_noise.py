@@ -268,11 +268,13 @@ def test_consistent_noise_with_a_rule_that_cannot_take_it_is_refused():
 
 
 @pytest.mark.parametrize("representation", ["nerf", "gaussians"])
-def test_cli_cfd_runs_and_exports(representation, monkeypatch, capsys, tmp_path):
+def test_cli_cfd_runs_and_exports(representation, monkeypatch, capsys, tmp_path, rule_mechanism):
     run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", "cfd", "--representation", representation)
-    assert "guidance: cfd" in (run_dir / "config.yaml").read_text()
+    rule_mechanism("cfd", run_dir)
 
 
-def test_cli_ism_with_consistent_noise_runs(monkeypatch, capsys, tmp_path):
+def test_cli_ism_with_consistent_noise_runs(monkeypatch, capsys, tmp_path, rule_mechanism):
     run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", "ism", "--noise", "consistent")
-    assert "noise: consistent" in (run_dir / "config.yaml").read_text()
+    rule_mechanism("ism", run_dir)
+    state = torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    assert any(k.endswith("noise_grid") for k in state["representation"])

@@ -12,6 +12,7 @@ from guidance.base import GuidanceError
 from guidance.csd import CSDConfig, CSDGuidance
 from guidance.ism import ISMConfig, ISMGuidance
 from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from guidance.prompts import view_index
 from guidance.schedule import evaluate
 from representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
@@ -88,6 +89,67 @@ def test_csd_without_negative_prompt_is_pure_classifier_score():
     torch.testing.assert_close(grad, as_image_gradient(torch.full((B, 3, 8, 8), 1.0), B))
 
 
+class ViewPrior(AnalyticPrior):
+    """AnalyticPrior with view prompts: front/side/back/overhead embed as 0.3/0.5/0.7/0.9."""
+
+    VIEWS = torch.tensor([[0.3], [0.5], [0.7], [0.9]])
+
+    def embed(self, prompt):
+        return Embeddings(prompt, torch.tensor([len(prompt) / 10]), torch.tensor([-0.2]), self.VIEWS)
+
+
+def blended_view(azimuth):
+    """interpolate_views for ViewPrior at elevation 15: front-side blend on the front half, side-back behind."""
+    a = abs((azimuth + 180) % 360 - 180)
+    r = 1 - a / 90 if a < 90 else 2 - a / 90
+    return r * 0.3 + (1 - r) * 0.5 if a < 90 else r * 0.5 + (1 - r) * 0.7
+
+
+def test_csd_perp_neg_term_equals_formula():
+    """g = w omega [(eps_y - eps_0) - beta (eps_neg - eps_0)] + w s_pn sum_i w_i perp(e_i, e_pos), y the azimuth blend."""
+    from guidance.perp_neg import perp_neg_embeddings, perpendicular_component
+
+    prior, B, step = ViewPrior(), 2, 2500
+    cfg = CSDConfig(guidance_scale=2.0, negative_prompt="ugly", weighting="sds", grad_normalize=False, perp_neg_scale=3.0)
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, out = image_gradient(CSDGuidance(prior, cfg), rgb, step, seed=3)
+
+    replay = torch.Generator().manual_seed(3)
+    t = torch.randint(20, 981, (B,), generator=replay)
+    noise = torch.randn(B, 3, 8, 8, generator=replay)
+    x = 2 * rgb.permute(0, 3, 1, 2) - 1
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    cams = cameras(B)
+    pos = torch.tensor([blended_view(float(a)) for a in cams.azimuth])
+    eps = lambda value: torch.cat([prior.eps(x_t[i:i + 1], t[i:i + 1], float(v)) for i, v in enumerate(value)])  # noqa: E731
+    eps_y, eps_0, eps_neg = eps(pos), eps([-0.2] * B), eps([len("ugly") / 10] * B)
+    _, negatives, weights = perp_neg_embeddings(ViewPrior.VIEWS, torch.tensor([-0.2]), cams.elevation, cams.azimuth)
+    e_pos = eps_y - eps_0
+    perp = sum(weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(eps(negatives[:, i, 0]) - eps_0, e_pos)
+               for i in range(2))
+    w = 1 - abar
+    g = w * 2.0 * ((eps_y - eps_0) - 0.5 * (eps_neg - eps_0)) + w * 3.0 * perp
+    assert perp.abs().sum() > 0
+    torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-4, atol=1e-6)
+
+
+def test_text_priors_get_the_references_negative_prompts_and_perp_neg(monkeypatch):
+    from dream3d import components
+
+    seen = {}
+    monkeypatch.setattr(components, "CSDGuidance", lambda prior, cfg, *defaults: seen.setdefault("csd", defaults))
+    monkeypatch.setattr(components, "ISMGuidance", lambda prior, cfg, *defaults: seen.setdefault("ism", defaults))
+    for prior, rule in [("sd", "csd"), ("if", "ism")]:
+        components.build_guidance(build_config({"prompt": "a cat", "prior": prior, "guidance": rule}), None)
+    assert seen["csd"] == (components.CSD_NEGATIVE_PROMPT, 3.0)
+    assert seen["ism"] == (components.ISM_NEGATIVE_PROMPT,)
+    seen.clear()
+    for rule in ("csd", "ism"):
+        components.build_guidance(build_config({"prompt": "a red cube", "prior": "toy-unet-mv", "guidance": rule}), None)
+    assert seen == {"csd": ("", 0.0), "ism": ("",)}
+
+
 # -- ISM ----------------------------------------------------------------------------
 
 def ddim(x, eps, abar_from, abar_to):
@@ -126,6 +188,26 @@ def test_ism_gradient_equals_formula(steps):
     g = 0.5 * ((1 - abar(t)) / abar(t)).sqrt() * (eps_hat - target)
     torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-4, atol=1e-6)
     assert (out.info["t"], out.info["s"]) == (t, s)
+
+
+def test_ism_blends_the_view_prompts_by_azimuth():
+    """With view prompts, y is interpolate_views' blend (LucidDreamer), not the nearest view's prompt."""
+    cfg = dict(guidance_scale=3.0, warmup_steps=100, inversion_stride=60, inversion_steps=2)
+    cams = look_at_cameras(torch.full((2,), 15.0), torch.tensor([30.0, 200.0]), torch.full((2,), 2.5), 45.0, 8, 8)
+
+    def gradient(**extra):
+        rgb = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        guidance = ISMGuidance(ViewPrior(), ISMConfig(**cfg, **extra))
+        guidance(rgb, "a prompt", cams, step=50, generator=torch.Generator().manual_seed(5)).loss.backward()
+        return rgb.grad
+
+    blended, nearest = gradient(), gradient(view_interpolation=False)
+    # eps is affine in the prompt value, so g differs by lambda sigma/alpha omega (y_blend - y_nearest)
+    y_blend = torch.tensor([blended_view(float(a)) for a in cams.azimuth])
+    y_near = ViewPrior.VIEWS[:, 0][view_index(cams.elevation, cams.azimuth)]
+    ratio = (blended - nearest).mean(dim=(1, 2, 3)) / (y_blend - y_near)
+    assert (y_blend - y_near).abs().min() > 0.01
+    torch.testing.assert_close(ratio[0], ratio[1], rtol=1e-3, atol=1e-6)
 
 
 def test_ism_interval_anneals():
@@ -198,7 +280,7 @@ def run_cli(monkeypatch, capsys, out, *args, check_export=True):
 
 @pytest.mark.parametrize("representation", ["nerf", "gaussians"])
 @pytest.mark.parametrize("rule", ["csd", "ism"])
-def test_cli_runs_on_the_toy_prior(rule, representation, monkeypatch, capsys, tmp_path):
+def test_cli_runs_on_the_toy_prior(rule, representation, monkeypatch, capsys, tmp_path, rule_mechanism):
     run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--guidance", rule, "--prior", "toy",
                       "--representation", representation)
-    assert f"guidance: {rule}" in (run_dir / "config.yaml").read_text()
+    rule_mechanism(rule, run_dir)

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from guidance.prompts import view_index
+from guidance.prompts import interpolate_views, view_index
 from representations.cameras import Cameras
 
 
@@ -37,6 +37,12 @@ class Embeddings:
         if self.views is None:
             return self.cond.expand(len(cameras), *self.cond.shape)
         return self.views[view_index(cameras.elevation, cameras.azimuth).to(self.views.device)]
+
+    def interpolated(self, cameras: Cameras) -> Tensor:
+        """[B, ...] the view prompts blended by each camera's azimuth (``interpolate_views``), or cond."""
+        if self.views is None:
+            return self.cond.expand(len(cameras), *self.cond.shape)
+        return interpolate_views(self.views, cameras.elevation, cameras.azimuth)
 
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
