@@ -13,10 +13,10 @@ from representations.gaussians import Gaussians
 from representations.nerf import NeRF
 from representations.particles import Particles
 
-# The DreamFusion-convention CFG scale each prior is used with by default (guidance-math.md: 100 for SD,
-# 20 for IF; the toy priors need far less: toy-unet-mv measured IoU 0.918 / 0.903 / 0.888 at 3 / 7.5 / 15).
+# The DreamFusion-convention CFG scale each prior is used with by default (docs/guidance-math.md#default-guidance-scales:
+# 100 for SD, 20 for IF; the toy priors need far less: toy-unet-mv measured IoU 0.918 / 0.903 / 0.888 at 3 / 7.5 / 15).
 DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 3.0, "toy-unet-mv": 3.0, "sd": 100.0, "if": 20.0}
-# CFD's own (guidance-math.md section 10: 70 for SD); the other priors keep the SDS scale
+# CFD's own (70 for SD, same section); the other priors keep the SDS scale
 CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
 # The open-vocabulary priors take the references' negative prompts and Perp-Neg; the toy priors know
 # neither those words nor view prompts, so on them these defaults are off.

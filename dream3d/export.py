@@ -128,7 +128,7 @@ def write_orbit_video(
 
 
 class Exportable(Protocol):
-    """What export needs from a representation (see ARCHITECTURE.md)."""
+    """What export needs from a representation (see docs/architecture.md#seams)."""
 
     def density(self, points: torch.Tensor) -> torch.Tensor: ...  # [N,3] -> [N]
 

@@ -9,7 +9,7 @@ from representations.cameras import Cameras, look_at_cameras
 
 
 class CameraConfig(BaseModel):
-    """Random training cameras; the defaults are the toy world's (ARCHITECTURE.md)."""
+    """Random training cameras; the defaults are the toy world's (docs/architecture.md#the-toy-world)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -43,7 +43,7 @@ def clean_gradient(grad: Tensor, clip: float | None) -> Tensor:
 
 
 class DistillationRule(torch.nn.Module):
-    """The shared pipeline of guidance-math.md section 12: encode, the rule's push-gradient g,
+    """The shared pipeline (docs/guidance-math.md#the-shared-pipeline): encode, the rule's push-gradient g,
     nan_to_num and clip, an optional rescaling (``finish``), and the surrogate loss (d loss / d x = g / B).
 
     Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None). Rules that

@@ -1,4 +1,4 @@
-"""Classifier Score Distillation (guidance-math.md section 4, the CVMI-Lab code as shipped).
+"""Classifier Score Distillation (docs/guidance-math.md#csd, the CVMI-Lab code as shipped).
 
 g = w(t) * omega * [(eps_y - eps_0) - beta * (eps_neg - eps_0)] with no eps term (the noise
 cancels), beta annealed (0 -> 1 over steps 0-5000 in csd-if.yaml), then optionally

@@ -1,4 +1,4 @@
-"""The diffusion arithmetic every rule shares (guidance-math.md section 0).
+"""The diffusion arithmetic every rule shares (docs/guidance-math.md#conventions).
 
 Timestep ranges and sampling, forward noising, the weights w(t), batched prior calls,
 and the two classifier-free-guidance conventions, which stay two named functions so

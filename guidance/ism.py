@@ -1,4 +1,4 @@
-"""Interval Score Matching (LucidDreamer; guidance-math.md section 7).
+"""Interval Score Matching (LucidDreamer; docs/guidance-math.md#ism).
 
 x_s comes from x by deterministic DDIM inversion (eta = 0) with the unconditional branch,
 x_t from x_s by one more inversion step, and the target is the prediction at x_s:

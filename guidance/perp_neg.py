@@ -1,4 +1,4 @@
-"""Perp-Neg (guidance-math.md section 2, threestudio's ``use_perp_neg``).
+"""Perp-Neg (docs/guidance-math.md#perp-neg, threestudio's ``use_perp_neg``).
 
 The positive prompt is interpolated between view prompts by azimuth, and the other
 views act as negatives through only their component perpendicular to the positive

@@ -1,4 +1,4 @@
-"""Kernel repulsion between particles (Repulsive Score Distillation; guidance-math.md section 8).
+"""Kernel repulsion between particles (Repulsive Score Distillation; docs/guidance-math.md#particles-and-repulsion).
 
 For N >= 3 particles seen from the same camera, with features f_i of their images:
 

@@ -1,12 +1,12 @@
-"""Score Distillation Sampling (DreamFusion), as in guidance-math.md section 1.
+"""Score Distillation Sampling (DreamFusion), as in docs/guidance-math.md#sds.
 
 g = w(t) * (eps_hat(x_t) - eps), with eps_hat in the DreamFusion CFG convention
 eps_hat = eps_y + omega * (eps_y - eps_u), x_t = alpha_t x + sigma_t eps fresh each call.
-With ``perp_neg`` eps_hat is Perp-Neg's (guidance-math.md section 2; diffusers CFG
+With ``perp_neg`` eps_hat is Perp-Neg's (docs/guidance-math.md#perp-neg; diffusers CFG
 convention with the same omega, as threestudio does).
 
 The forward noise eps may come from outside (``noise`` in ``forward``: 3D-consistent noise).
-``CFDConfig`` makes this rule Consistent Flow Distillation (guidance-math.md section 10):
+``CFDConfig`` makes this rule Consistent Flow Distillation (docs/guidance-math.md#consistent-noise-and-cfd):
 w = sigma_t / alpha_t, a deterministic descending t, and (the loop's part) consistent noise.
 """
 
@@ -56,9 +56,10 @@ class SDSConfig(BaseModel):
 
 
 class CFDConfig(SDSConfig):
-    """Consistent Flow Distillation as SDS settings (guidance-math.md section 10): w = sigma_t / alpha_t and
-    t% = 0.02 + 0.96 (1 - p), p piecewise linear through CFD's SD stage-1 milestones p = 0, 0.3, 0.6, 0.8
-    at steps 0, 2.5k, 12.5k, 25k, rescaled to the run: the same fractions 0, 0.1, 0.5, 1 of ``steps``.
+    """Consistent Flow Distillation as SDS settings (docs/guidance-math.md#consistent-noise-and-cfd):
+    w = sigma_t / alpha_t and t% = 0.02 + 0.96 (1 - p), p piecewise linear through CFD's SD stage-1 milestones
+    p = 0, 0.3, 0.6, 0.8 at steps 0, 2.5k, 12.5k, 25k, rescaled to the run: the same fractions 0, 0.1, 0.5, 1
+    of ``steps``.
     The CFG stays DreamFusion's convention (omega 70 for SD in the reference)."""
 
     weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sigma_over_alpha"

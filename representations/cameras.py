@@ -1,6 +1,6 @@
 """Cameras and render outputs: the small data types every layer shares.
 
-Conventions (ARCHITECTURE.md): world is right-handed with +z up and the object
+Conventions (docs/architecture.md#seams): world is right-handed with +z up and the object
 at the origin; ``c2w`` is OpenGL-style (the camera looks down its -z axis, +y is
 up in the image); angles are stored in degrees. Azimuth 0 puts the camera on the
 +x axis, azimuth 90 on the +y axis; elevation is measured up from the xy-plane.

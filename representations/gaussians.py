@@ -49,8 +49,8 @@ class GaussiansConfig(BaseModel):
     sh_degree: Literal[0] = 0  # all peers use degree 0 for text-to-3D
     init_points: str | None = None  # PLY with x y z (+ colours, or a full 3DGS splat file)
     max_gaussians: int = 12_000  # bounds the per-step cost on CPU (densification reaches ~39k uncapped)
-    # learning rates (gaussian-anchors.md section 2-3): means DreamGaussian's initial 1e-3
-    # (no decay yet); scales 5e-3 (all peers, gsplat); quats 1e-3 (LucidDreamer,
+    # learning rates (docs/architecture.md#gaussian-initialisation-and-densification): means
+    # DreamGaussian's initial 1e-3 (no decay yet); scales 5e-3 (all peers, gsplat); quats 1e-3 (LucidDreamer,
     # GaussianDreamer, gsplat); opacities 5e-2 (DreamGaussian, LucidDreamer, gsplat);
     # colours 1e-2 (DreamGaussian's features; sigmoid logits move rgb at the SH-DC rate)
     lr_means: float = 1e-3

@@ -113,8 +113,8 @@ class NeRF(torch.nn.Module):
         nearest voxel: exactly N(0,1) per pixel, and the same for a surface point from every view.
         Pixels with alpha below ``SURFACE_ALPHA`` take the fixed background map.
 
-        Deviations from CFD's generator (guidance-math.md section 10), for cost on CPU: a nearest-voxel
-        lookup in one 3D grid instead of rasterising two triangles per pixel into six 2048^2 textures
+        Deviations from CFD's generator (docs/guidance-math.md#consistent-noise-and-cfd), for cost on CPU:
+        a nearest-voxel lookup in one 3D grid instead of rasterising two triangles per pixel into six 2048^2 textures
         with depth peeling and averaging the covered texels; so two pixels whose surface points fall in
         one voxel share a value (CFD's pixels are independent), and a surface point near a voxel face may
         fall on either side from two views whose depths differ slightly.

@@ -1,4 +1,4 @@
-"""The state of 3D-consistent noise (guidance-math.md sections 10-11) that a representation carries.
+"""The state of 3D-consistent noise (docs/guidance-math.md#consistent-noise-and-cfd) that a representation carries.
 
 A representation with consistent noise holds fixed N(0,1) values attached to 3D space
 (per Gaussian, or a voxel grid for the NeRF) and a fixed 2D background map, as buffers, so

@@ -313,7 +313,7 @@ def rasterize_noise(
     eps2d: float = 0.3,
     chunk: int = 4096,
 ) -> Tensor:
-    """3D-consistent noise (guidance-math sections 10-11): per-Gaussian values splatted so that
+    """3D-consistent noise (docs/guidance-math.md#consistent-noise-and-cfd): per-Gaussian values splatted so that
     each pixel stays standard normal and a Gaussian brings the same value to every view.
 
     pixel = (sum_i w_i n_i + T n_bg) / sqrt(sum_i w_i^2 + T^2), with w_i the compositing

@@ -1,4 +1,4 @@
-"""Consistent noise (guidance-math.md sections 10-11) and the cfd preset: the noise a representation
+"""Consistent noise (docs/guidance-math.md#consistent-noise-and-cfd) and the cfd preset: the noise a representation
 gives is N(0,1) per pixel and the same for a surface point seen from two cameras; SDS and ISM use it;
 the per-Gaussian values follow densification; a consistent-noise run resumes exactly; the CLI runs."""
 

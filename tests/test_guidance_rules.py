@@ -1,4 +1,4 @@
-"""CSD, ISM, VSD and ESD: the gradient reaching the image equals guidance-math.md's formula
+"""CSD, ISM, VSD and ESD: the gradient reaching the image equals docs/guidance-math.md's formula
 (sections 4-7) on priors with known outputs; VSD's fake score learns and checkpoints; rules
 that need a UNet are refused with closed-form priors; every rule runs end to end."""
 

@@ -1,4 +1,4 @@
-"""Particles (--particles N) and kernel repulsion (--repulsion W, guidance-math.md section 8)."""
+"""Particles (--particles N) and kernel repulsion (--repulsion W, docs/guidance-math.md#particles-and-repulsion)."""
 
 import math
 from pathlib import Path
@@ -79,7 +79,8 @@ def test_gaussian_particles_densify_apart_and_resume_exactly(tiny):
 
 
 def test_repulsion_gradient_is_the_reference_kernel_direction():
-    """d loss / d f_i = -r_i, r_i = sum_j 2 k_ij (f_i - f_j) / h / sum_j k_ij (guidance-math.md section 8)."""
+    """d loss / d f_i = -r_i, r_i = sum_j 2 k_ij (f_i - f_j) / h / sum_j k_ij
+    (docs/guidance-math.md#particles-and-repulsion)."""
     torch.manual_seed(0)
     N, B, D = 5, 2, 7
     f = torch.randn(N, B, D, requires_grad=True)

@@ -1,4 +1,4 @@
-"""View-dependent prompts (threestudio's azimuth/elevation rules) and Perp-Neg (guidance-math.md section 2)."""
+"""View-dependent prompts (threestudio's azimuth/elevation rules) and Perp-Neg (docs/guidance-math.md#perp-neg)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""SDS: the gradient reaching the image equals guidance-math.md section 1's formula."""
+"""SDS: the gradient reaching the image equals the formula of docs/guidance-math.md#sds."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""VSD and ESD (guidance-math.md sections 5-6) on tiny random-weight Stable Diffusion folders:
+"""VSD and ESD (docs/guidance-math.md#vsd-and-esd) on tiny random-weight Stable Diffusion folders:
 the gradient equals the formula, the LoRA shares the prior's weights and learns, its state
 checkpoints and resumes exactly, and both rules run end to end."""
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x/2.x as a prior: latent space through the VAE (guidance-math.md section 0).
+"""Stable Diffusion 1.x/2.x as a prior: latent space through the VAE (docs/guidance-math.md#conventions).
 
 x = scaling_factor * VAE_enc(2 rgb - 1) with the render bilinearly resized to the model's
 resolution (512 for SD 2.1-base); the gradient passes back through the encoder to the render.

@@ -1,4 +1,5 @@
-"""The toy world of ARCHITECTURE.md: six primitives in six colours, their prompt grammar and a renderer.
+"""The toy world (docs/architecture.md#the-toy-world): six primitives in six colours, their prompt grammar
+and a renderer.
 
 Everything that renders the toy world (the embedded prior's dataset, the quality
 benchmark's ground truth) goes through this module so that they agree exactly.
