@@ -1,5 +1,5 @@
-"""Variational Score Distillation (ProlificDreamer; guidance-math.md section 5) and, with lambda < 1,
-Entropic Score Distillation (section 6).
+"""Variational Score Distillation (ProlificDreamer) and, with lambda < 1, Entropic Score Distillation
+(docs/guidance-math.md#vsd-and-esd).
 
 The fake score eps_psi is the prior's own UNet with a LoRA (peft) on every attention
 projection and a camera MLP (c2w, 16 values -> the timestep-embedding width) installed as

@@ -18,7 +18,7 @@ DOCS_CITATION = re.compile(r"(?<![\w/.-])docs/([\w.-]+\.md)(?:#([\w-]+))?")
 BARE_NOTE = re.compile(r"(?<![\w/-])(guidance-math|ARCHITECTURE|gaussian-anchors|threestudio|mvdream)\.md")
 MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # being rewritten on another branch; its docstring still cites the note by its bare name
-BARE_NOTE_PENDING = {"guidance/vsd.py"}
+BARE_NOTE_PENDING: set[str] = set()
 
 
 def tracked_files(*suffixes: str) -> list[Path]:
