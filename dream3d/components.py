@@ -1,66 +1,28 @@
-"""Builds the swappable parts of a run from their names and typed config sections."""
+"""Builds the swappable parts of a run from their registry entries and typed config sections."""
 
 from __future__ import annotations
 
 import torch
 
 from dream3d.config import RunConfig
-from guidance.csd import CSDGuidance
-from guidance.ism import ISMGuidance
+from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
+from guidance.base import RuleContext
 from guidance.priors.base import Prior
-from guidance.sds import SDSGuidance
-from representations.gaussians import Gaussians
-from representations.nerf import NeRF
 from representations.particles import Particles
-
-# The DreamFusion-convention CFG scale each prior is used with by default (docs/guidance-math.md#default-guidance-scales:
-# 100 for SD, 20 for IF; the toy priors need far less: toy-unet-mv measured IoU 0.918 / 0.903 / 0.888 at 3 / 7.5 / 15).
-DEFAULT_GUIDANCE_SCALE = {"toy": 3.0, "toy-mv": 3.0, "toy-unet": 3.0, "toy-unet-mv": 3.0, "sd": 100.0, "if": 20.0}
-# CFD's own (70 for SD, same section); the other priors keep the SDS scale
-CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
-# The open-vocabulary priors take the references' negative prompts and Perp-Neg; the toy priors know
-# neither those words nor view prompts, so on them these defaults are off.
-TEXT_PRIORS = ("sd", "if")
-ISM_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
-                       "low-resolution, oversaturation.")  # LucidDreamer's configs
-CSD_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"  # csd-if.yaml
-CSD_PERP_NEG_SCALE = 3.0  # csd-if.yaml, stage 1
 
 
 def build_prior(cfg: RunConfig) -> Prior:
-    """The run's prior; diffusers (slow to import) is imported only for the diffusers priors."""
-    if cfg.prior == "sd":
-        from guidance.priors.sd import StableDiffusionPrior
-
-        return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
-    if cfg.prior == "if":
-        from guidance.priors.deepfloyd import DeepFloydIFPrior
-
-        return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
-    if cfg.prior in ("toy-unet", "toy-unet-mv"):
-        from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
-
-        prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
-        return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
-    from guidance.priors.toy import build_toy_prior
-
-    return build_toy_prior(cfg.prior)
+    """The run's prior (diffusers, slow to import, is imported only by the priors that use it)."""
+    return resolve(PRIORS[cfg.prior].builds)(cfg)
 
 
 def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
     """The rule ``cfg.guidance`` with its config section; raises GuidanceError/PriorError in one line."""
-    text = cfg.prior in TEXT_PRIORS
-    if cfg.guidance == "csd":
-        return CSDGuidance(prior, cfg.csd, CSD_NEGATIVE_PROMPT if text else "", CSD_PERP_NEG_SCALE if text else 0.0)
-    if cfg.guidance == "ism":
-        return ISMGuidance(prior, cfg.ism, ISM_NEGATIVE_PROMPT if text else "")
-    if cfg.guidance in ("vsd", "esd"):
-        from guidance.vsd import VSDGuidance
-
-        return VSDGuidance(prior, getattr(cfg, cfg.guidance), cfg.guidance, cfg.seed)
-    if cfg.guidance == "cfd":
-        return SDSGuidance(prior, cfg.cfd, cfg.steps, CFD_GUIDANCE_SCALE[cfg.prior])
-    return SDSGuidance(prior, cfg.sds, cfg.steps, DEFAULT_GUIDANCE_SCALE[cfg.prior])
+    spec, prior_spec = RULES[cfg.guidance], PRIORS[cfg.prior]
+    context = RuleContext(name=spec.name, steps=cfg.steps, seed=cfg.seed,
+                          guidance_scale=prior_spec.guidance_scale_for(spec.name),
+                          open_vocabulary=prior_spec.open_vocabulary)
+    return resolve(spec.builds)(prior, getattr(cfg, spec.name), context)
 
 
 def build_representation(cfg: RunConfig) -> torch.nn.Module:
@@ -72,9 +34,34 @@ def build_representation(cfg: RunConfig) -> torch.nn.Module:
 
 
 def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
-    noise = cfg.noise_field if cfg.consistent_noise else None
-    generator = torch.Generator().manual_seed(seed)
-    if cfg.representation == "gaussians":
-        return Gaussians(cfg.gaussians, generator=generator, noise=noise)
     # the NeRF's field starts deterministic (NeRF particles start equal); the generator seeds its noise
-    return NeRF(cfg.nerf, noise=noise, generator=generator)
+    spec = REPRESENTATIONS[cfg.representation]
+    noise = cfg.noise_field if cfg.consistent_noise else None
+    return resolve(spec.builds)(getattr(cfg, spec.name), generator=torch.Generator().manual_seed(seed), noise=noise)
+
+
+# -- the priors' builders (PriorSpec.builds) ----------------------------------------
+
+def toy_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.toy import build_toy_prior
+
+    return build_toy_prior(cfg.prior)
+
+
+def toy_unet_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
+
+    prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
+    return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
+
+
+def stable_diffusion_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.sd import StableDiffusionPrior
+
+    return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
+
+
+def deepfloyd_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.deepfloyd import DeepFloydIFPrior
+
+    return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)

@@ -1,8 +1,9 @@
 """The typed run configuration: defaults, YAML load/save and ``key=value`` overrides.
 
-Every component is chosen by name (``prior``, ``guidance``, ``representation``) and
-carries its own typed section; unknown keys and wrong types are errors. The saved
-``config.yaml`` of a run re-runs the same job.
+Every component is chosen by name (``prior``, ``guidance``, ``representation``) from
+``dream3d.registry`` and carries its own typed section (one per registered rule and
+representation, named as the entry); unknown names, keys and wrong types are errors. The
+saved ``config.yaml`` of a run re-runs the same job.
 """
 
 from __future__ import annotations
@@ -11,32 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from dream3d import registry
 from dream3d.sampling import CameraConfig
-from guidance.csd import CSDConfig
-from guidance.ism import ISMConfig
 from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
 from guidance.repulsion import RepulsionConfig
 from guidance.schedule import CheckedSchedule
-from guidance.sds import CFDConfig, SDSConfig
-from guidance.vsd import ESDConfig, VSDConfig
-from representations.gaussians import GaussiansConfig
-from representations.nerf import NeRFConfig
 from representations.noise import NoiseFieldConfig
 
-PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if")
-# priors that load a diffusers folder (--model picks another)
-DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if")
-GUIDANCES = ("sds", "csd", "ism", "vsd", "esd", "cfd")
-# rules that take 3D-consistent forward noise (--noise consistent); cfd always does
-NOISE_GUIDANCES = ("sds", "ism", "cfd")
+PRIORS = registry.PRIORS.names
+GUIDANCES = registry.RULES.names
+REPRESENTATIONS = registry.REPRESENTATIONS.names
 NOISES = ("independent", "consistent")
-# priors without a diffusion network (closed-form denoisers): nothing for VSD/ESD's LoRA to attach to
-CLOSED_FORM_PRIORS = ("toy", "toy-mv")
-UNET_GUIDANCES = ("vsd", "esd")
-REPRESENTATIONS = ("nerf", "gaussians")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 
 
@@ -96,7 +85,9 @@ class ExportConfig(_Section):
         return value
 
 
-class RunConfig(_Section):
+class RunSettings(_Section):
+    """The run's own settings; ``RunConfig`` adds one section per registered rule and representation."""
+
     prompt: str
     prior: str = "toy-mv"  # the embedded default: docs/benchmarks.md, "SDS with the trained toy prior"
     # diffusers priors: a hub id or a local diffusers folder (None: the prior's default model)
@@ -119,15 +110,7 @@ class RunConfig(_Section):
     preview_every: int = Field(100, gt=0)
     max_nan_steps: int = Field(20, gt=0)
     camera: CameraConfig = CameraConfig()
-    nerf: NeRFConfig = NeRFConfig()
-    gaussians: GaussiansConfig = GaussiansConfig()
-    sds: SDSConfig = SDSConfig()
-    cfd: CFDConfig = CFDConfig()
     noise_field: NoiseConfig = NoiseConfig()
-    csd: CSDConfig = CSDConfig()
-    ism: ISMConfig = ISMConfig()
-    vsd: VSDConfig = VSDConfig()
-    esd: ESDConfig = ESDConfig()
     prompts: PromptConfig = PromptConfig()
     repulsion: RepulsionConfig = RepulsionConfig()
     diffusers: DiffusersConfig = DiffusersConfig()
@@ -145,7 +128,7 @@ class RunConfig(_Section):
     @field_validator("prior")
     @classmethod
     def _prior(cls, value: str) -> str:
-        return _one_of("prior", value, PRIORS)
+        return registry.PRIORS[value].name
 
     @field_validator("model")
     @classmethod
@@ -158,15 +141,15 @@ class RunConfig(_Section):
     @field_validator("guidance")
     @classmethod
     def _guidance(cls, value: str) -> str:
-        return _one_of("guidance", value, GUIDANCES)
+        return registry.RULES[value].name
 
     @field_validator("representation")
     @classmethod
     def _representation(cls, value: str) -> str:
-        return _one_of("representation", value, REPRESENTATIONS)
+        return registry.REPRESENTATIONS[value].name
 
     @model_validator(mode="after")
-    def _resolution(self) -> "RunConfig":
+    def _resolution(self) -> "RunSettings":
         sizes = [self.resolution] if isinstance(self.resolution, int) else self.resolution
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"resolution must be positive, got {self.resolution}")
@@ -175,40 +158,41 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _model(self) -> "RunConfig":
-        if self.model is not None and self.prior not in DIFFUSERS_PRIORS:
-            raise ValueError(f"--model applies to the {', '.join(DIFFUSERS_PRIORS)} priors, not {self.prior!r}")
+    def _model(self) -> "RunSettings":
+        if self.model is not None and not registry.PRIORS[self.prior].loads_model:
+            loaders = ", ".join(p.name for p in registry.PRIORS if p.loads_model)
+            raise ValueError(f"--model applies to the {loaders} priors, not {self.prior!r}")
         return self
 
     @model_validator(mode="after")
-    def _guidance_needs_unet(self) -> "RunConfig":
-        if self.guidance in UNET_GUIDANCES and self.prior in CLOSED_FORM_PRIORS:
-            works = ", ".join(p for p in PRIORS if p not in CLOSED_FORM_PRIORS)
+    def _guidance_needs_unet(self) -> "RunSettings":
+        if registry.RULES[self.guidance].needs_unet and registry.PRIORS[self.prior].closed_form:
+            works = ", ".join(p.name for p in registry.PRIORS if not p.closed_form)
             raise ValueError(f"guidance {self.guidance} trains a LoRA on the prior's UNet, and prior {self.prior} is "
                              f"closed-form (no UNet); use one of the priors {works}")
         return self
 
     @model_validator(mode="after")
-    def _repulsion(self) -> "RunConfig":
+    def _repulsion(self) -> "RunSettings":
         if self.repulsion.weight > 0 and self.particles < 3:
             raise ValueError(f"repulsion needs --particles 3 or more (got {self.particles}): its kernel bandwidth "
                              "median(d^2) / log(N - 1) is undefined for fewer")
         return self
 
     @model_validator(mode="after")
-    def _noise(self) -> "RunConfig":
-        if self.noise == "consistent" and self.guidance not in NOISE_GUIDANCES:
-            raise ValueError(f"--noise consistent works with the guidance rules {', '.join(NOISE_GUIDANCES)}, "
-                             f"not {self.guidance}")
+    def _noise(self) -> "RunSettings":
+        if self.noise == "consistent" and not registry.RULES[self.guidance].takes_noise:
+            takers = ", ".join(r.name for r in registry.RULES if r.takes_noise)
+            raise ValueError(f"--noise consistent works with the guidance rules {takers}, not {self.guidance}")
         return self
 
     @property
     def consistent_noise(self) -> bool:
         """Whether the forward noise comes from the representation (``--noise consistent`` or ``--guidance cfd``)."""
-        return self.noise == "consistent" or self.guidance == "cfd"
+        return self.noise == "consistent" or registry.RULES[self.guidance].always_consistent_noise
 
     @model_validator(mode="after")
-    def _gaussians(self) -> "RunConfig":
+    def _gaussians(self) -> "RunSettings":
         if self.representation == "gaussians":
             if self.loss.lambda_orient != 0:
                 raise ValueError("loss.lambda_orient needs normals, which the gaussians representation does not render")
@@ -222,10 +206,16 @@ class RunConfig(_Section):
         return self.resolution[sum(step >= m for m in self.resolution_milestones)]
 
 
-def _one_of(kind: str, value: str, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
-    return value
+def _sections() -> dict[str, Any]:
+    """One config section per registered rule and representation, named as the entry."""
+    sections = {}
+    for spec in (*registry.RULES, *registry.REPRESENTATIONS):
+        config_class = registry.resolve(spec.config)
+        sections[spec.name] = (config_class, Field(default_factory=config_class))
+    return sections
+
+
+RunConfig = create_model("RunConfig", __base__=RunSettings, __module__=__name__, **_sections())
 
 
 def _one_line(error: ValidationError) -> str:

@@ -30,6 +30,23 @@ class GuidanceError(ValueError):
     """A rule cannot run with this prior or configuration; the message is one line for the user."""
 
 
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule may need of the run beyond its own config section (every rule is built as
+    ``Rule(prior, section, context)``).
+
+    name: the rule's registered name (vsd and esd share a class); steps: the run's length;
+    seed: seeds the rule's own modules; guidance_scale: the prior's default CFG scale for this rule
+    (DreamFusion convention), used where the section leaves it None; open_vocabulary: the prior takes
+    any text, so the references' negative prompts and Perp-Neg are the defaults."""
+
+    name: str = ""
+    steps: int = 1
+    seed: int = 0
+    guidance_scale: float = 100.0
+    open_vocabulary: bool = False
+
+
 def surrogate_loss(x: Tensor, grad: Tensor) -> Tensor:
     """0.5 * ||x - sg(x - g)||^2 / B, so that d loss / d x = g / B (threestudio's convention, for every rule)."""
     target = (x - grad).detach()

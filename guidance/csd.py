@@ -24,12 +24,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from guidance.base import DistillationRule, GuidanceError
+from guidance.base import DistillationRule, GuidanceError, RuleContext
 from guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
 from guidance.perp_neg import perp_neg_embeddings, perp_neg_term
 from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
+
+
+TEXT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"  # csd-if.yaml
+TEXT_PERP_NEG_SCALE = 3.0  # csd-if.yaml, stage 1
 
 
 class CSDConfig(BaseModel):
@@ -51,14 +55,15 @@ class CSDConfig(BaseModel):
 
 class CSDGuidance(DistillationRule):
     """CSD on a frozen prior; the negative prompt is embedded here, so a prompt the prior cannot take fails at
-    build. ``default_negative`` and ``default_perp_neg_scale`` apply where the config leaves them None."""
+    build. Where the config leaves them None, an open-vocabulary prior gets the reference's negative prompt
+    and Perp-Neg scale, the others neither."""
 
-    def __init__(self, prior: Prior, cfg: CSDConfig, default_negative: str = "",
-                 default_perp_neg_scale: float = 0.0) -> None:
+    def __init__(self, prior: Prior, cfg: CSDConfig, context: RuleContext = RuleContext()) -> None:
         super().__init__(prior, cfg)
-        negative = default_negative if cfg.negative_prompt is None else cfg.negative_prompt
+        text = context.open_vocabulary
+        negative = (TEXT_NEGATIVE_PROMPT if text else "") if cfg.negative_prompt is None else cfg.negative_prompt
         self.negative = prior.embed(negative).cond if negative else None
-        self.perp_neg_scale = default_perp_neg_scale if cfg.perp_neg_scale is None else cfg.perp_neg_scale
+        self.perp_neg_scale = (TEXT_PERP_NEG_SCALE if text else 0.0) if cfg.perp_neg_scale is None else cfg.perp_neg_scale
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, float]]:

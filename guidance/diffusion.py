@@ -51,7 +51,9 @@ def sds_weight(alphas_cumprod_t: Tensor, weighting: str) -> Tensor:
         return ((1 - alphas_cumprod_t) / alphas_cumprod_t).sqrt()
     if weighting == "uniform":
         return torch.ones_like(alphas_cumprod_t)
-    return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)
+    if weighting == "fantasia3d":
+        return alphas_cumprod_t.sqrt() * (1 - alphas_cumprod_t)
+    raise ValueError(f"unknown weighting {weighting!r}; valid: sds, uniform, fantasia3d, sigma_over_alpha")
 
 
 def cfg_df(eps_cond: Tensor, eps_uncond: Tensor, omega: float) -> Tensor:
@@ -83,3 +85,15 @@ def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor],
 def forward_noise(x: Tensor, generator: torch.Generator) -> Tensor:
     """Fresh eps ~ N(0, I) shaped like x, drawn on the CPU generator (checkpointed with the run) and moved to x's device."""
     return torch.randn(x.shape, generator=generator).to(x.device)
+
+
+def to_epsilon(output: Tensor, x_t: Tensor, alphas_cumprod_t: Tensor, prediction_type: str) -> Tensor:
+    """The UNet's output [B,C,h,w] as epsilon, for x_t [B,C,h,w] and abar_t [B,1,1,1].
+
+    v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps give eps = alpha v + sigma x_t.
+    """
+    if prediction_type == "v_prediction":
+        return alphas_cumprod_t.sqrt() * output + (1 - alphas_cumprod_t).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - alphas_cumprod_t.sqrt() * output) / (1 - alphas_cumprod_t).sqrt()
+    return output

@@ -24,11 +24,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from guidance.base import DistillationRule
+from guidance.base import DistillationRule, RuleContext
 from guidance.diffusion import add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each
 from guidance.priors.base import Embeddings, Prior
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
+
+
+# LucidDreamer's configs
+TEXT_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                        "low-resolution, oversaturation.")
 
 
 class ISMConfig(BaseModel):
@@ -61,14 +66,15 @@ def ddim_invert_step(x: Tensor, eps: Tensor, abar_from: Tensor, abar_to: Tensor)
 
 
 class ISMGuidance(DistillationRule):
-    """ISM on a frozen epsilon-predicting prior; no state across steps. ``default_negative`` is the
-    negative prompt used when ``cfg.negative_prompt`` is None (the prior's own default)."""
+    """ISM on a frozen epsilon-predicting prior; no state across steps. Where ``cfg.negative_prompt`` is None
+    an open-vocabulary prior gets LucidDreamer's negative prompt, the others none."""
 
     takes_noise = True
 
-    def __init__(self, prior: Prior, cfg: ISMConfig, default_negative: str = "") -> None:
+    def __init__(self, prior: Prior, cfg: ISMConfig, context: RuleContext = RuleContext()) -> None:
         super().__init__(prior, cfg)
-        negative = default_negative if cfg.negative_prompt is None else cfg.negative_prompt
+        default = TEXT_NEGATIVE_PROMPT if context.open_vocabulary else ""
+        negative = default if cfg.negative_prompt is None else cfg.negative_prompt
         self.negative = prior.embed(negative).cond if negative else None
 
     def interval(self, step: int, generator: torch.Generator) -> tuple[int, int]:

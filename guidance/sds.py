@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
-from guidance.base import DistillationRule
+from guidance.base import DistillationRule, RuleContext
 from guidance.diffusion import (
     add_noise, alpha_bar, batch_of, cfg_df, forward_noise, predict_each, sample_timesteps, sds_weight, timestep_range,
 )
@@ -67,14 +67,14 @@ class CFDConfig(SDSConfig):
 
 
 class SDSGuidance(DistillationRule):
-    """SDS on a frozen prior. ``max_steps`` is the run length, needed by ``sqrt_anneal`` and ``descending_t``."""
+    """SDS on a frozen prior. The run length (``context.steps``) drives ``sqrt_anneal`` and ``descending_t``."""
 
     takes_noise = True
 
-    def __init__(self, prior: Prior, cfg: SDSConfig, max_steps: int, default_guidance_scale: float) -> None:
+    def __init__(self, prior: Prior, cfg: SDSConfig, context: RuleContext = RuleContext()) -> None:
         super().__init__(prior, cfg)
-        self.max_steps = max_steps
-        self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else default_guidance_scale
+        self.max_steps = context.steps
+        self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else context.guidance_scale
 
     def sample_timesteps(self, batch: int, step: int, generator: torch.Generator) -> Tensor:
         """t [B]: uniform in [min_step, max_step] per item, HiFA's deterministic sqrt annealing, or ``descending_t``."""

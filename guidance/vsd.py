@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from guidance.base import DistillationRule, GuidanceError
+from guidance.base import DistillationRule, GuidanceError, RuleContext
 from guidance.diffusion import (
-    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight,
+    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight, to_epsilon,
 )
 from guidance.priors.base import Embeddings, Prior
-from guidance.priors.diffusers_prior import to_epsilon
 from guidance.schedule import CheckedSchedule, evaluate
 from representations.cameras import Cameras
 
@@ -84,13 +83,14 @@ def camera_condition(cameras: Cameras) -> Tensor:
 
 class VSDGuidance(DistillationRule):
     """VSD/ESD on a prior with a diffusers UNet (``prior.unet``); refuses closed-form priors.
-    ``seed`` initialises the camera MLP (the global generator is left untouched)."""
+    ``context.seed`` initialises the LoRA and the camera MLP (the global generator is left untouched)."""
 
-    def __init__(self, prior: Prior, cfg: VSDConfig, rule: str = "vsd", seed: int = 0) -> None:
+    def __init__(self, prior: Prior, cfg: VSDConfig, context: RuleContext = RuleContext(name="vsd")) -> None:
         super().__init__(prior, cfg)
         unet = prior.unet
+        seed = context.seed
         if unet is None or not hasattr(unet, "class_embedding"):
-            raise GuidanceError(f"guidance {rule} trains a LoRA on the prior's diffusion UNet; prior {prior.name} "
+            raise GuidanceError(f"guidance {context.name} trains a LoRA on the prior's diffusion UNet; prior {prior.name} "
                                 f"has none (use a UNet prior such as sd or if)")
         from diffusers.models.embeddings import TimestepEmbedding
         from peft import LoraConfig

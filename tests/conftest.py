@@ -55,7 +55,7 @@ def check_rule_mechanism(rule: str, run_dir: Path) -> None:
     elif rule == "rsd":
         assert all(r["loss_repulsion"] != 0 for r in records)
     else:
-        assert rule == "sds", rule
+        assert rule in ("sds", "nfsd"), rule
         assert all(20 <= r["t"] <= 980 for r in records)  # t ~ U[0.02 T, 0.98 T]
 
 

@@ -12,6 +12,7 @@ from dream3d import api
 from dream3d.config import ConfigError, build_config
 from dream3d.loop import RunInterrupted
 from guidance.ism import ISMConfig, ISMGuidance
+from guidance.base import RuleContext
 from guidance.sds import CFDConfig, SDSConfig, SDSGuidance
 from representations.cameras import RenderOutput, look_at_cameras
 from representations.gaussians import Gaussians, GaussiansConfig
@@ -137,7 +138,7 @@ def test_sds_uses_the_supplied_noise():
         shapes.append(tuple(shape))
         return eps_c
 
-    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega), max_steps=100, default_guidance_scale=1.0)
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega), RuleContext(steps=100, guidance_scale=1.0))
     rgb = torch.rand(B, 8, 8, 3, requires_grad=True)
     gen = torch.Generator().manual_seed(4)
     guidance(rgb, "a prompt", cameras(B), step, generator=gen, noise=source).loss.backward()
@@ -163,7 +164,7 @@ def cfd_t(step, steps):
 
 def test_cfd_is_sds_with_sigma_over_alpha_and_descending_t():
     prior, B, steps, step, omega = AnalyticPrior(), 2, 200, 70, 3.0
-    guidance = SDSGuidance(prior, CFDConfig(guidance_scale=omega), max_steps=steps, default_guidance_scale=1.0)
+    guidance = SDSGuidance(prior, CFDConfig(guidance_scale=omega), RuleContext(steps=steps, guidance_scale=1.0))
     schedule = [int(guidance.sample_timesteps(B, k, torch.Generator())[0]) for k in range(steps + 1)]
     assert schedule == [cfd_t(k, steps) for k in range(steps + 1)]
     assert schedule[0] == 980 and schedule[-1] == 212 and all(a >= b for a, b in zip(schedule, schedule[1:]))

@@ -10,6 +10,7 @@ from dream3d.components import build_prior
 from dream3d.config import build_config
 from guidance.priors.base import PriorError
 from guidance.prompts import VIEWS
+from guidance.base import RuleContext
 from guidance.sds import SDSConfig, SDSGuidance
 from representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
@@ -113,7 +114,7 @@ def test_if_learned_variance_and_shapes(models):
 
 def test_gradient_reaches_the_render_through_the_vae(models):
     prior = load("sd", models["sd"])
-    guidance = SDSGuidance(prior, SDSConfig(), max_steps=10, default_guidance_scale=100.0)
+    guidance = SDSGuidance(prior, SDSConfig(), RuleContext(steps=10, guidance_scale=100.0))
     pushed = []
     push = guidance.push_gradient
     guidance.push_gradient = lambda *a: pushed.append(push(*a)) or pushed[-1]
@@ -170,7 +171,7 @@ def test_embedding_cache_is_hit_on_a_second_call(models, embedding_cache, monkey
 
 def test_sds_with_perp_neg_runs_on_sd(models):
     prior = load("sd", models["sd"])
-    guidance = SDSGuidance(prior, SDSConfig(perp_neg=True), max_steps=10, default_guidance_scale=100.0)
+    guidance = SDSGuidance(prior, SDSConfig(perp_neg=True), RuleContext(steps=10, guidance_scale=100.0))
     rgb = torch.rand(3, 8, 8, 3, requires_grad=True)
     out = guidance(rgb, "a cat", cameras([0.0, 120.0, 250.0]), step=0, generator=torch.Generator().manual_seed(0))
     out.loss.backward()

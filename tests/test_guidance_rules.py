@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dream3d.config import ConfigError, build_config
-from guidance.base import GuidanceError
+from guidance.base import GuidanceError, RuleContext
 from guidance.csd import CSDConfig, CSDGuidance
 from guidance.ism import ISMConfig, ISMGuidance
 from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
@@ -134,20 +134,43 @@ def test_csd_perp_neg_term_equals_formula():
     torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-4, atol=1e-6)
 
 
-def test_text_priors_get_the_references_negative_prompts_and_perp_neg(monkeypatch):
-    from dream3d import components
+def test_open_vocabulary_priors_get_the_references_negative_prompts_and_perp_neg():
+    from dream3d.components import build_guidance
 
-    seen = {}
-    monkeypatch.setattr(components, "CSDGuidance", lambda prior, cfg, *defaults: seen.setdefault("csd", defaults))
-    monkeypatch.setattr(components, "ISMGuidance", lambda prior, cfg, *defaults: seen.setdefault("ism", defaults))
-    for prior, rule in [("sd", "csd"), ("if", "ism")]:
-        components.build_guidance(build_config({"prompt": "a cat", "prior": prior, "guidance": rule}), None)
-    assert seen["csd"] == (components.CSD_NEGATIVE_PROMPT, 3.0)
-    assert seen["ism"] == (components.ISM_NEGATIVE_PROMPT,)
-    seen.clear()
-    for rule in ("csd", "ism"):
-        components.build_guidance(build_config({"prompt": "a red cube", "prior": "toy-unet-mv", "guidance": rule}), None)
-    assert seen == {"csd": ("", 0.0), "ism": ("",)}
+    for prior, expected in (("sd", True), ("if", True), ("toy-unet-mv", False), ("toy", False)):
+        for rule in ("csd", "ism", "nfsd"):
+            guidance = build_guidance(build_config({"prompt": "a cat", "prior": prior, "guidance": rule}), ViewPrior())
+            assert (guidance.negative is not None) == expected, (prior, rule)
+            if rule == "csd":
+                assert guidance.perp_neg_scale == (3.0 if expected else 0.0)
+    off = CSDGuidance(ViewPrior(), CSDConfig(negative_prompt="", perp_neg_scale=0), RuleContext(open_vocabulary=True))
+    assert off.negative is None and off.perp_neg_scale == 0
+
+
+# -- NFSD (the rule added through one module and one registry line) -------------------
+
+@pytest.mark.parametrize("negative", [None, "ugly"])
+def test_nfsd_gradient_equals_formula(negative):
+    """g = w(t) (delta_D + s (eps_y - eps_0)), delta_D = eps_0 below small_t, else eps_0 - eps_neg (eps_0 without one)."""
+    from guidance.nfsd import NFSDConfig, NFSDGuidance
+
+    prior, B, s = AnalyticPrior(), 4, 7.5
+    cfg = NFSDConfig(negative_prompt=negative, small_t=500)
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, _ = image_gradient(NFSDGuidance(prior, cfg), rgb, 0, seed=2)
+
+    replay = torch.Generator().manual_seed(2)
+    t = torch.randint(20, 981, (B,), generator=replay)
+    noise = torch.randn(B, 3, 8, 8, generator=replay)
+    x = 2 * rgb.permute(0, 3, 1, 2) - 1
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    eps_y, eps_0 = prior.eps(x_t, t, len("a prompt") / 10), prior.eps(x_t, t, -0.2)
+    eps_neg = eps_0 if negative is None else prior.eps(x_t, t, len(negative) / 10)
+    delta_d = torch.where((t < 500).view(-1, 1, 1, 1), eps_0, eps_0 - eps_neg)
+    g = (1 - abar) * (delta_d + s * (eps_y - eps_0))
+    assert (t < 500).any() and (t >= 500).any()
+    torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-4, atol=1e-6)
 
 
 # -- ISM ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from guidance.base import GuidanceError
+from guidance.base import GuidanceError, RuleContext
 from guidance.perp_neg import perp_neg_embeddings, perpendicular_component
 from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
 from guidance.prompts import VIEWS, view_index, view_prompts
@@ -85,7 +85,8 @@ class ViewPrior:
 
 def test_sds_with_perp_neg_equals_formula():
     prior, B, omega = ViewPrior(), 3, 7.5
-    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, perp_neg=True), 100, 100.0)
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, perp_neg=True),
+                            RuleContext(steps=100, guidance_scale=100.0))
     azimuth, elevation = torch.tensor([10.0, 100.0, 200.0]), torch.tensor([0.0, 20.0, 5.0])
     cams = look_at_cameras(elevation, azimuth, torch.full((B,), 2.5), 45.0, 4, 4)
     rgb = torch.rand(B, 4, 4, 3, requires_grad=True)
@@ -109,7 +110,8 @@ def test_sds_with_perp_neg_equals_formula():
 
 
 def test_perp_neg_needs_view_embeddings():
-    guidance = SDSGuidance(ViewPrior(with_views=False), SDSConfig(perp_neg=True), 100, 100.0)
+    guidance = SDSGuidance(ViewPrior(with_views=False), SDSConfig(perp_neg=True),
+                            RuleContext(steps=100, guidance_scale=100.0))
     cams = look_at_cameras(torch.zeros(1), torch.zeros(1), torch.full((1,), 2.5), 45.0, 4, 4)
     with pytest.raises(GuidanceError, match="perp_neg needs a prior with view-dependent prompts"):
         guidance(torch.rand(1, 4, 4, 3), "p", cams, step=0, generator=torch.Generator())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from guidance.base import surrogate_loss
+from guidance.base import RuleContext, surrogate_loss
 from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
 from guidance.sds import SDSConfig, SDSGuidance, sds_weight, timestep_range
 from representations.cameras import look_at_cameras
@@ -37,7 +37,8 @@ def cameras(batch):
 @pytest.mark.parametrize("weighting", ["sds", "uniform", "fantasia3d"])
 def test_gradient_equals_formula(weighting):
     prior, B, omega = LinearPrior(), 3, 7.0
-    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, weighting=weighting), 100, 100.0)
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, weighting=weighting),
+                            RuleContext(steps=100, guidance_scale=100.0))
     rgb = torch.rand(B, 8, 8, 3, requires_grad=True)
     gen = torch.Generator().manual_seed(1)
     out = guidance(rgb, "p", cameras(B), step=0, generator=gen)
@@ -67,7 +68,8 @@ class BrokenPrior(LinearPrior):
 
 def test_clip_and_nan_handling():
     prior = BrokenPrior()
-    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=float("inf"), grad_clip=0.01), 100, 100.0)
+    guidance = SDSGuidance(prior, SDSConfig(guidance_scale=float("inf"), grad_clip=0.01),
+                            RuleContext(steps=100, guidance_scale=100.0))
     rgb = torch.rand(2, 8, 8, 3, requires_grad=True)
     out = guidance(rgb, "p", cameras(2), step=0, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
@@ -85,7 +87,7 @@ def test_surrogate_loss_gradient_is_g_over_batch():
 
 def test_timestep_range_and_sqrt_anneal():
     assert timestep_range(0.02, 0.98, 1000) == (20, 980)
-    guidance = SDSGuidance(LinearPrior(), SDSConfig(sqrt_anneal=True), max_steps=100, default_guidance_scale=1.0)
+    guidance = SDSGuidance(LinearPrior(), SDSConfig(sqrt_anneal=True), RuleContext(steps=100, guidance_scale=1.0))
     gen = torch.Generator()
     assert guidance.sample_timesteps(2, 0, gen).tolist() == [980, 980]
     assert guidance.sample_timesteps(1, 25, gen).item() == int(980 - 960 * 0.5)
@@ -93,7 +95,8 @@ def test_timestep_range_and_sqrt_anneal():
 
 
 def test_schedule_on_t_range():
-    guidance = SDSGuidance(LinearPrior(), SDSConfig(max_step_percent=[10, 0.98, 0.5, 11]), 100, 1.0)
+    guidance = SDSGuidance(LinearPrior(), SDSConfig(max_step_percent=[10, 0.98, 0.5, 11]),
+                            RuleContext(steps=100, guidance_scale=1.0))
     gen = torch.Generator().manual_seed(0)
     assert guidance.sample_timesteps(500, 20, gen).max() <= 500
     assert guidance.sample_timesteps(500, 0, gen).max() > 500

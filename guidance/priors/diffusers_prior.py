@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from guidance.diffusion import to_epsilon
 from guidance.priors.base import Embeddings, PriorError
 from guidance.priors.cache import cache_root, save_atomic
 from guidance.prompts import PromptConfig, view_prompts
@@ -170,18 +171,6 @@ def check_safetensors(folder: Path, model: str, component: str) -> None:
     if not any((folder / component).glob("*.safetensors")):
         raise PriorError(f"{model}/{component} has no .safetensors weights; dream3d loads only safetensors "
                          f"(convert the model, e.g. re-save it with diffusers' save_pretrained)")
-
-
-def to_epsilon(output: Tensor, x_t: Tensor, alphas_cumprod_t: Tensor, prediction_type: str) -> Tensor:
-    """The UNet's output [B,C,h,w] as epsilon, for x_t [B,C,h,w] and abar_t [B,1,1,1].
-
-    v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps give eps = alpha v + sigma x_t.
-    """
-    if prediction_type == "v_prediction":
-        return alphas_cumprod_t.sqrt() * output + (1 - alphas_cumprod_t).sqrt() * x_t
-    if prediction_type == "sample":
-        return (x_t - alphas_cumprod_t.sqrt() * output) / (1 - alphas_cumprod_t).sqrt()
-    return output
 
 
 def resize_square(rgb: Tensor, size: int) -> Tensor:

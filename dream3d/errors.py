@@ -1,0 +1,31 @@
+"""The one family of errors a user can cause, and their one-line message.
+
+Every front end (the CLI, the web app, the batch runner) reports these the same way: one
+line, no traceback. The libraries (``guidance``, ``representations``) cannot import the app,
+so their error classes join the family here, imported only when an error is being classified
+(the CLI's ``--help`` imports no torch).
+"""
+
+from __future__ import annotations
+
+MAX_MESSAGE_CHARS = 300
+
+
+class UserError(ValueError):
+    """A failure the user caused or can fix (bad input, a missing model, a full disk); one line."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every exception class whose message is meant for the user as is."""
+    from guidance.base import GuidanceError
+    from guidance.priors.base import PriorError
+    from representations.mesh import MeshError
+    from representations.splat_ply import PLYError
+
+    return UserError, GuidanceError, PriorError, MeshError, PLYError
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line, cut to ``MAX_MESSAGE_CHARS`` (a 5 MB prompt is not echoed back)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."

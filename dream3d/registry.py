@@ -1,0 +1,129 @@
+"""Every swappable part by name: the guidance rules, the priors and the representations.
+
+An entry says what the rest of dream3d needs to know of a part without importing it: its
+config class and builder as ``"module:attribute"`` references (imported on first use, so the
+CLI's choices and ``--help`` cost no torch import) and its capabilities. The CLI's choices, the
+config sections of ``RunConfig``, the web form's dropdowns, the benchmarks and the refusal
+messages all read these tables; adding a rule is its module plus one ``RULES.add`` line below.
+
+A rule is built as ``RuleClass(prior, section, context)`` with ``context`` a
+``guidance.base.RuleContext``; a representation as ``Class(section, generator=..., noise=...)``;
+a prior by its builder, called with the run's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any, Generic, TypeVar
+
+
+def resolve(reference: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (imports the module)."""
+    module, _, attribute = reference.partition(":")
+    return getattr(import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str
+    config: str  # "module:Class", the rule's config section (``NAME:`` in config.yaml)
+    builds: str  # "module:Class", called as Class(prior, section, RuleContext)
+    summary: str
+    needs_unet: bool = False  # trains on the prior's diffusion UNet: refused with closed-form priors
+    takes_noise: bool = False  # accepts 3D-consistent forward noise (--noise consistent)
+    always_consistent_noise: bool = False  # uses consistent noise whatever --noise says
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    name: str
+    builds: str  # "module:function", called with the RunConfig
+    summary: str
+    guidance_scale: float  # SDS's default CFG scale with this prior (DreamFusion convention)
+    rule_guidance_scales: dict[str, float] = field(default_factory=dict)  # a rule's own default, where it differs
+    closed_form: bool = False  # a closed-form denoiser: no UNet for VSD/ESD's LoRA
+    loads_model: bool = False  # takes --model (a diffusers folder or hub id)
+    open_vocabulary: bool = False  # any text: the references' negative prompts and Perp-Neg apply
+
+    def guidance_scale_for(self, rule: str) -> float:
+        return self.rule_guidance_scales.get(rule, self.guidance_scale)
+
+
+@dataclass(frozen=True)
+class RepresentationSpec:
+    name: str
+    config: str  # "module:Class", the config section
+    builds: str  # "module:Class", called as Class(section, generator=..., noise=...)
+    summary: str
+
+
+Spec = TypeVar("Spec", RuleSpec, PriorSpec, RepresentationSpec)
+
+
+class UnknownName(ValueError):
+    """A name no entry has; the message is one line listing the valid names."""
+
+
+class Registry(Generic[Spec]):
+    """Entries of one kind by name, in registration order."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Spec] = {}
+
+    def add(self, spec: Spec) -> Spec:
+        if spec.name in self._entries:
+            raise ValueError(f"{self.kind} {spec.name!r} is registered twice")
+        self._entries[spec.name] = spec
+        return spec
+
+    def __getitem__(self, name: str) -> Spec:
+        if name not in self._entries:
+            raise UnknownName(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names)}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+
+RULES: Registry[RuleSpec] = Registry("guidance")
+RULES.add(RuleSpec("sds", "guidance.sds:SDSConfig", "guidance.sds:SDSGuidance",
+                   "Score Distillation Sampling (DreamFusion)", takes_noise=True))
+RULES.add(RuleSpec("csd", "guidance.csd:CSDConfig", "guidance.csd:CSDGuidance", "Classifier Score Distillation"))
+RULES.add(RuleSpec("ism", "guidance.ism:ISMConfig", "guidance.ism:ISMGuidance",
+                   "Interval Score Matching (LucidDreamer)", takes_noise=True))
+RULES.add(RuleSpec("vsd", "guidance.vsd:VSDConfig", "guidance.vsd:VSDGuidance",
+                   "Variational Score Distillation (ProlificDreamer)", needs_unet=True))
+RULES.add(RuleSpec("esd", "guidance.vsd:ESDConfig", "guidance.vsd:VSDGuidance",
+                   "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True))
+RULES.add(RuleSpec("cfd", "guidance.sds:CFDConfig", "guidance.sds:SDSGuidance",
+                   "Consistent Flow Distillation", takes_noise=True, always_consistent_noise=True))
+RULES.add(RuleSpec("nfsd", "guidance.nfsd:NFSDConfig", "guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation"))
+
+PRIORS: Registry[PriorSpec] = Registry("prior")
+PRIORS.add(PriorSpec("toy", "dream3d.components:toy_prior", "closed-form denoiser of the toy world, camera-free",
+                     3.0, closed_form=True))
+PRIORS.add(PriorSpec("toy-mv", "dream3d.components:toy_prior",
+                     "closed-form denoiser of the toy world, camera-conditioned (the default)", 3.0, closed_form=True))
+PRIORS.add(PriorSpec("toy-unet", "dream3d.components:toy_unet_prior",
+                     "the trained toy diffusion model (assets/toy-unet), camera-free", 3.0, loads_model=True))
+PRIORS.add(PriorSpec("toy-unet-mv", "dream3d.components:toy_unet_prior",
+                     "the trained toy diffusion model, camera-conditioned", 3.0, loads_model=True))
+PRIORS.add(PriorSpec("sd", "dream3d.components:stable_diffusion_prior", "Stable Diffusion 1.x/2.x (latent)", 100.0,
+                     {"cfd": 70.0}, loads_model=True, open_vocabulary=True))
+PRIORS.add(PriorSpec("if", "dream3d.components:deepfloyd_prior", "DeepFloyd IF stage I (64x64 pixels)", 20.0,
+                     loads_model=True, open_vocabulary=True))
+
+REPRESENTATIONS: Registry[RepresentationSpec] = Registry("representation")
+REPRESENTATIONS.add(RepresentationSpec("nerf", "representations.nerf:NeRFConfig", "representations.nerf:NeRF",
+                                       "an Instant-NGP-style NeRF (hash grid, density blob)"))
+REPRESENTATIONS.add(RepresentationSpec("gaussians", "representations.gaussians:GaussiansConfig",
+                                       "representations.gaussians:Gaussians", "3D Gaussian splats"))
