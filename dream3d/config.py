@@ -26,9 +26,9 @@ from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 from representations.noise import NoiseFieldConfig
 
-PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if")
+PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if", "mvdream")
 # priors that load a diffusers folder (--model picks another)
-DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if")
+DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if", "mvdream")
 GUIDANCES = ("sds", "csd", "ism", "vsd", "esd", "cfd")
 # rules that take 3D-consistent forward noise (--noise consistent); cfd always does
 NOISE_GUIDANCES = ("sds", "ism", "cfd")
@@ -96,6 +96,27 @@ class ExportConfig(_Section):
         return value
 
 
+# Multi-view priors: how many views of one object they denoise together, and the rules that cannot drive them
+# (docs/mvdream.md): each draws a timestep per image, while a group of views shares one t.
+MULTIVIEW_PRIORS = {"mvdream": 4}
+MULTIVIEW_REFUSED = {
+    "csd": "draws a timestep per image, and a multi-view prior denoises its views at one shared t",
+    "vsd": "trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view UNet is neither",
+    "esd": "trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view UNet is neither",
+}
+
+
+def multiview_defaults(views: int, steps: int) -> dict[str, Any]:
+    """MVDream-threestudio's distillation settings scaled to a run of ``steps``: groups of ``views`` cameras
+    90 degrees apart, 64 then 256 pixels from half-way, x0-reconstruction SDS with CFG rescale 0.5 and
+    t annealed from 0.98 to U[0.02, 0.5] over the first 80% of the run (the user's values win)."""
+    anneal = max(int(0.8 * steps), 1)
+    return {"camera": {"group_views": views, "batch_size": views, "elevation_range": [0.0, 30.0]},
+            "resolution": [64, 256], "resolution_milestones": [steps // 2],
+            "sds": {"recon_loss": True, "recon_std_rescale": 0.5, "min_step_percent": [0, 0.98, 0.02, anneal],
+                    "max_step_percent": [0, 0.98, 0.5, anneal]}}
+
+
 class RunConfig(_Section):
     prompt: str
     prior: str = "toy-mv"  # the embedded default: docs/benchmarks.md, "SDS with the trained toy prior"
@@ -134,6 +155,14 @@ class RunConfig(_Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multiview_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prior") in MULTIVIEW_PRIORS:
+            steps = data.get("steps", cls.model_fields["steps"].default)
+            return merge(multiview_defaults(MULTIVIEW_PRIORS[data["prior"]], steps if isinstance(steps, int) else 1), data)
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -186,6 +215,21 @@ class RunConfig(_Section):
             works = ", ".join(p for p in PRIORS if p not in CLOSED_FORM_PRIORS)
             raise ValueError(f"guidance {self.guidance} trains a LoRA on the prior's UNet, and prior {self.prior} is "
                              f"closed-form (no UNet); use one of the priors {works}")
+        return self
+
+    @model_validator(mode="after")
+    def _multiview(self) -> "RunConfig":
+        views = MULTIVIEW_PRIORS.get(self.prior)
+        if views is None:
+            return self
+        if self.guidance in MULTIVIEW_REFUSED:
+            raise ValueError(f"guidance {self.guidance} cannot drive prior {self.prior}: it "
+                             f"{MULTIVIEW_REFUSED[self.guidance]}; use sds, cfd or ism")
+        if self.camera.group_views != views:
+            raise ValueError(f"prior {self.prior} denoises {views} views of one object together: set "
+                             f"camera.group_views={views} (and camera.batch_size a multiple of {views})")
+        if self.sds.perp_neg:
+            raise ValueError(f"sds.perp_neg needs view prompts, and prior {self.prior} is told each view's camera instead")
         return self
 
     @model_validator(mode="after")
