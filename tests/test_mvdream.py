@@ -351,3 +351,51 @@ def test_ism_and_cfd_drive_mvdream(model, monkeypatch, capsys, tmp_path):
         run_dir = run_cli(monkeypatch, capsys, tmp_path / rule, "--prior", "mvdream", "--model", model,
                           "--guidance", rule, check_export=False)
         assert all(math.isfinite(r["loss"]) for r in metrics(run_dir))
+
+
+# -- an independent oracle: diffusers' SD UNet with the same weights -----------------------------------------------
+class JointViewsProcessor:
+    """diffusers self-attention over the N views of an object jointly: [B*N, L, C] -> [B, N*L, C] and back."""
+
+    def __init__(self, num_frames: int) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.num_frames, self.plain = num_frames, AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        BN, L, C = hidden_states.shape
+        joint = hidden_states.reshape(BN // self.num_frames, self.num_frames * L, C)
+        return self.plain(attn, joint, None, attention_mask, temb).reshape(BN, L, C)
+
+
+def diffusers_oracle(unet: MultiViewUNet, num_frames: int):
+    """SD 2.x's UNet2DConditionModel in diffusers, its class embedding as the camera MLP, given our weights
+    through diffusers' own LDM -> diffusers key conversion."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    heads = [TINY.model_channels * m // TINY.num_head_channels for m in TINY.channel_mult]
+    config = dict(sample_size=TINY.image_size, in_channels=4, out_channels=4, layers_per_block=TINY.num_res_blocks,
+                  block_out_channels=[TINY.model_channels * m for m in TINY.channel_mult],
+                  down_block_types=["CrossAttnDownBlock2D"] * 2, up_block_types=["CrossAttnUpBlock2D"] * 2,
+                  attention_head_dim=heads, cross_attention_dim=TINY.context_dim, use_linear_projection=True,
+                  class_embed_type="projection", projection_class_embeddings_input_dim=TINY.camera_dim)
+    ldm = {k.replace("camera_embed.", "label_emb.0."): v for k, v in unet.state_dict().items()}
+    oracle = UNet2DConditionModel(**config)
+    oracle.load_state_dict(convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in ldm.items()},
+                                                       config), strict=True)
+    oracle.set_attn_processor({name: JointViewsProcessor(num_frames) if name.endswith("attn1.processor")
+                               else processor for name, processor in oracle.attn_processors.items()})
+    return oracle.eval()
+
+
+@pytest.mark.parametrize("num_frames", [1, 4])
+def test_our_unet_equals_diffusers_sd_unet_with_joint_view_attention(num_frames):
+    unet = tiny_unet(std=0.05)
+    oracle = diffusers_oracle(unet, num_frames)
+    x, t, context = torch.randn(8, 4, 8, 8), torch.tensor([10, 10, 10, 10, 700, 700, 700, 700]), torch.randn(8, 8, TEXT_DIM)
+    camera = mvdream_camera(group_cameras().c2w).repeat(2, 1)
+    with torch.no_grad():
+        ours = unet(x, t, context, camera, num_frames)
+        theirs = oracle(x, t, encoder_hidden_states=context, class_labels=camera).sample
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()) + 1e-6)
