@@ -346,11 +346,11 @@ def test_multiview_sds_end_to_end(model, representation, monkeypatch, capsys, tm
     assert rows[0]["t"] == 980  # one t for the group, annealed from 0.98
 
 
-def test_ism_and_cfd_drive_mvdream(model, monkeypatch, capsys, tmp_path):
-    for rule in ("ism", "cfd"):
-        run_dir = run_cli(monkeypatch, capsys, tmp_path / rule, "--prior", "mvdream", "--model", model,
-                          "--guidance", rule, check_export=False)
-        assert all(math.isfinite(r["loss"]) for r in metrics(run_dir))
+@pytest.mark.parametrize("options", [["--guidance", "ism"], ["--guidance", "cfd"], ["--particles", "2"]])
+def test_other_rules_and_particles_drive_mvdream(model, options, monkeypatch, capsys, tmp_path):
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--prior", "mvdream", "--model", model, *options,
+                      check_export=False)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in metrics(run_dir))
 
 
 # -- an independent oracle: diffusers' SD UNet with the same weights -----------------------------------------------
