@@ -159,6 +159,17 @@ def test_camera_changes_the_prediction():
     assert not torch.allclose(a, b)
 
 
+def test_half_precision_weights_take_float32_inputs():
+    unet = tiny_unet()
+    x, t, context = torch.randn(4, 4, 8, 8), torch.full((4,), 300), torch.randn(4, 8, TEXT_DIM)
+    camera = mvdream_camera(group_cameras().c2w)
+    with torch.no_grad():
+        full = unet(x, t, context, camera, 4)
+        half = unet.to(torch.bfloat16)(x, t, context, camera, 4)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05 * float(full.abs().max()))
+
+
 # -- cameras -----------------------------------------------------------------------------------------------------
 def test_camera_conversion_reproduces_the_worked_example():
     cameras = look_at_cameras(torch.tensor([15.0]), torch.tensor([0.0]), torch.tensor([2.5]), 45.0, 8, 8)
@@ -344,6 +355,7 @@ def test_multiview_sds_end_to_end(model, representation, monkeypatch, capsys, tm
     rows = metrics(run_dir)
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
     assert rows[0]["t"] == 980  # one t for the group, annealed from 0.98
+    assert all(r["nfe"] == 8 for r in rows)  # 4 views, conditional and unconditional, in one UNet pass
 
 
 @pytest.mark.parametrize("options", [["--guidance", "ism"], ["--guidance", "cfd"], ["--particles", "2"]])

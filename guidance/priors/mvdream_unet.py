@@ -58,7 +58,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back (LDM's: half-precision statistics drift)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
