@@ -9,10 +9,7 @@ from representations.cameras import Cameras, look_at_cameras, view_group_azimuth
 
 
 class CameraConfig(BaseModel):
-    """Random training cameras; the defaults are the toy world's (ARCHITECTURE.md).
-
-    group_views > 1 samples the batch as groups of that many views of one object (a multi-view
-    prior's input): evenly spaced in azimuth from a random start, sharing elevation, distance and fovy."""
+    """Random training cameras; the defaults are the toy world's (ARCHITECTURE.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -21,6 +18,8 @@ class CameraConfig(BaseModel):
     distance_range: tuple[float, float] = (2.5, 2.5)
     fovy_range: tuple[float, float] = (45.0, 45.0)
     batch_size: int = 1
+    # > 1: the batch is groups of this many views of one object (a multi-view prior's input), evenly
+    # spaced in azimuth from a random start and sharing elevation, distance and fovy
     group_views: int = Field(1, ge=1)
 
     @model_validator(mode="after")

@@ -8,11 +8,6 @@ convention with the same omega, as threestudio does).
 The forward noise eps may come from outside (``noise`` in ``forward``: 3D-consistent noise).
 ``CFDConfig`` makes this rule Consistent Flow Distillation (guidance-math.md section 10):
 w = sigma_t / alpha_t, a deterministic descending t, and (the loop's part) consistent noise.
-
-``recon_loss`` is MVDream's x0-reconstruction form: g = x - x0_hat with x0_hat the CFG estimate of
-x0, optionally CFG-rescaled toward the conditional estimate's spread (``recon_std_rescale``);
-without the rescale it equals SDS with w = sigma_t / alpha_t. A prior that denoises groups of views
-together (``num_views`` > 1, e.g. MVDream) gets one t per group.
 """
 
 from __future__ import annotations
@@ -52,6 +47,9 @@ class SDSConfig(BaseModel):
     descending_t: CheckedSchedule | None = None
     grad_clip: CheckedSchedule | None = None
     perp_neg: bool = False
+    # MVDream's x0-reconstruction form (docs/mvdream.md): g = x - x0_hat, x0_hat the CFG estimate of x0, with
+    # recon_std_rescale pulling its spread toward the conditional estimate's; without the rescale this is SDS with
+    # w = sigma_t / alpha_t. A prior that denoises groups of views (``num_views`` > 1) gets one t per group.
     recon_loss: bool = False
     recon_std_rescale: CheckedSchedule = 0.0
 

@@ -116,7 +116,7 @@ class MVDreamPrior(DiffusersPrior):
         B, N = x_t.shape[0], self.num_views
         if cameras is None:
             raise PriorError("--prior mvdream needs each view's camera")
-        if B % N or not bool((t.view(-1, N) == t.view(-1, N)[:, :1]).all()):
+        if B % N or not bool((t.reshape(-1, N) == t.reshape(-1, N)[:, :1]).all()):
             raise PriorError(f"--prior mvdream denoises groups of {N} views of one object at one timestep; got a batch "
                              f"of {B} with per-view timesteps {t.tolist()} (sample cameras with camera.group_views={N})")
         camera = mvdream_camera(cameras.c2w.float()).to(self.device, self.dtype)
