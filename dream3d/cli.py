@@ -282,21 +282,30 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
 
 @app.command("train-prior")
 def train_prior(
-    out: Path = typer.Option(Path("assets/toy-unet"), help="The diffusers model folder to write."),
+    out: Optional[Path] = typer.Option(None, help="The model folder to write (default assets/toy-unet or assets/toy-mvdream)."),
+    arch: str = typer.Option("unet", help="unet (--prior toy-unet) | mvdream (--prior toy-mvdream: MVDream's multi-view network)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     checkpoints: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/train-prior/<out name>)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads (1 is fastest on a busy machine)."),
 ) -> None:
-    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load."""
+    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream)."""
     import torch
 
-    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior as train
+    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior
 
+    if arch not in ("unet", "mvdream"):
+        raise ConfigError(f"unknown --arch {arch!r}; valid: unet, mvdream")
+    config_class, train = TrainPriorConfig, train_prior
+    if arch == "mvdream":
+        from dream3d.train_mvdream import TrainMVDreamConfig, train_mvdream
+
+        config_class, train = TrainMVDreamConfig, train_mvdream
+    out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = TrainPriorConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    cfg = config_class(seed=seed, **({"steps": steps} if steps is not None else {}))
     work = checkpoints or Path("runs") / "train-prior" / out.name
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),

@@ -22,6 +22,7 @@ CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
 
 # MVDream's CFG 50 is the diffusers convention, eps_u + 50 (eps_y - eps_u): DreamFusion's 49 (docs/mvdream.md)
 DEFAULT_GUIDANCE_SCALE["mvdream"] = CFD_GUIDANCE_SCALE["mvdream"] = 49.0
+DEFAULT_GUIDANCE_SCALE["toy-mvdream"] = CFD_GUIDANCE_SCALE["toy-mvdream"] = 3.0  # as the other toy priors; untuned
 
 
 def build_prior(cfg: RunConfig) -> Prior:
@@ -38,6 +39,10 @@ def build_prior(cfg: RunConfig) -> Prior:
         from guidance.priors.mvdream import MVDreamPrior
 
         return MVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    if cfg.prior == "toy-mvdream":
+        from guidance.priors.toy_mvdream import ToyMVDreamPrior
+
+        return ToyMVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)
     if cfg.prior in ("toy-unet", "toy-unet-mv"):
         from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
 

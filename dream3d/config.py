@@ -26,9 +26,9 @@ from representations.gaussians import GaussiansConfig
 from representations.nerf import NeRFConfig
 from representations.noise import NoiseFieldConfig
 
-PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if", "mvdream")
+PRIORS = ("toy", "toy-mv", "toy-unet", "toy-unet-mv", "sd", "if", "mvdream", "toy-mvdream")
 # priors that load a diffusers folder (--model picks another)
-DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if", "mvdream")
+DIFFUSERS_PRIORS = ("toy-unet", "toy-unet-mv", "sd", "if", "mvdream", "toy-mvdream")
 GUIDANCES = ("sds", "csd", "ism", "vsd", "esd", "cfd")
 # rules that take 3D-consistent forward noise (--noise consistent); cfd always does
 NOISE_GUIDANCES = ("sds", "ism", "cfd")
@@ -98,7 +98,7 @@ class ExportConfig(_Section):
 
 # Multi-view priors: how many views of one object they denoise together, and the rules that cannot drive them
 # (docs/mvdream.md): each draws a timestep per image, while a group of views shares one t.
-MULTIVIEW_PRIORS = {"mvdream": 4}
+MULTIVIEW_PRIORS = {"mvdream": 4, "toy-mvdream": 4}
 MULTIVIEW_REFUSED = {
     "csd": "draws a timestep per image, and a multi-view prior denoises its views at one shared t",
     "vsd": "trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view UNet is neither",
@@ -106,13 +106,15 @@ MULTIVIEW_REFUSED = {
 }
 
 
-def multiview_defaults(views: int, steps: int) -> dict[str, Any]:
-    """MVDream-threestudio's distillation settings scaled to a run of ``steps``: groups of ``views`` cameras
-    90 degrees apart, 64 then 256 pixels from half-way, x0-reconstruction SDS with CFG rescale 0.5 and
-    t annealed from 0.98 to U[0.02, 0.5] over the first 80% of the run (the user's values win)."""
+def multiview_defaults(prior: str, steps: int) -> dict[str, Any]:
+    """MVDream-threestudio's distillation settings scaled to a run of ``steps``: groups of 4 cameras 90 degrees
+    apart, x0-reconstruction SDS with CFG rescale 0.5 and t annealed from 0.98 to U[0.02, 0.5] over the first
+    80% of the run; for mvdream 64 then 256 pixels from half-way (the toy keeps its own sizes). The user's
+    values win."""
     anneal = max(int(0.8 * steps), 1)
-    return {"camera": {"group_views": views, "batch_size": views, "elevation_range": [0.0, 30.0]},
-            "resolution": [64, 256], "resolution_milestones": [steps // 2],
+    views = MULTIVIEW_PRIORS[prior]
+    sizes = {"resolution": [64, 256], "resolution_milestones": [steps // 2]} if prior == "mvdream" else {}
+    return {"camera": {"group_views": views, "batch_size": views, "elevation_range": [0.0, 30.0]}, **sizes,
             "sds": {"recon_loss": True, "recon_std_rescale": 0.5, "min_step_percent": [0, 0.98, 0.02, anneal],
                     "max_step_percent": [0, 0.98, 0.5, anneal]}}
 
@@ -161,7 +163,7 @@ class RunConfig(_Section):
     def _multiview_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("prior") in MULTIVIEW_PRIORS:
             steps = data.get("steps", cls.model_fields["steps"].default)
-            return merge(multiview_defaults(MULTIVIEW_PRIORS[data["prior"]], steps if isinstance(steps, int) else 1), data)
+            return merge(multiview_defaults(data["prior"], steps if isinstance(steps, int) else 1), data)
         return data
 
     @field_validator("prompt")

@@ -411,3 +411,67 @@ def test_our_unet_equals_diffusers_sd_unet_with_joint_view_attention(num_frames)
         ours = unet(x, t, context, camera, num_frames)
         theirs = oracle(x, t, encoder_hidden_states=context, class_labels=camera).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()) + 1e-6)
+
+
+# -- toy-mvdream: the same network trained on the toy world --------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_training():
+    from dream3d.train_mvdream import TrainMVDreamConfig
+    from guidance.priors.toy_mvdream import ToyMVDreamArch
+
+    return TrainMVDreamConfig(steps=4, batch_size=2, warmup_steps=0, pool_groups=2, supersample=1, checkpoint_every=2,
+                              arch=ToyMVDreamArch(resolution=16, channel_mult=(1, 2), attention_resolutions=(1, 2),
+                                                  text_dim=32))
+
+
+@pytest.fixture(scope="module")
+def toy_model(toy_training, tmp_path_factory):
+    from dream3d.train_mvdream import train_mvdream
+
+    root = tmp_path_factory.mktemp("toy-mvdream")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DREAM3D_CACHE", str(root / "cache"))
+        train_mvdream(toy_training, root / "model", root / "checkpoints", False, "dream3d train-prior --arch mvdream")
+    return root / "model"
+
+
+def test_trained_toy_mvdream_loads_through_the_mvdream_code_path(toy_model):
+    from guidance.priors.toy_mvdream import ToyMVDreamPrior
+
+    prior = build_prior(build_config({"prompt": "a red cube", "prior": "toy-mvdream", "model": str(toy_model)}))
+    assert isinstance(prior, ToyMVDreamPrior) and isinstance(prior.unet, MultiViewUNet)
+    assert prior.resolution == 16 and prior.prediction_type == "v_prediction" and prior.num_views == 4
+    e = prior.embed("a red cube")
+    cams, x_t = group_cameras(), torch.randn(4, 3, 16, 16)
+    eps = prior.predict_noise(x_t, torch.full((4,), 600), e.cond.expand(4, *e.cond.shape), cams)
+    assert eps.shape == x_t.shape and torch.isfinite(eps).all()
+    with pytest.raises(PriorError, match="does not know 'banana'"):
+        prior.embed("a red banana")
+    with pytest.raises(PriorError, match="names more than one shape"):
+        prior.embed("a cube sphere")
+    with pytest.raises(PriorError, match="pixel-space model .* loads with --prior toy-mvdream"):
+        load(toy_model)
+
+
+def test_toy_mvdream_resume_gives_the_weights_of_an_uninterrupted_run(toy_training, tmp_path):
+    from dream3d.train_mvdream import train_mvdream
+
+    straight = train_mvdream(toy_training, tmp_path / "a", tmp_path / "a-ck", False, "x")
+    train_mvdream(toy_training.model_copy(update={"steps": 2}), tmp_path / "b", tmp_path / "b-ck", False, "x")
+    resumed = train_mvdream(toy_training, tmp_path / "b", tmp_path / "b-ck", True, "x")
+    assert resumed.step == straight.step == 4
+    for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_toy_mvdream_sds_end_to_end(toy_model, monkeypatch, capsys, tmp_path):
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--prior", "toy-mvdream", "--model", toy_model,
+                      check_export=False)
+    rows = metrics(run_dir)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] and r["nfe"] == 8 for r in rows)
+
+
+def test_train_prior_refuses_an_unknown_arch_in_one_line(monkeypatch, capsys, tmp_path):
+    status, err = dream3d(monkeypatch, capsys, "train-prior", "--arch", "magic", "--out", tmp_path / "m")
+    assert status == 1 and err.count("\n") == 0 and "unknown --arch 'magic'; valid: unet, mvdream" in err
+    assert not (tmp_path / "m").exists()

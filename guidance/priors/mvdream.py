@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from guidance.priors.base import Embeddings, PriorError
-from guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior, read_config
+from guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior, read_config, to_epsilon
 from guidance.priors.mvdream_unet import (
     IGNORED_CONFIG_KEYS, CheckpointMismatch, MultiViewUNet, MVDreamUNetConfig, load_unet,
 )
@@ -67,8 +67,10 @@ class MVDreamPrior(DiffusersPrior):
 
     def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
         super().__init__(model, cfg, prompts)
-        if self.prediction_type != "epsilon":
-            raise PriorError(f"{self.model}: its scheduler predicts {self.prediction_type}; MVDream predicts epsilon")
+        self.load_image_space()
+
+    def load_image_space(self) -> None:
+        """The VAE, and the render resolution it maps to the UNet's latent size."""
         self.vae = self._load_model("vae", self._diffusers_model("AutoencoderKL"))
         self.scaling_factor = float(self.vae.config.scaling_factor)
         downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -76,7 +78,8 @@ class MVDreamPrior(DiffusersPrior):
 
     def check_kind(self) -> None:
         if "vae" not in self.index:
-            raise PriorError(f"{self.model} is a pixel-space model ({self.pipeline_class}, no VAE), not MVDream")
+            raise PriorError(f"{self.model} is a pixel-space model ({self.pipeline_class}, no VAE); --prior mvdream runs "
+                             f"latent MVDream (a pixel-space toy-mvdream folder loads with --prior toy-mvdream)")
         unet_config(self.unet_config, self.model)
 
     def _diffusers_model(self, class_name: str) -> Any:
@@ -122,4 +125,5 @@ class MVDreamPrior(DiffusersPrior):
         camera = mvdream_camera(cameras.c2w.float()).to(self.device, self.dtype)
         out = self.unet(x_t.to(self.device, self.dtype), t.to(self.device), embeddings.to(self.device, self.dtype),
                         camera, num_frames=N)
-        return out.float().to(x_t.dtype)
+        abar = self.alphas_cumprod.to(self.device)[t.to(self.device)].view(-1, 1, 1, 1)
+        return to_epsilon(out.float(), x_t.to(self.device).float(), abar, self.prediction_type).to(x_t.dtype)
