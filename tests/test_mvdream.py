@@ -475,3 +475,14 @@ def test_train_prior_refuses_an_unknown_arch_in_one_line(monkeypatch, capsys, tm
     status, err = dream3d(monkeypatch, capsys, "train-prior", "--arch", "magic", "--out", tmp_path / "m")
     assert status == 1 and err.count("\n") == 0 and "unknown --arch 'magic'; valid: unet, mvdream" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_eval_prior_scores_toy_mvdream_sets(toy_model, monkeypatch, capsys, tmp_path):
+    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "toy-mvdream", "--model", toy_model,
+                          "--views", 1, "--steps", 2, "--out", tmp_path / "eval.json")
+    assert status == 0, err
+    results = json.loads((tmp_path / "eval.json").read_text())["toy-mvdream"]
+    assert len(results["correct"]) == 36 * 4
+    assert 0 <= results["accuracy"] <= 1 and 0 <= results["median_iou"] <= 1 and 0 <= results["view_agreement"] <= 1
+    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd")
+    assert status == 1 and "unknown --prior 'sd' for eval-prior; valid: toy-unet, toy-mvdream" in err
