@@ -99,10 +99,12 @@ class ExportConfig(_Section):
 # Multi-view priors: how many views of one object they denoise together, and the rules that cannot drive them
 # (docs/mvdream.md): each draws a timestep per image, while a group of views shares one t.
 MULTIVIEW_PRIORS = {"mvdream": 4, "toy-mvdream": 4}
+_LORA_REFUSAL = ("trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view "
+                 "UNet is neither")
 MULTIVIEW_REFUSED = {
     "csd": "draws a timestep per image, and a multi-view prior denoises its views at one shared t",
-    "vsd": "trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view UNet is neither",
-    "esd": "trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view UNet is neither",
+    "vsd": _LORA_REFUSAL,
+    "esd": _LORA_REFUSAL,
 }
 
 

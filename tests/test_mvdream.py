@@ -144,7 +144,8 @@ def test_views_see_each_other_only_within_a_group():
         # permuting views (with their cameras) within a group permutes the output
         order = torch.tensor([2, 0, 3, 1, 4, 5, 6, 7])
         permuted = unet(x[order], t, context[order], camera[order], 4)
-    assert (before[1:4] - after[1:4]).abs().max() > 1e-3 * before.abs().max()  # view 0 of object 0 reaches its other views
+    # view 0 of object 0 reaches its other views
+    assert (before[1:4] - after[1:4]).abs().max() > 1e-3 * before.abs().max()
     torch.testing.assert_close(before[4:], after[4:])  # but not the other object
     torch.testing.assert_close(single[0][1:], single[1][1:])  # one view per object: no cross talk at all
     torch.testing.assert_close(permuted, before[order], rtol=1e-5, atol=1e-5)
@@ -405,7 +406,8 @@ def diffusers_oracle(unet: MultiViewUNet, num_frames: int):
 def test_our_unet_equals_diffusers_sd_unet_with_joint_view_attention(num_frames):
     unet = tiny_unet(std=0.05)
     oracle = diffusers_oracle(unet, num_frames)
-    x, t, context = torch.randn(8, 4, 8, 8), torch.tensor([10, 10, 10, 10, 700, 700, 700, 700]), torch.randn(8, 8, TEXT_DIM)
+    x, context = torch.randn(8, 4, 8, 8), torch.randn(8, 8, TEXT_DIM)
+    t = torch.tensor([10, 700]).repeat_interleave(4)
     camera = mvdream_camera(group_cameras().c2w).repeat(2, 1)
     with torch.no_grad():
         ours = unet(x, t, context, camera, num_frames)

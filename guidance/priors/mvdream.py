@@ -78,8 +78,8 @@ class MVDreamPrior(DiffusersPrior):
 
     def check_kind(self) -> None:
         if "vae" not in self.index:
-            raise PriorError(f"{self.model} is a pixel-space model ({self.pipeline_class}, no VAE); --prior mvdream runs "
-                             f"latent MVDream (a pixel-space toy-mvdream folder loads with --prior toy-mvdream)")
+            raise PriorError(f"{self.model} is a pixel-space model ({self.pipeline_class}, no VAE); --prior mvdream "
+                             f"runs latent MVDream (a pixel-space toy-mvdream folder loads with --prior toy-mvdream)")
         unet_config(self.unet_config, self.model)
 
     def _diffusers_model(self, class_name: str) -> Any:
@@ -114,14 +114,14 @@ class MVDreamPrior(DiffusersPrior):
         return self._embeddings[prompt]
 
     def predict_noise(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Cameras | None = None) -> Tensor:
-        """Epsilon [B,4,h,w] for latents x_t [B,4,h,w] of B / num_views objects (each one's views contiguous),
-        t [B] long (one value per group), text states [B,L,D], cameras (B)."""
+        """Epsilon [B,C,h,w] for x_t [B,C,h,w] (latents; pixels for the toy) of B / num_views objects, each one's
+        views contiguous; t [B] long (one value per group), text states [B,L,D], cameras (B)."""
         B, N = x_t.shape[0], self.num_views
         if cameras is None:
-            raise PriorError("--prior mvdream needs each view's camera")
+            raise PriorError(f"--prior {self.name} needs each view's camera")
         if B % N or not bool((t.reshape(-1, N) == t.reshape(-1, N)[:, :1]).all()):
-            raise PriorError(f"--prior mvdream denoises groups of {N} views of one object at one timestep; got a batch "
-                             f"of {B} with per-view timesteps {t.tolist()} (sample cameras with camera.group_views={N})")
+            raise PriorError(f"--prior {self.name} denoises groups of {N} views of one object at one timestep; got a "
+                             f"batch of {B} with per-view timesteps {t.tolist()} (sample with camera.group_views={N})")
         camera = mvdream_camera(cameras.c2w.float()).to(self.device, self.dtype)
         out = self.unet(x_t.to(self.device, self.dtype), t.to(self.device), embeddings.to(self.device, self.dtype),
                         camera, num_frames=N)
