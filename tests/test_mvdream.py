@@ -488,3 +488,13 @@ def test_eval_prior_scores_toy_mvdream_sets(toy_model, monkeypatch, capsys, tmp_
     assert 0 <= results["accuracy"] <= 1 and 0 <= results["median_iou"] <= 1 and 0 <= results["view_agreement"] <= 1
     status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd")
     assert status == 1 and "unknown --prior 'sd' for eval-prior; valid: toy-unet, toy-mvdream" in err
+
+
+def test_toy_mvdream_without_weights_says_how_to_train_them(monkeypatch, capsys, tmp_path):
+    from guidance.priors import toy_mvdream
+
+    monkeypatch.setattr(toy_mvdream, "SHIPPED_MODEL", tmp_path / "absent")
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--prior", "toy-mvdream", "--out", tmp_path / "runs")
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "toy-mvdream has no shipped weights yet: train them with `dream3d train-prior --arch mvdream`" in err
+    assert not (tmp_path / "runs").exists()

@@ -13,11 +13,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from guidance.priors.base import Embeddings, PriorError
+from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.priors.mvdream import MVDreamPrior, unet_config
 from guidance.priors.mvdream_unet import MVDreamUNetConfig
 from guidance.priors.pixel import PixelPrior
 from guidance.priors.toy_unet import VIEW_WORDS
 from guidance.priors.toy_world import parse_prompt
+from guidance.prompts import PromptConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-mvdream"
 
@@ -53,6 +55,12 @@ class ToyMVDreamPrior(MVDreamPrior):
     text_attention_mask = True
     encode = PixelPrior.encode
     decode = PixelPrior.decode
+
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
+        if model is None and not SHIPPED_MODEL.is_dir():
+            raise PriorError("toy-mvdream has no shipped weights yet: train them with `dream3d train-prior --arch "
+                             "mvdream` (writes assets/toy-mvdream), or pass --model FOLDER")
+        super().__init__(model, cfg, prompts)
 
     def check_kind(self) -> None:
         if "vae" in self.index:
