@@ -282,21 +282,30 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
 
 @app.command("train-prior")
 def train_prior(
-    out: Path = typer.Option(Path("assets/toy-unet"), help="The diffusers model folder to write."),
+    out: Optional[Path] = typer.Option(None, help="The model folder to write (default assets/toy-unet or assets/toy-mvdream)."),
+    arch: str = typer.Option("unet", help="unet (--prior toy-unet) | mvdream (--prior toy-mvdream: MVDream's multi-view network)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     checkpoints: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/train-prior/<out name>)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads (1 is fastest on a busy machine)."),
 ) -> None:
-    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load."""
+    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream)."""
     import torch
 
-    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior as train
+    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior
 
+    if arch not in ("unet", "mvdream"):
+        raise ConfigError(f"unknown --arch {arch!r}; valid: unet, mvdream")
+    config_class, train = TrainPriorConfig, train_prior
+    if arch == "mvdream":
+        from dream3d.train_mvdream import TrainMVDreamConfig, train_mvdream
+
+        config_class, train = TrainMVDreamConfig, train_mvdream
+    out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = TrainPriorConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
+    cfg = config_class(seed=seed, **({"steps": steps} if steps is not None else {}))
     work = checkpoints or Path("runs") / "train-prior" / out.name
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
@@ -340,7 +349,8 @@ def sample(
 @app.command("eval-prior")
 def eval_prior(
     model: Optional[str] = typer.Option(None, help="A toy-unet diffusers folder (default: the shipped one)."),
-    views: int = typer.Option(4, help="Cameras per class."),
+    prior: str = typer.Option("toy-unet", help="toy-unet (scores toy-unet and toy-unet-mv) | toy-mvdream."),
+    views: int = typer.Option(4, help="Cameras per class (toy-mvdream: 4-view sets per class)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     guidance_scale: Optional[float] = typer.Option(None, help="Sampling CFG scale (default 9, from a sweep)."),
     seed: int = typer.Option(0),
@@ -350,16 +360,22 @@ def eval_prior(
     import json
 
     from dream3d.atomic import write_text
-    from dream3d.prior_eval import evaluate_prior
+    from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
 
-    results = evaluate_prior(model, views, steps, guidance_scale, seed)
+    if prior not in ("toy-unet", "toy-mvdream"):
+        raise ConfigError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
+    multiview = prior == "toy-mvdream"
+    evaluate = evaluate_multiview_prior if multiview else evaluate_prior
+    results = evaluate(model, views, steps, guidance_scale, seed)
     if out is not None:
         write_text(out, json.dumps(results, indent=2) + "\n")
     typer.echo("| prior | class accuracy | median silhouette IoU | mean silhouette IoU |\n|---|---|---|---|")
-    for name in ("toy-unet-mv", "toy-unet"):
+    for name in ("toy-mvdream",) if multiview else ("toy-unet-mv", "toy-unet"):
         row = results[name]
         ious = [f"{row[k]:.3f}" if k in row else "-" for k in ("median_iou", "mean_iou")]
         typer.echo(f"| {name} | {row['accuracy']:.3f} | {' | '.join(ious)} |")
+    if multiview:
+        typer.echo(f"4-view sets whose views all get one class: {results['toy-mvdream']['view_agreement']:.3f}")
 
 
 @app.command("web")

@@ -65,3 +65,15 @@ def deepfloyd_prior(cfg: RunConfig) -> Prior:
     from guidance.priors.deepfloyd import DeepFloydIFPrior
 
     return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
+
+
+def mvdream_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.mvdream import MVDreamPrior
+
+    return MVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)
+
+
+def toy_mvdream_prior(cfg: RunConfig) -> Prior:
+    from guidance.priors.toy_mvdream import ToyMVDreamPrior
+
+    return ToyMVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)

@@ -33,6 +33,7 @@ class RuleSpec:
     needs_unet: bool = False  # trains on the prior's diffusion UNet: refused with closed-form priors
     takes_noise: bool = False  # accepts 3D-consistent forward noise (--noise consistent)
     always_consistent_noise: bool = False  # uses consistent noise whatever --noise says
+    multiview_refusal: str = ""  # why it cannot drive a multi-view prior ("" if it can)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PriorSpec:
     closed_form: bool = False  # a closed-form denoiser: no UNet for VSD/ESD's LoRA
     loads_model: bool = False  # takes --model (a diffusers folder or hub id)
     open_vocabulary: bool = False  # any text: the references' negative prompts and Perp-Neg apply
+    views: int = 1  # views of one object denoised together (a multi-view prior; cameras come in such groups)
 
     def guidance_scale_for(self, rule: str) -> float:
         return self.rule_guidance_scales.get(rule, self.guidance_scale)
@@ -94,19 +96,27 @@ class Registry(Generic[Spec]):
         return tuple(self._entries)
 
 
+# a multi-view prior denoises a group of views at one shared t (docs/mvdream.md)
+PER_IMAGE_T = "draws a timestep per image, and a multi-view prior denoises its views at one shared t"
+LORA_ON_UNET2D = ("trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view "
+                  "UNet is neither")
+
 RULES: Registry[RuleSpec] = Registry("guidance")
 RULES.add(RuleSpec("sds", "guidance.sds:SDSConfig", "guidance.sds:SDSGuidance",
                    "Score Distillation Sampling (DreamFusion)", takes_noise=True))
-RULES.add(RuleSpec("csd", "guidance.csd:CSDConfig", "guidance.csd:CSDGuidance", "Classifier Score Distillation"))
+RULES.add(RuleSpec("csd", "guidance.csd:CSDConfig", "guidance.csd:CSDGuidance", "Classifier Score Distillation",
+                   multiview_refusal=PER_IMAGE_T))
 RULES.add(RuleSpec("ism", "guidance.ism:ISMConfig", "guidance.ism:ISMGuidance",
                    "Interval Score Matching (LucidDreamer)", takes_noise=True))
 RULES.add(RuleSpec("vsd", "guidance.vsd:VSDConfig", "guidance.vsd:VSDGuidance",
-                   "Variational Score Distillation (ProlificDreamer)", needs_unet=True))
+                   "Variational Score Distillation (ProlificDreamer)", needs_unet=True, multiview_refusal=LORA_ON_UNET2D))
 RULES.add(RuleSpec("esd", "guidance.vsd:ESDConfig", "guidance.vsd:VSDGuidance",
-                   "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True))
+                   "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True,
+                   multiview_refusal=LORA_ON_UNET2D))
 RULES.add(RuleSpec("cfd", "guidance.sds:CFDConfig", "guidance.sds:SDSGuidance",
                    "Consistent Flow Distillation", takes_noise=True, always_consistent_noise=True))
-RULES.add(RuleSpec("nfsd", "guidance.nfsd:NFSDConfig", "guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation"))
+RULES.add(RuleSpec("nfsd", "guidance.nfsd:NFSDConfig", "guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation",
+                   multiview_refusal=PER_IMAGE_T))
 
 PRIORS: Registry[PriorSpec] = Registry("prior")
 PRIORS.add(PriorSpec("toy", "dream3d.components:toy_prior", "closed-form denoiser of the toy world, camera-free",
@@ -121,6 +131,12 @@ PRIORS.add(PriorSpec("sd", "dream3d.components:stable_diffusion_prior", "Stable 
                      {"cfd": 70.0}, loads_model=True, open_vocabulary=True))
 PRIORS.add(PriorSpec("if", "dream3d.components:deepfloyd_prior", "DeepFloyd IF stage I (64x64 pixels)", 20.0,
                      loads_model=True, open_vocabulary=True))
+# MVDream's CFG 50 is the diffusers convention, eps_u + 50 (eps_y - eps_u): DreamFusion's 49 (docs/mvdream.md)
+PRIORS.add(PriorSpec("mvdream", "dream3d.components:mvdream_prior", "MVDream (SD 2.1-base, 4 views jointly)", 49.0,
+                     loads_model=True, views=4))
+PRIORS.add(PriorSpec("toy-mvdream", "dream3d.components:toy_mvdream_prior",
+                     "the MVDream network at toy size (dream3d train-prior --arch mvdream); CFG untuned", 3.0,
+                     loads_model=True, views=4))
 
 REPRESENTATIONS: Registry[RepresentationSpec] = Registry("representation")
 REPRESENTATIONS.add(RepresentationSpec("nerf", "representations.nerf:NeRFConfig", "representations.nerf:NeRF",

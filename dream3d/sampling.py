@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from representations.cameras import Cameras, look_at_cameras
+from representations.cameras import Cameras, look_at_cameras, view_group_azimuths
 
 
 class CameraConfig(BaseModel):
@@ -18,6 +18,16 @@ class CameraConfig(BaseModel):
     distance_range: tuple[float, float] = (2.5, 2.5)
     fovy_range: tuple[float, float] = (45.0, 45.0)
     batch_size: int = 1
+    # > 1: the batch is groups of this many views of one object (a multi-view prior's input), evenly
+    # spaced in azimuth from a random start and sharing elevation, distance and fovy
+    group_views: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "CameraConfig":
+        if self.batch_size % self.group_views:
+            raise ValueError(f"camera.batch_size {self.batch_size} is not a multiple of camera.group_views "
+                             f"{self.group_views}")
+        return self
 
 
 def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
@@ -26,6 +36,8 @@ def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generato
     Elevation is uniform on the sphere band (not in degrees), so high views are not
     over-sampled; azimuth is stratified over the batch, as in threestudio.
     """
+    if cfg.group_views > 1:
+        return _sample_view_groups(cfg, resolution, generator)
     B = cfg.batch_size
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -35,6 +47,22 @@ def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generato
     elevation = torch.rad2deg(torch.arcsin(uniform(float(lo), float(hi))))
     a0, a1 = cfg.azimuth_range
     azimuth = a0 + (a1 - a0) * (torch.arange(B) + torch.rand(B, generator=generator)) / B
+    distance = uniform(*cfg.distance_range)
+    fovy = uniform(*cfg.fovy_range)
+    return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
+
+
+def _sample_view_groups(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
+    """batch_size / group_views groups of group_views cameras (``CameraConfig``), each group's views contiguous."""
+    groups, views = cfg.batch_size // cfg.group_views, cfg.group_views
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(groups, generator=generator)).repeat_interleave(views)
+
+    lo, hi = (float(torch.sin(torch.deg2rad(torch.tensor(v)))) for v in cfg.elevation_range)
+    elevation = torch.rad2deg(torch.arcsin(uniform(lo, hi)))
+    start = 360.0 * torch.rand(groups, generator=generator)
+    azimuth = view_group_azimuths(groups, views, start)
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
     return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)

@@ -230,14 +230,17 @@ def model_card(trainer: PriorTrainer, command: str) -> str:
 
 def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, command: str,
                 on_step: Callable[[TrainStep], None] = lambda s: None, should_stop: Callable[[], bool] = lambda: False,
-                ) -> PriorTrainer:
-    """Trains (or resumes) to ``cfg.steps``, checkpointing under ``work`` and exporting the model to ``out``."""
+                make_trainer: Callable[[Any], PriorTrainer] = PriorTrainer,
+                export: Callable[[Any, Path, str], None] = export_model) -> PriorTrainer:
+    """Trains (or resumes) to ``cfg.steps``, checkpointing under ``work`` and exporting the model to ``out``.
+
+    make_trainer and export swap in another model (``train_mvdream.py``) over the same loop."""
     found = checkpoints(work)
     if found and not resume:
         raise ConfigError(f"{work} already holds training checkpoints; pass --resume to continue, or another --out")
     if resume and not found:
         raise ConfigError(f"--resume: no checkpoint in {work} to resume from")
-    trainer = PriorTrainer(cfg)
+    trainer = make_trainer(cfg)
     if found:
         state = torch.load(found[-1], weights_only=False)
         # the step count may grow on resume (the schedule does not depend on it); nothing else may change
@@ -251,9 +254,9 @@ def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, comm
         on_step(TrainStep(trainer.step, cfg.steps, loss, rate))
         if trainer.step % cfg.checkpoint_every == 0:
             save_checkpoint(trainer, work, cfg.keep_checkpoints)
-            export_model(trainer, out, command)
+            export(trainer, out, command)
     if trainer.step % cfg.checkpoint_every:
         save_checkpoint(trainer, work, cfg.keep_checkpoints)
     if trainer.step >= cfg.steps:
-        export_model(trainer, out, command)
+        export(trainer, out, command)
     return trainer

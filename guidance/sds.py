@@ -47,11 +47,19 @@ class SDSConfig(BaseModel):
     descending_t: CheckedSchedule | None = None
     grad_clip: CheckedSchedule | None = None
     perp_neg: bool = False
+    # MVDream's x0-reconstruction form (docs/mvdream.md): g = x - x0_hat, x0_hat the CFG estimate of x0, with
+    # recon_std_rescale pulling its spread toward the conditional estimate's; without the rescale this is SDS with
+    # w = sigma_t / alpha_t. A prior that denoises groups of views (``num_views`` > 1) gets one t per group.
+    recon_loss: bool = False
+    recon_std_rescale: CheckedSchedule = 0.0
 
     @model_validator(mode="after")
     def _one_t_rule(self) -> "SDSConfig":
         if self.sqrt_anneal and self.descending_t is not None:
             raise ValueError("sqrt_anneal and descending_t both set t; choose one")
+        if self.recon_loss and self.perp_neg:
+            raise ValueError("recon_loss rescales toward the plain conditional estimate, which perp_neg does not make; "
+                             "choose one")
         return self
 
 
@@ -84,8 +92,10 @@ class SDSGuidance(DistillationRule):
             T = self.prior.num_train_timesteps
             return torch.full((batch,), min(round(T * (lo + (hi - lo) * (1 - p))), T - 1), dtype=torch.long)
         progress = min(step / self.max_steps, 1.0) if self.cfg.sqrt_anneal else None
-        return sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                                batch, step, generator, progress)
+        views = getattr(self.prior, "num_views", 1)
+        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                             batch // views, step, generator, progress)
+        return t.repeat_interleave(views)
 
     def push_gradient(
         self, x: Tensor, t: Tensor, noise: Tensor, embeddings: Embeddings, cameras: Cameras, step: int
@@ -102,7 +112,21 @@ class SDSGuidance(DistillationRule):
                     embeddings.conditional(cameras), batch_of(embeddings.uncond, len(x))
                 ], cameras)
                 eps_hat = cfg_df(cond, uncond, omega)
+        if self.cfg.recon_loss:
+            return x.detach() - self.reconstruction(x_t, abar, eps_hat, cond, evaluate(self.cfg.recon_std_rescale, step))
         return sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_hat - noise)
+
+    def reconstruction(self, x_t: Tensor, abar: Tensor, eps_hat: Tensor, eps_cond: Tensor, rescale: float) -> Tensor:
+        """x0_hat [B,C,h,w] from the guided epsilon, blended as (1 - r) x0_hat + r f x0_hat where f is, per group
+        of views, std(x0 from eps_cond) / std(x0_hat) (MVDream's CFG rescale; r = 0 leaves x0_hat)."""
+        x0 = (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+        if rescale == 0:
+            return x0
+        x0_cond = (x_t - (1 - abar).sqrt() * eps_cond) / abar.sqrt()
+        groups = x0.shape[0] // getattr(self.prior, "num_views", 1)
+        factor = (x0_cond.reshape(groups, -1).std(dim=1) + 1e-8) / (x0.reshape(groups, -1).std(dim=1) + 1e-8)
+        factor = factor.repeat_interleave(x0.shape[0] // groups).view(-1, 1, 1, 1)
+        return rescale * factor * x0 + (1 - rescale) * x0
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator,
                  noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:

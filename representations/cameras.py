@@ -163,4 +163,12 @@ def degrees_between(elev_a: Tensor, azim_a: Tensor, elev_b: Tensor, azim_b: Tens
     return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 
 
-__all__ = ["Cameras", "RenderOutput", "look_at_cameras", "ray_aabb", "degrees_between"]
+def view_group_azimuths(groups: int, views: int, start: Tensor) -> Tensor:
+    """[groups * views] azimuths in degrees: each group's views evenly spaced around the circle
+    (90 degrees apart for 4), beginning at that group's start [groups] in degrees.
+    The views of one group are contiguous, as a multi-view prior needs them."""
+    offsets = torch.arange(views, dtype=start.dtype) * (360.0 / views)
+    return (start.view(groups, 1) + offsets.view(1, views)).flatten() % 360.0
+
+
+__all__ = ["Cameras", "RenderOutput", "look_at_cameras", "ray_aabb", "degrees_between", "view_group_azimuths"]

@@ -237,7 +237,7 @@ def test_wrong_folders_are_named(models, tmp_path):
 def test_model_option_needs_a_diffusers_prior():
     from dream3d.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--model applies to the toy-unet, toy-unet-mv, sd, if priors"):
+    with pytest.raises(ConfigError, match="--model applies to the toy-unet, toy-unet-mv, sd, if, mvdream, toy-mvdream priors"):
         build_config({"prompt": "a red cube", "prior": "toy", "model": "x/y"})
 
 

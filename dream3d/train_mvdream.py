@@ -1,0 +1,175 @@
+"""``dream3d train-prior --arch mvdream``: trains toy-mvdream, MVDream's network at toy size, on 4-view sets.
+
+Data: a pool of groups of 4 cameras (90 degrees apart from a random start, shared elevation) renders
+every shape once (seeded, cached on disk); a batch draws one class and one pool group per object,
+so the model sees the same object from 4 known cameras, with one caption (partial at random, empty
+for the CFG unconditional), one timestep and fresh noise per object. The trainer is ``PriorTrainer``
+with this data, network and loss, so checkpoints, EMA, resume and the training loop are shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.train_prior import PriorTrainer, TrainStep, ViewPool, train_prior
+from guidance.priors import toy_unet, toy_world
+from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
+from guidance.priors.mvdream_unet import MultiViewUNet
+from guidance.priors.toy_mvdream import ToyMVDreamArch
+from representations.cameras import Cameras
+
+VIEWS = 4
+
+
+class TrainMVDreamConfig(BaseModel):
+    """Everything that decides the trained weights. batch_size counts objects (4 views each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    ema_max_decay: float = 0.999
+    pool_groups: int = Field(256, gt=0)
+    supersample: int = Field(2, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 0
+    arch: ToyMVDreamArch = ToyMVDreamArch()
+
+
+def render_group_pool(cfg: TrainMVDreamConfig) -> ViewPool:
+    """Every shape at pool_groups groups of 4 cameras (group g is cameras 4g..4g+3), from the cache or rendered."""
+    r = cfg.arch.resolution
+    camera_cfg = CameraConfig(batch_size=VIEWS * cfg.pool_groups, group_views=VIEWS)
+    cams = sample_cameras(camera_cfg, r, torch.Generator().manual_seed(cfg.seed))
+    spec = {"world": toy_world.WORLD_VERSION, "groups": cfg.pool_groups, "views": VIEWS, "resolution": r,
+            "ss": cfg.supersample, "seed": cfg.seed}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "toy-mvdream-pool" / f"{key}.pt"
+    if path.is_file():
+        planes = torch.load(path, weights_only=True)
+    else:
+        shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
+        planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
+        save_atomic(planes, path)
+    return ViewPool(planes["mask"], planes["shade"], cams)
+
+
+def draw_groups(pool: ViewPool, cfg: TrainMVDreamConfig, generator: torch.Generator
+                ) -> tuple[Tensor, list[str], Cameras]:
+    """(x0 [B*4,3,r,r] in [-1,1], one caption per object (B), cameras B*4), each object's 4 views contiguous."""
+    B = cfg.batch_size
+    classes = torch.randint(len(toy_world.CLASSES), (B,), generator=generator)
+    groups = torch.randint(len(pool.cameras) // VIEWS, (B,), generator=generator)
+    views = (VIEWS * groups.view(B, 1) + torch.arange(VIEWS)).flatten()
+    shapes = toy_world.CLASS_SHAPE[classes].repeat_interleave(VIEWS)
+    albedo = toy_world.ALBEDOS[classes].repeat_interleave(VIEWS, dim=0).view(-1, 1, 1, 3)
+    rgb = toy_world.composite(pool.mask[shapes, views], pool.shade[shapes, views], albedo)
+    captions = [toy_unet.caption(int(c), None, generator) for c in classes]
+    return 2 * rgb.permute(0, 3, 1, 2) - 1, captions, pool.cameras[views]
+
+
+def build_text_encoder(arch: ToyMVDreamArch, vocab_size: int) -> torch.nn.Module:
+    """A tiny CLIPTextModel over the toy vocabulary (toy-unet's sizes)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=arch.text_dim, intermediate_size=2 * arch.text_dim,
+        num_hidden_layers=arch.text_layers, num_attention_heads=arch.attention_heads,
+        max_position_embeddings=arch.max_tokens, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+class MVDreamTrainer(PriorTrainer):
+    """PriorTrainer (optimizer, EMA, checkpoints) over MultiViewUNet and 4-view batches."""
+
+    def __init__(self, cfg: TrainMVDreamConfig) -> None:  # type: ignore[override]
+        from diffusers.training_utils import EMAModel
+
+        self.cfg = cfg  # type: ignore[assignment]
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = toy_unet.build_tokenizer()
+        self.unet = MultiViewUNet(cfg.arch.unet())
+        self.text_encoder = build_text_encoder(cfg.arch, len(self.tokenizer))
+        self.scheduler = toy_unet.build_scheduler()
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.ema = EMAModel(self.params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=0.75)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.pool = render_group_pool(cfg)
+
+    def loss(self, generator: torch.Generator | None = None) -> Tensor:
+        """The v-prediction MSE of one batch of 4-view objects (one t per object)."""
+        generator = generator or self.generator
+        x0, captions, cameras = draw_groups(self.pool, self.cfg, generator)
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.cfg.arch.max_tokens, truncation=True,
+                                return_tensors="pt")
+        states = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        t = torch.randint(self.scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
+        t = t.repeat_interleave(VIEWS)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        v = self.unet(x_t, t, states.repeat_interleave(VIEWS, dim=0), mvdream_camera(cameras.c2w), VIEWS)
+        return F.mse_loss(v, self.scheduler.get_velocity(x0, noise, t))
+
+
+def export_mvdream(trainer: MVDreamTrainer, out: Path, command: str) -> None:
+    """Writes the EMA weights as a toy-mvdream folder at ``out`` (built beside it, then renamed into place)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet, text_encoder = trainer.ema_models()
+    (tmp / "unet").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet" / UNET_WEIGHTS))
+    config = {"_class_name": "MultiViewUNet", **trainer.cfg.arch.unet().model_dump(mode="json")}
+    (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    trainer.tokenizer.save_pretrained(tmp / "tokenizer")
+    trainer.scheduler.save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "ToyMVDreamPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "unet": ["dream3d", "MultiViewUNet"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "README.md").write_text(model_card(trainer, command))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def model_card(trainer: MVDreamTrainer, command: str) -> str:
+    cfg = trainer.cfg
+    return (
+        "# toy-mvdream: MVDream's multi-view network trained on dream3d's toy world\n\n"
+        f"dream3d's `MultiViewUNet` (the MVDream/SD 2.x layout) at toy size, {cfg.arch.resolution}x"
+        f"{cfg.arch.resolution} pixels (x = 2 rgb - 1, v-prediction, cosine schedule), denoising 4 views of one "
+        "object jointly, each conditioned on its camera (MVDream's 16-number normalised camera-to-world), with a "
+        "tiny `CLIPTextModel` over the toy vocabulary. Weights are the EMA of training. Used by "
+        "`dream3d run --prior toy-mvdream`.\n\n"
+        f"Made with:\n\n    {command}\n\n"
+        f"seed {cfg.seed}, {trainer.step} steps. Training configuration:\n\n"
+        f"```json\n{json.dumps(cfg.model_dump(mode='json'), indent=2)}\n```\n"
+    )
+
+
+def train_mvdream(cfg: TrainMVDreamConfig, out: Path, work: Path, resume: bool, command: str,
+                  on_step: Callable[[TrainStep], None] = lambda s: None,
+                  should_stop: Callable[[], bool] = lambda: False) -> Any:
+    """Trains (or resumes) toy-mvdream to ``cfg.steps``: ``train_prior``'s loop with this trainer and export."""
+    return train_prior(cfg, out, work, resume, command, on_step, should_stop,  # type: ignore[arg-type]
+                       make_trainer=MVDreamTrainer, export=export_mvdream)

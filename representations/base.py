@@ -1,0 +1,62 @@
+"""What every representation is to the training loop, the particles and the export.
+
+The loop renders, steps the parameter groups and calls the hooks around each step; the export
+reads the density and albedo fields (marching cubes, vertex colours) and asks for extra files
+(the Gaussians' splat PLY). The hooks default to doing nothing, so a representation implements
+only what it needs. Shapes: cameras hold B views; points are [N,3] in world space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from representations.cameras import Cameras, RenderOutput
+
+
+class Representation(torch.nn.Module):
+    """A 3D representation trained by score distillation (NeRF, Gaussians, or ``Particles`` of them)."""
+
+    def render(self, cameras: Cameras, background: Tensor, generator: torch.Generator | None = None,
+               with_normals: bool = False) -> RenderOutput:
+        """B views: rgb [B,H,W,3] composited over ``background`` [3], alpha [B,H,W,1], depth [B,H,W,1]."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Adam parameter groups, each with a ``name`` and its own ``lr``."""
+        raise NotImplementedError
+
+    def density(self, points: Tensor) -> Tensor:
+        """[N,3] -> [N] volume density (the export's marching-cubes field)."""
+        raise NotImplementedError
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """[N,3] -> [N,3] colour in [0,1] (the export's vertex colours)."""
+        raise NotImplementedError
+
+    # -- hooks around a step ------------------------------------------------------
+    def before_backward(self, step: int, output: RenderOutput) -> None:
+        """Called after the loss is formed, before ``backward`` (e.g. keep screen-space gradients)."""
+
+    def after_step(self, step: int, output: RenderOutput, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Called after the optimisers stepped (densification, occupancy-grid updates)."""
+
+    def stats(self) -> dict[str, float]:
+        """Floats to log each step."""
+        return {}
+
+    # -- 3D-consistent noise (--noise consistent) -------------------------------------
+    def refresh_noise(self, gamma: float, generator: torch.Generator) -> None:
+        """Renews the noise state: n <- sqrt(1 - gamma) n + sqrt(gamma) xi."""
+        raise NotImplementedError(f"{type(self).__name__} carries no consistent noise")
+
+    def consistent_noise(self, cameras: Cameras, output: RenderOutput, shape: tuple[int, int, int]) -> Tensor:
+        """[B,C,h,w] N(0,1) noise, the same for a surface point from every view."""
+        raise NotImplementedError(f"{type(self).__name__} carries no consistent noise")
+
+    # -- export ---------------------------------------------------------------------
+    def export_extras(self, folder: Path) -> dict[str, Path]:
+        """Writes the representation's own files into ``folder`` (e.g. splats.ply); name -> path."""
+        return {}
