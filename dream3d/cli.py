@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.bench import BenchError
+from dream3d.device import DeviceError
 from dream3d.config import (
     EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
     parse_overrides,
@@ -34,7 +35,8 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError,
+               DeviceError)
 
 
 class _StopFlag:
@@ -96,6 +98,7 @@ CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
 PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
 REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
+DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N: where the whole run lives (auto: CUDA if any).")
 NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per step, or fixed on the 3D "
                      "representation (sds, ism; cfd always).")
 
@@ -103,11 +106,11 @@ NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per 
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
     seed: int | None, resolution: int | None, init_points: Path | None, particles: int | None, repulsion: float | None,
-    noise: str | None,
+    noise: str | None, device: str | None = None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution, particles=particles, noise=noise)
+                 resolution=resolution, particles=particles, noise=noise, device=device)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}
     if repulsion is not None:
@@ -132,10 +135,11 @@ def run(
     particles: Optional[int] = PARTICLES,
     repulsion: Optional[float] = REPULSION,
     noise: Optional[str] = NOISE,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
-                       noise)
+                       noise, device)
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dream3d.config import RunConfig
+from dream3d.device import resolve_device
 from guidance.csd import CSDGuidance
 from guidance.ism import ISMGuidance
 from guidance.priors.base import Prior
@@ -21,20 +22,25 @@ CFD_GUIDANCE_SCALE = {**DEFAULT_GUIDANCE_SCALE, "sd": 70.0}
 
 
 def build_prior(cfg: RunConfig) -> Prior:
-    """The run's prior; diffusers (slow to import) is imported only for the diffusers priors."""
+    """The run's prior; diffusers (slow to import) is imported only for the diffusers priors.
+
+    A diffusers prior lives on the run's device unless ``diffusers.device`` names another."""
+    diffusers = cfg.diffusers
+    if diffusers.device == "auto":
+        diffusers = diffusers.model_copy(update={"device": str(resolve_device(cfg.device))})
     if cfg.prior == "sd":
         from guidance.priors.sd import StableDiffusionPrior
 
-        return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
+        return StableDiffusionPrior(cfg.model, diffusers, cfg.prompts)
     if cfg.prior == "if":
         from guidance.priors.deepfloyd import DeepFloydIFPrior
 
-        return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
+        return DeepFloydIFPrior(cfg.model, diffusers, cfg.prompts)
     if cfg.prior in ("toy-unet", "toy-unet-mv"):
         from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
 
         prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
-        return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
+        return prior_class(cfg.model, diffusers, cfg.prompts)
     from guidance.priors.toy import build_toy_prior
 
     return build_toy_prior(cfg.prior)

@@ -20,23 +20,27 @@ class CameraConfig(BaseModel):
     batch_size: int = 1
 
 
-def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
-    """B random cameras looking at the origin.
+def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> Cameras:
+    """B random cameras looking at the origin, on ``device``.
 
     Elevation is uniform on the sphere band (not in degrees), so high views are not
-    over-sampled; azimuth is stratified over the batch, as in threestudio.
+    over-sampled; azimuth is stratified over the batch, as in threestudio. The draws come
+    from ``generator`` on its own device (the run's checkpointed CPU generator), so a run
+    draws the same cameras on any device.
     """
-    B = cfg.batch_size
+    B, rng = cfg.batch_size, generator.device
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(B, generator=generator)
+        return lo + (hi - lo) * torch.rand(B, generator=generator, device=rng)
 
-    lo, hi = (torch.sin(torch.deg2rad(torch.tensor(v))) for v in cfg.elevation_range)
-    elevation = torch.rad2deg(torch.arcsin(uniform(float(lo), float(hi))))
+    lo, hi = (float(torch.sin(torch.deg2rad(torch.tensor(v, device=rng)))) for v in cfg.elevation_range)
+    elevation = torch.rad2deg(torch.arcsin(uniform(lo, hi)))
     a0, a1 = cfg.azimuth_range
-    azimuth = a0 + (a1 - a0) * (torch.arange(B) + torch.rand(B, generator=generator)) / B
+    azimuth = a0 + (a1 - a0) * (torch.arange(B, device=rng) + torch.rand(B, generator=generator, device=rng)) / B
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
+    elevation, azimuth, distance, fovy = (v.to(device) for v in (elevation, azimuth, distance, fovy))
     return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
 
 

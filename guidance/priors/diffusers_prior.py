@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from guidance.priors.base import Embeddings, PriorError
@@ -47,14 +47,15 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 class DiffusersConfig(BaseModel):
     """How a diffusers prior is loaded and run.
 
-    dtype applies on CUDA; on the CPU weights are always float32. variant picks a weight
+    device: auto (in a run: the run's device), cpu, cuda or cuda:N. dtype applies on CUDA; on the
+    CPU weights are always float32. variant picks a weight
     file variant ("fp16" halves the download where the model has one). channels_last
     (CUDA only) and offload_text_encoder (moved to the CPU after embedding) save time and memory.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     variant: str | None = None
     channels_last: bool = True
@@ -64,8 +65,8 @@ class DiffusersConfig(BaseModel):
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PriorError("diffusers.device is cuda but no CUDA GPU is available; use diffusers.device=cpu or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PriorError(f"diffusers.device is {device} but no CUDA GPU is available; use diffusers.device=cpu or auto")
     return torch.device(device)
 
 

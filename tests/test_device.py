@@ -1,0 +1,87 @@
+"""One device for the whole run (issue 15): --device, and no tensor created off the run's device.
+
+The leak test runs on the CPU: with ``torch.set_default_device("meta")`` around a training step,
+any tensor the step creates without an explicit device lands on the meta device and mixing it
+with the run's CPU tensors fails loudly, which is what would put it on the CPU in a CUDA run.
+"""
+
+import pytest
+import torch
+
+from dream3d import api
+from dream3d.config import build_config
+from dream3d.device import DeviceError, resolve_device
+from tests.test_cli import dream3d
+from tests.tiny_diffusers import build_tiny_sd
+
+TINY = {
+    "steps": 4, "resolution": 8, "checkpoint_every": 100, "preview_every": 100,
+    "nerf": {"grid_resolutions": [8], "num_samples": 8, "occupancy_resolution": 8, "occupancy_every": 1},
+    "gaussians": {"num_points": 64, "refine_start": 0, "refine_every": 1, "grow_grad2d": 0.0},
+}
+RULES = ("sds", "csd", "ism", "vsd", "esd", "cfd")
+PRIORS = ("toy", "toy-unet", "sd")  # closed-form, pixel-space diffusers, latent diffusers
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "sd"))
+
+
+@pytest.fixture(autouse=True)
+def embedding_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+
+
+def test_device_names_resolve():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+
+
+def test_config_refuses_an_unknown_device():
+    with pytest.raises(ValueError, match="device: unknown device 'tpu'"):
+        build_config({"prompt": "a red cube", "device": "tpu"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_line_and_writes_nothing(device, monkeypatch, capsys, tmp_path):
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--device", device, "--steps", 5,
+                          "--out", tmp_path / "runs")
+    assert status == 1
+    assert err.startswith(f"error: --device {device}: no CUDA GPU") and "\n" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_cpu_run_records_its_device(monkeypatch, capsys, tmp_path):
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--device", "cpu", "--steps", 5, "--resolution", 8,
+                          "nerf.grid_resolutions=[8]", "export.formats=[ply]", "export.video=false",
+                          "export.mesh_resolution=16", "--out", tmp_path / "runs")
+    assert status == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "device: cpu" in (run_dir / "config.yaml").read_text()
+
+
+def _combinations():
+    for prior in PRIORS:
+        for rule in RULES:
+            if prior == "toy" and rule in ("vsd", "esd"):
+                continue  # closed-form prior: no UNet for the LoRA (a config error)
+            for representation in ("nerf", "gaussians"):
+                yield prior, rule, representation
+
+
+@pytest.mark.parametrize("prior,rule,representation", list(_combinations()))
+def test_a_step_creates_no_tensor_off_the_run_device(prior, rule, representation, tiny_sd, tmp_path):
+    layers = {**TINY, "prompt": "a red cube" if prior != "sd" else "a corgi", "prior": prior, "guidance": rule,
+              "representation": representation, "device": "cpu", "out": str(tmp_path / "runs")}
+    if prior == "sd":
+        layers["model"] = tiny_sd
+    trainer = api.start(build_config(layers))
+    trainer.train_step()  # the first step creates the optimizers' state, outside the check
+    with torch.device("meta"):
+        record = trainer.train_step()
+    assert torch.isfinite(torch.tensor(record["loss"]))
+    assert all(p.device.type == "cpu" for p in trainer.representation.parameters())
