@@ -28,11 +28,6 @@ def tiny_sd(tmp_path_factory):
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "sd"))
 
 
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
-
-
 def test_device_names_resolve():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
