@@ -59,13 +59,19 @@ def test_cpu_run_records_its_device(monkeypatch, capsys, tmp_path):
     assert "device: cpu" in (run_dir / "config.yaml").read_text()
 
 
+# guidance/vsd.py's train_fake_score draws t and the camera-dropout coin without device=generator.device
+# (torch.randint(..., generator=generator), torch.rand(1, generator=generator)); with both given, these pass
+VSD_LEAK = pytest.mark.xfail(strict=True, reason="guidance/vsd.py draws without an explicit device (being edited)")
+
+
 def _combinations():
     for prior in PRIORS:
         for rule in RULES:
             if prior == "toy" and rule in ("vsd", "esd"):
                 continue  # closed-form prior: no UNet for the LoRA (a config error)
             for representation in ("nerf", "gaussians"):
-                yield prior, rule, representation
+                marks = [VSD_LEAK] if rule in ("vsd", "esd") else []
+                yield pytest.param(prior, rule, representation, marks=marks)
 
 
 @pytest.mark.parametrize("prior,rule,representation", list(_combinations()))
