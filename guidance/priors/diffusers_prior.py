@@ -236,6 +236,16 @@ class DiffusersPrior:
         self.tokenizer = self._load("tokenizer", self._tokenizer)
         self._text_encoder: torch.nn.Module | None = None
         self._embeddings: dict[str, Embeddings] = {}
+        self.generator: torch.Generator | None = None
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Draw this prior's own randomness (a VAE posterior sample) from ``generator``, the run's checkpointed one."""
+        self.generator = generator
+
+    def draw_normal(self, shape: torch.Size) -> Tensor:
+        """N(0, I) of ``shape`` on the generator's device (the global CPU generator without one)."""
+        device = self.generator.device if self.generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=self.generator, device=device)
 
     # -- loading -----------------------------------------------------------------
     def check_kind(self) -> None:

@@ -40,10 +40,14 @@ class StableDiffusionPrior(DiffusersPrior):
                              f"--prior sd needs a text-to-image model")
 
     def encode(self, rgb: Tensor) -> Tensor:
-        """rgb [B,3,H,W] in [0,1] -> latents [B,4,r/8,r/8] float32 (a posterior sample, as threestudio), differentiable."""
+        """rgb [B,3,H,W] in [0,1] -> latents [B,4,r/8,r/8] float32 (a posterior sample, as threestudio), differentiable.
+
+        The sample is mean + std * eps with eps ~ N(0, I) from ``generator`` (``use_generator``)."""
         rgb = resize_square(rgb.to(self.device), self.resolution)
         posterior = self.vae.encode((2 * rgb - 1).to(self.dtype)).latent_dist
-        return (posterior.sample() * self.scaling_factor).float()
+        # the posterior's eps comes from the run's generator (checkpointed), not the device's global one
+        eps = self.draw_normal(posterior.mean.shape).to(posterior.mean)
+        return ((posterior.mean + posterior.std * eps) * self.scaling_factor).float()
 
     def decode(self, x: Tensor) -> Tensor:
         """latents [B,4,h,w] -> rgb [B,3,r,r] in [0,1]."""
