@@ -27,6 +27,7 @@ from torch import Tensor
 
 from guidance.priors.base import Embeddings, PriorError
 from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.precision import LossScale
 from guidance.prompts import PromptConfig, view_prompts
 from representations.cameras import Cameras
 
@@ -237,6 +238,7 @@ class DiffusersPrior:
         self._text_encoder: torch.nn.Module | None = None
         self._embeddings: dict[str, Embeddings] = {}
         self.generator: torch.Generator | None = None
+        self.loss_scale = LossScale(self.dtype, self.device)
 
     def use_generator(self, generator: torch.Generator) -> None:
         """Draw this prior's own randomness (a VAE posterior sample) from ``generator``, the run's checkpointed one."""

@@ -44,10 +44,11 @@ class StableDiffusionPrior(DiffusersPrior):
 
         The sample is mean + std * eps with eps ~ N(0, I) from ``generator`` (``use_generator``)."""
         rgb = resize_square(rgb.to(self.device), self.resolution)
-        posterior = self.vae.encode((2 * rgb - 1).to(self.dtype)).latent_dist
+        # float16 weights: the backward through the encoder runs on a scaled gradient (precision.py)
+        posterior = self.vae.encode(self.loss_scale.enter(2 * rgb - 1)).latent_dist
         # the posterior's eps comes from the run's generator (checkpointed), not the device's global one
         eps = self.draw_normal(posterior.mean.shape).to(posterior.mean)
-        return ((posterior.mean + posterior.std * eps) * self.scaling_factor).float()
+        return self.loss_scale.leave(posterior.mean + posterior.std * eps) * self.scaling_factor
 
     def decode(self, x: Tensor) -> Tensor:
         """latents [B,4,h,w] -> rgb [B,3,r,r] in [0,1]."""
