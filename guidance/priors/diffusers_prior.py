@@ -28,6 +28,7 @@ from torch import Tensor
 from guidance.priors.base import Embeddings, PriorError
 from guidance.priors.cache import cache_root, save_atomic
 from guidance.priors.precision import LossScale
+from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 from guidance.prompts import PromptConfig, view_prompts
 from representations.cameras import Cameras
 
@@ -224,10 +225,13 @@ class DiffusersPrior:
         self.prompts = prompts
         self.device = resolve_device(cfg.device)
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
-        self.folder = resolve_model(self.model, self.components, cfg.variant, self.download_note)
-        self.index = read_model_index(self.folder, self.model)
+        # random:NAME builds the published architecture with random weights (random_models.py), no folder
+        self.random = random_spec(self.model)
+        self.folder = None if self.random else resolve_model(self.model, self.components, cfg.variant, self.download_note)
+        self.index = self.random["model_index"] if self.random else read_model_index(self.folder, self.model)
         self.check_kind()
-        missing = [c for c in self.components if not (self.folder / c).is_dir() or c not in self.index]
+        missing = [c for c in self.components
+                   if c not in self.index or (self.random is None and not (self.folder / c).is_dir())]
         if missing:
             raise PriorError(f"{self.model} is not a complete diffusers model for --prior {self.name}: "
                              f"no {', '.join(missing)} component")
@@ -254,9 +258,13 @@ class DiffusersPrior:
         """Raises PriorError naming what the folder is when it is not a model this prior runs."""
         raise NotImplementedError
 
+    def component_config(self, component: str) -> dict[str, Any]:
+        """config.json of a weighted component (its spec for a random model)."""
+        return self.random[component] if self.random else read_config(self.folder, self.model, component)
+
     @property
     def unet_config(self) -> dict[str, Any]:
-        return read_config(self.folder, self.model, "unet")
+        return self.component_config("unet")
 
     @property
     def pipeline_class(self) -> str:
@@ -272,11 +280,14 @@ class DiffusersPrior:
             raise PriorError(f"cannot load the {component} of {self.model}: {reason}") from None
 
     def _load_model(self, component: str, load: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-        """A weighted component, from safetensors, frozen on the prior's device and dtype."""
-        check_safetensors(self.folder, self.model, component)
-        with without_progress_bars():
-            module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
-                                                        local_files_only=True, variant=self.cfg.variant))
+        """A weighted component, from safetensors (or random), frozen on the prior's device and dtype."""
+        if self.random:
+            module = build_component(self.random, component, self.device).to(self.dtype)
+        else:
+            check_safetensors(self.folder, self.model, component)
+            with without_progress_bars():
+                module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
+                                                            local_files_only=True, variant=self.cfg.variant))
         module = freeze(module).to(self.device)
         if self.device.type == "cuda" and self.cfg.channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -292,7 +303,10 @@ class DiffusersPrior:
         from diffusers import DDPMScheduler
 
         # Only the training schedule matters (alphas, prediction type), whatever sampler the folder names.
-        scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
+        if self.random:
+            scheduler = DDPMScheduler.from_config(self.random["scheduler"])
+        else:
+            scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -326,6 +340,8 @@ class DiffusersPrior:
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        if self.random:
+            return ByteTokenizer(**self.random["tokenizer"])
         return AutoTokenizer.from_pretrained(self.folder / "tokenizer", local_files_only=True, trust_remote_code=False)
 
     def _load_text_encoder(self) -> torch.nn.Module:
@@ -412,7 +428,10 @@ class DiffusersPrior:
         return cache_root() / "text-embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
     def _model_identity(self) -> list[Any]:
-        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key)."""
+        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key);
+        a random model's name and text encoder config."""
+        if self.random:
+            return [self.model, self.random["text_encoder"]]
         files = sorted(p for c in ("text_encoder", "tokenizer") for p in (self.folder / c).iterdir() if p.is_file())
         return [str(self.folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from guidance.priors.base import PriorError
-from guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, read_config, resize_square
+from guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, resize_square
 from guidance.prompts import PromptConfig
 
 
@@ -33,7 +33,7 @@ class StableDiffusionPrior(DiffusersPrior):
         if unet.get("addition_embed_type") == "text_time":
             raise PriorError(f"{self.model} is an SDXL-type model ({self.pipeline_class}) that needs extra "
                              f"conditioning; --prior sd runs Stable Diffusion 1.x/2.x")
-        latent = read_config(self.folder, self.model, "vae").get("latent_channels", 4)
+        latent = self.component_config("vae").get("latent_channels", 4)
         if unet.get("in_channels") != latent:
             raise PriorError(f"{self.model}'s UNet takes {unet.get('in_channels')} input channels but its VAE makes "
                              f"{latent} ({self.pipeline_class}: an inpainting or image-conditioned model?); "
