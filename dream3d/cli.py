@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.bench import BenchError
-from dream3d.device import DeviceError
 from dream3d.config import (
     EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
     parse_overrides,
 )
+from dream3d.device import DeviceError, resolve_device
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
 from dream3d.rundir import RunDirError
@@ -282,6 +282,31 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
         return None if value is None else tuple(int(s) for s in value.split(","))
     except ValueError:
         raise ConfigError(f"seeds must be comma-separated integers, got {value!r}") from None
+
+
+@app.command("bench-gpu")
+def bench_gpu(
+    out: Path = typer.Option(Path("gpu-check"), help="Folder for gpu-check.json / gpu-check.md and the runs."),
+    device: str = typer.Option("cuda", help="cuda | cuda:N (cpu: the same checks, for a smoke test)."),
+    model: str = typer.Option("random:sd-2.1-base", help="The latent prior of the SDS/VSD steps."),
+    toy_steps: Optional[int] = typer.Option(None, help="Steps of the toy demos (default: the run default)."),
+    parts_only: bool = typer.Option(False, help="Only time one SDS step's parts (text, UNet x2, VAE encode/backward)."),
+    batch: int = typer.Option(1, help="With --parts-only: the batch."),
+) -> None:
+    """The GPU check (docs/gpu.md): CPU-vs-GPU parity, toy demos, SDS/VSD steps vs the bare UNet+VAE cost."""
+    from dream3d import gpu_check
+
+    if parts_only:
+        from guidance.priors.diffusers_prior import DiffusersConfig
+        from guidance.priors.sd import StableDiffusionPrior
+        from guidance.prompts import PromptConfig
+
+        where = str(resolve_device(device))
+        prior = StableDiffusionPrior(model, DiffusersConfig(device=where), PromptConfig())
+        typer.echo(gpu_check.parts_table(gpu_check.sds_parts(prior, batch)))
+        return
+    resolve_device(device)  # no GPU: one line, nothing written
+    typer.echo(gpu_check.markdown(gpu_check.gpu_check(out, device, model, toy_steps)))
 
 
 @app.command("train-prior")

@@ -282,7 +282,8 @@ class DiffusersPrior:
     def _load_model(self, component: str, load: Callable[..., torch.nn.Module]) -> torch.nn.Module:
         """A weighted component, from safetensors (or random), frozen on the prior's device and dtype."""
         if self.random:
-            module = build_component(self.random, component, self.device).to(self.dtype)
+            # torch's own .to: diffusers' warns about keeping modules in float32, which only applies to loading
+            module = torch.nn.Module.to(build_component(self.random, component, self.device), self.dtype)
         else:
             check_safetensors(self.folder, self.model, component)
             with without_progress_bars():
