@@ -86,7 +86,9 @@ class Trainer:
         self.representation = representation.to(self.device)
         guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
         self.guidance = guidance.to(self.device)
-        self.features = build_features(cfg.repulsion).to(self.device) if cfg.repulsion.weight > 0 else None
+        features = build_features(cfg.repulsion) if cfg.repulsion.weight > 0 else None
+        # DINO features are a module (moved to the device); pixel features a plain function
+        self.features = features.to(self.device) if isinstance(features, torch.nn.Module) else features
         self.optimizers = self._build_optimizers()
         self.background = torch.tensor(cfg.background, device=self.device)
         self.step = 0

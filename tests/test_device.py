@@ -88,6 +88,16 @@ def test_a_step_creates_no_tensor_off_the_run_device(prior, rule, representation
     assert all(p.device.type == "cpu" for p in trainer.representation.parameters())
 
 
+@pytest.mark.parametrize("representation", ["nerf", "gaussians"])
+def test_a_repulsion_step_creates_no_tensor_off_the_run_device(representation, tmp_path):
+    cfg = build_config({**TINY, "prompt": "a red cube", "prior": "toy", "representation": representation,
+                        "particles": 3, "repulsion": {"weight": 100.0}, "device": "cpu", "out": str(tmp_path)})
+    trainer = api.start(cfg)
+    trainer.train_step()
+    with torch.device("meta"):
+        assert "loss_repulsion" in trainer.train_step()
+
+
 def test_vae_posterior_sample_draws_from_the_run_generator(tiny_sd):
     """The posterior eps comes from the generator the run hands the prior, not the device's global RNG
     (on CUDA that global RNG is not in the checkpoint, so a resumed run would draw other latents)."""
