@@ -85,7 +85,7 @@ def knn_scale(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
     """Initial isotropic scale per point: sqrt of the mean squared distance to its k nearest
     neighbours (3DGS's ``distCUDA2``). points [N,3] -> [N]."""
     if len(points) <= 1:
-        return torch.full((len(points),), 0.01, dtype=points.dtype)
+        return torch.full((len(points),), 0.01, dtype=points.dtype, device=points.device)
     k = min(k, len(points) - 1)
     out = []
     for i in range(0, len(points), chunk):
