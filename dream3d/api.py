@@ -22,6 +22,7 @@ import trimesh
 from dream3d import rundir
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
+from dream3d.device import resolve_device
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer
@@ -71,6 +72,7 @@ def run(
 def start(cfg: RunConfig) -> Trainer:
     """Checks the input, creates the run folder and returns its Trainer at step 0."""
     rundir.check_writable(Path(cfg.out))
+    resolve_device(cfg.device)  # --device cuda without a GPU fails before any work
     prior = build_prior(cfg)
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here

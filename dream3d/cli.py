@@ -24,6 +24,7 @@ from dream3d.config import (
     EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
     parse_overrides,
 )
+from dream3d.device import DeviceError, resolve_device
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
 from dream3d.rundir import RunDirError
@@ -34,7 +35,8 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError)
+USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError,
+               DeviceError)
 
 
 class _StopFlag:
@@ -96,6 +98,7 @@ CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
 PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
 REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
+DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N: where the whole run lives (auto: CUDA if any).")
 NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per step, or fixed on the 3D "
                      "representation (sds, ism; cfd always).")
 
@@ -103,11 +106,11 @@ NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per 
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
     seed: int | None, resolution: int | None, init_points: Path | None, particles: int | None, repulsion: float | None,
-    noise: str | None,
+    noise: str | None, device: str | None = None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution, particles=particles, noise=noise)
+                 resolution=resolution, particles=particles, noise=noise, device=device)
     if init_points is not None:
         flags["gaussians"] = {"init_points": str(init_points)}
     if repulsion is not None:
@@ -132,10 +135,11 @@ def run(
     particles: Optional[int] = PARTICLES,
     repulsion: Optional[float] = REPULSION,
     noise: Optional[str] = NOISE,
+    device: Optional[str] = DEVICE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
-                       noise)
+                       noise, device)
     cfg = build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
@@ -278,6 +282,31 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
         return None if value is None else tuple(int(s) for s in value.split(","))
     except ValueError:
         raise ConfigError(f"seeds must be comma-separated integers, got {value!r}") from None
+
+
+@app.command("bench-gpu")
+def bench_gpu(
+    out: Path = typer.Option(Path("gpu-check"), help="Folder for gpu-check.json / gpu-check.md and the runs."),
+    device: str = typer.Option("cuda", help="cuda | cuda:N (cpu: the same checks, for a smoke test)."),
+    model: str = typer.Option("random:sd-2.1-base", help="The latent prior of the SDS/VSD steps."),
+    toy_steps: Optional[int] = typer.Option(None, help="Steps of the toy demos (default: the run default)."),
+    parts_only: bool = typer.Option(False, help="Only time one SDS step's parts (text, UNet x2, VAE encode/backward)."),
+    batch: int = typer.Option(1, help="With --parts-only: the batch."),
+) -> None:
+    """The GPU check (docs/gpu.md): CPU-vs-GPU parity, toy demos, SDS/VSD steps vs the bare UNet+VAE cost."""
+    from dream3d import gpu_check
+
+    if parts_only:
+        from guidance.priors.diffusers_prior import DiffusersConfig
+        from guidance.priors.sd import StableDiffusionPrior
+        from guidance.prompts import PromptConfig
+
+        where = str(resolve_device(device))
+        prior = StableDiffusionPrior(model, DiffusersConfig(device=where), PromptConfig())
+        typer.echo(gpu_check.parts_table(gpu_check.sds_parts(prior, batch)))
+        return
+    resolve_device(device)  # no GPU: one line, nothing written
+    typer.echo(gpu_check.markdown(gpu_check.gpu_check(out, device, model, toy_steps)))
 
 
 @app.command("train-prior")

@@ -7,12 +7,17 @@ import torch
 from dream3d.config import RunConfig
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
 from guidance.base import RuleContext
+from dream3d.device import resolve_device
 from guidance.priors.base import Prior
 from representations.particles import Particles
 
 
 def build_prior(cfg: RunConfig) -> Prior:
-    """The run's prior (diffusers, slow to import, is imported only by the priors that use it)."""
+    """The run's prior (diffusers, slow to import, is imported only by the priors that use it). A diffusers
+    prior lives on the run's device unless ``diffusers.device`` names another."""
+    if cfg.diffusers.device == "auto":
+        cfg = cfg.model_copy(update={"diffusers": cfg.diffusers.model_copy(
+            update={"device": str(resolve_device(cfg.device))})})
     return resolve(PRIORS[cfg.prior].builds)(cfg)
 
 

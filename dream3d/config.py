@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from dream3d import registry
+from dream3d.device import DEVICE_PATTERN
 from dream3d.sampling import CameraConfig
 from guidance.priors.diffusers_prior import DiffusersConfig
 from guidance.prompts import PromptConfig
@@ -111,6 +112,8 @@ class RunSettings(_Section):
     representation: str = "nerf"
     steps: int = Field(600, gt=0)
     seed: int = 0
+    # where the representation, cameras, renders, prior and guidance live: auto (CUDA if any), cpu, cuda, cuda:N
+    device: str = "auto"
     # independent representations optimised together (export/p{i}/ each); one guidance, VSD's LoRA shared
     particles: int = Field(1, ge=1, le=64)
     # render size per step: one int, or sizes switched at resolution_milestones (threestudio's form)
@@ -157,6 +160,13 @@ class RunSettings(_Section):
         # a local folder is saved absolute, so config.yaml re-runs from any working directory
         if value is not None and Path(value).expanduser().exists():
             return str(Path(value).expanduser().resolve())
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}; valid: auto, cpu, cuda, cuda:N")
         return value
 
     @field_validator("guidance")

@@ -23,6 +23,7 @@ from dream3d import rundir
 from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
+from dream3d.device import resolve_device
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
 from guidance.base import NoiseSource
@@ -71,16 +72,25 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
+        # every draw of the run (cameras, t, noise, ray jitter, the VAE posterior sample) comes from this CPU
+        # generator and is moved to the device: checkpointed, and the same draws on any device
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.prior = prior if prior is not None else build_prior(cfg)
+        if hasattr(self.prior, "use_generator"):
+            self.prior.use_generator(self.generator)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
         self.nfe = NFECounter(self.prior)
-        self.representation = representation if representation is not None else build_representation(cfg)
-        self.guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
-        self.features = build_features(cfg.repulsion) if cfg.repulsion.weight > 0 else None
+        representation = representation if representation is not None else build_representation(cfg)
+        self.representation = representation.to(self.device)
+        guidance = guidance if guidance is not None else build_guidance(cfg, self.prior)
+        self.guidance = guidance.to(self.device)
+        features = build_features(cfg.repulsion) if cfg.repulsion.weight > 0 else None
+        # DINO features are a module (moved to the device); pixel features a plain function
+        self.features = features.to(self.device) if isinstance(features, torch.nn.Module) else features
         self.optimizers = self._build_optimizers()
-        self.background = torch.tensor(cfg.background)
+        self.background = torch.tensor(cfg.background, device=self.device)
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_streak = 0
@@ -131,7 +141,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the logged record. Non-finite steps are skipped, not applied."""
         cfg, step = self.cfg, self.step
-        cameras = sample_cameras(cfg.camera, cfg.resolution_at(step), self.generator)
+        cameras = sample_cameras(cfg.camera, cfg.resolution_at(step), self.generator, self.device)
         weights = {name: evaluate(value, step) for name, value in cfg.loss.model_dump().items()}
         out = self.representation.render(
             cameras, self.background, generator=self.generator, with_normals=weights["lambda_orient"] > 0
@@ -228,10 +238,10 @@ class Trainer:
     @torch.no_grad()
     def write_preview(self, views: int = 4, resolution: int = 64) -> Path:
         """A particles x views grid of renders around the object, saved under previews/."""
-        out = self.representation.render(orbit_cameras(views, resolution), self.background)
+        out = self.representation.render(orbit_cameras(views, resolution).to(self.device), self.background)
         rows = out.rgb.view(-1, views, resolution, resolution, 3)  # a row per particle
         grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)
         path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
         with atomic_path(path) as tmp:
-            iio.imwrite(tmp, (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8), extension=".png")
+            iio.imwrite(tmp, (grid.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8), extension=".png")
         return path

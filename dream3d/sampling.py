@@ -30,41 +30,47 @@ class CameraConfig(BaseModel):
         return self
 
 
-def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
-    """B random cameras looking at the origin.
+def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> Cameras:
+    """B random cameras looking at the origin, on ``device``.
 
     Elevation is uniform on the sphere band (not in degrees), so high views are not
-    over-sampled; azimuth is stratified over the batch, as in threestudio.
+    over-sampled; azimuth is stratified over the batch, as in threestudio. The draws come
+    from ``generator`` on its own device (the run's checkpointed CPU generator), so a run
+    draws the same cameras on any device.
     """
     if cfg.group_views > 1:
-        return _sample_view_groups(cfg, resolution, generator)
-    B = cfg.batch_size
+        return _sample_view_groups(cfg, resolution, generator, device)
+    B, rng = cfg.batch_size, generator.device
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(B, generator=generator)
+        return lo + (hi - lo) * torch.rand(B, generator=generator, device=rng)
 
-    lo, hi = (torch.sin(torch.deg2rad(torch.tensor(v))) for v in cfg.elevation_range)
-    elevation = torch.rad2deg(torch.arcsin(uniform(float(lo), float(hi))))
+    lo, hi = (float(torch.sin(torch.deg2rad(torch.tensor(v, device=rng)))) for v in cfg.elevation_range)
+    elevation = torch.rad2deg(torch.arcsin(uniform(lo, hi)))
     a0, a1 = cfg.azimuth_range
-    azimuth = a0 + (a1 - a0) * (torch.arange(B) + torch.rand(B, generator=generator)) / B
+    azimuth = a0 + (a1 - a0) * (torch.arange(B, device=rng) + torch.rand(B, generator=generator, device=rng)) / B
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
+    elevation, azimuth, distance, fovy = (v.to(device) for v in (elevation, azimuth, distance, fovy))
     return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
 
 
-def _sample_view_groups(cfg: CameraConfig, resolution: int, generator: torch.Generator) -> Cameras:
+def _sample_view_groups(cfg: CameraConfig, resolution: int, generator: torch.Generator,
+                        device: torch.device | str) -> Cameras:
     """batch_size / group_views groups of group_views cameras (``CameraConfig``), each group's views contiguous."""
-    groups, views = cfg.batch_size // cfg.group_views, cfg.group_views
+    groups, views, rng = cfg.batch_size // cfg.group_views, cfg.group_views, generator.device
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand(groups, generator=generator)).repeat_interleave(views)
+        return (lo + (hi - lo) * torch.rand(groups, generator=generator, device=rng)).repeat_interleave(views)
 
-    lo, hi = (float(torch.sin(torch.deg2rad(torch.tensor(v)))) for v in cfg.elevation_range)
+    lo, hi = (float(torch.sin(torch.deg2rad(torch.tensor(v, device=rng)))) for v in cfg.elevation_range)
     elevation = torch.rad2deg(torch.arcsin(uniform(lo, hi)))
-    start = 360.0 * torch.rand(groups, generator=generator)
+    start = 360.0 * torch.rand(groups, generator=generator, device=rng)
     azimuth = view_group_azimuths(groups, views, start)
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
+    elevation, azimuth, distance, fovy = (v.to(device) for v in (elevation, azimuth, distance, fovy))
     return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
 
 

@@ -24,12 +24,13 @@ def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: 
 
 def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_timesteps: int, batch: int, step: int,
                      generator: torch.Generator, sqrt_anneal_progress: float | None = None) -> Tensor:
-    """t [B] long: uniform in [min_step, max_step] per item, or with ``sqrt_anneal_progress`` p in [0, 1]
-    HiFA's deterministic t = max - (max - min) sqrt(p) for the whole batch."""
+    """t [B] long on the generator's device: uniform in [min_step, max_step] per item, or with
+    ``sqrt_anneal_progress`` p in [0, 1] HiFA's deterministic t = max - (max - min) sqrt(p) for the whole batch."""
     lo, hi = timestep_range(evaluate(min_percent, step), evaluate(max_percent, step), num_train_timesteps)
     if sqrt_anneal_progress is not None:
-        return torch.full((batch,), int(hi - (hi - lo) * math.sqrt(sqrt_anneal_progress)), dtype=torch.long)
-    return torch.randint(lo, hi + 1, (batch,), generator=generator)
+        return torch.full((batch,), int(hi - (hi - lo) * math.sqrt(sqrt_anneal_progress)), dtype=torch.long,
+                          device=generator.device)
+    return torch.randint(lo, hi + 1, (batch,), generator=generator, device=generator.device)
 
 
 def alpha_bar(prior: Prior, t: Tensor, device: torch.device) -> Tensor:
@@ -84,7 +85,7 @@ def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor],
 
 def forward_noise(x: Tensor, generator: torch.Generator) -> Tensor:
     """Fresh eps ~ N(0, I) shaped like x, drawn on the CPU generator (checkpointed with the run) and moved to x's device."""
-    return torch.randn(x.shape, generator=generator).to(x.device)
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
 
 
 def to_epsilon(output: Tensor, x_t: Tensor, alphas_cumprod_t: Tensor, prediction_type: str) -> Tensor:

@@ -83,19 +83,20 @@ class ISMGuidance(DistillationRule):
         r = 1 - min(step / self.cfg.warmup_steps, 1.0) if self.cfg.warmup_steps else 0.0
         lo, hi, hi_start = (int(T * p) for p in (self.cfg.min_step_percent, self.cfg.max_step_percent,
                                                  self.cfg.warmup_max_step_percent))
-        t = int(torch.randint(lo, max(hi + int((hi_start - hi) * r), lo + 1), (1,), generator=generator))
+        t = int(torch.randint(lo, max(hi + int((hi_start - hi) * r), lo + 1), (1,), generator=generator,
+                              device=generator.device))
         delta = int(self.cfg.delta_t + r * (self.cfg.delta_t_start - self.cfg.delta_t))
         return t, max(t - delta, 0)
 
     def noise(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """eps [B,C,h,w] = randn + offset * randn(1,C,1,1): a per-channel offset shared by the batch."""
-        offset = torch.randn(1, x.shape[1], 1, 1, generator=generator).to(x.device)
+        offset = torch.randn(1, x.shape[1], 1, 1, generator=generator, device=generator.device).to(x.device)
         return forward_noise(x, generator) + self.cfg.noise_offset * offset
 
     def unconditional(self, x: Tensor, t: int, embeddings: Embeddings, cameras: Cameras) -> Tensor:
         """eps_0(x, t) [B,C,h,w]: the prior's unconditional prediction at one timestep for the batch."""
         B = x.shape[0]
-        return self.prior.predict_noise(x, torch.full((B,), t, dtype=torch.long), batch_of(embeddings.uncond, B), cameras)
+        return self.prior.predict_noise(x, torch.full((B,), t, dtype=torch.long, device=x.device), batch_of(embeddings.uncond, B), cameras)
 
     def invert(self, x: Tensor, noise: Tensor, s: int, embeddings: Embeddings, cameras: Cameras) -> Tensor:
         """x_s [B,C,h,w]: noised to max(s - stride * steps, 0), then DDIM-inverted in strides, the last one landing on s."""
@@ -112,7 +113,7 @@ class ISMGuidance(DistillationRule):
         return x
 
     def abar(self, t: int, like: Tensor) -> Tensor:
-        return alpha_bar(self.prior, torch.tensor([t]), like.device)
+        return alpha_bar(self.prior, torch.tensor([t], device=like.device), like.device)
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator,
                  noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
@@ -126,7 +127,7 @@ class ISMGuidance(DistillationRule):
             x_t = ddim_invert_step(x_s, target, self.abar(s, x), self.abar(t, x))
             negative = embeddings.uncond if self.negative is None else self.negative
             prompt = embeddings.interpolated(cameras) if self.cfg.view_interpolation else embeddings.conditional(cameras)
-            cond, uncond = predict_each(self.prior, x_t, torch.full((B,), t, dtype=torch.long),
+            cond, uncond = predict_each(self.prior, x_t, torch.full((B,), t, dtype=torch.long, device=x.device),
                                         [prompt, batch_of(negative, B)], cameras)
         eps_hat = cfg_diff(cond, uncond, evaluate(self.cfg.guidance_scale, step))
         abar_t = self.abar(t, x)

@@ -85,12 +85,13 @@ class SDSGuidance(DistillationRule):
         self.guidance_scale = cfg.guidance_scale if cfg.guidance_scale is not None else context.guidance_scale
 
     def sample_timesteps(self, batch: int, step: int, generator: torch.Generator) -> Tensor:
-        """t [B]: uniform in [min_step, max_step] per item, HiFA's deterministic sqrt annealing, or ``descending_t``."""
+        """t [B] on the generator's device: uniform in [min_step, max_step] per item, HiFA's deterministic sqrt annealing, or ``descending_t``."""
         if self.cfg.descending_t is not None:
             p = evaluate(self.cfg.descending_t, min(step / self.max_steps, 1.0))
             lo, hi = (evaluate(v, step) for v in (self.cfg.min_step_percent, self.cfg.max_step_percent))
             T = self.prior.num_train_timesteps
-            return torch.full((batch,), min(round(T * (lo + (hi - lo) * (1 - p))), T - 1), dtype=torch.long)
+            return torch.full((batch,), min(round(T * (lo + (hi - lo) * (1 - p))), T - 1), dtype=torch.long,
+                              device=generator.device)
         progress = min(step / self.max_steps, 1.0) if self.cfg.sqrt_anneal else None
         views = getattr(self.prior, "num_views", 1)
         t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,

@@ -167,10 +167,10 @@ class VSDGuidance(DistillationRule):
         A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
         silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
         B = x.shape[0]
-        t = torch.randint(0, self.prior.num_train_timesteps, (B,), generator=generator)
+        t = torch.randint(0, self.prior.num_train_timesteps, (B,), generator=generator, device=generator.device)
         noise = forward_noise(x, generator)
         camera = camera_condition(cameras)
-        if float(torch.rand(1, generator=generator)) < self.cfg.camera_dropout:
+        if float(torch.rand(1, generator=generator, device=generator.device)) < self.cfg.camera_dropout:
             camera = torch.zeros_like(camera)
         with torch.enable_grad():
             loss = self.fake_loss(x.detach(), batch_of(embeddings.cond, B), camera, t, noise)

@@ -71,6 +71,11 @@ class Cameras:
         K[:, 2, 2] = 1
         return K
 
+    def to(self, device: torch.device | str) -> "Cameras":
+        """The same cameras with every tensor on ``device``."""
+        return Cameras(self.c2w.to(device), self.fovy.to(device), self.width, self.height,
+                       self.elevation.to(device), self.azimuth.to(device), self.distance.to(device))
+
     def resized(self, width: int, height: int) -> "Cameras":
         """The same cameras rendering a different image size."""
         return Cameras(self.c2w, self.fovy, width, height, self.elevation, self.azimuth, self.distance)
@@ -107,22 +112,24 @@ def look_at_cameras(
     Args:
         elevation, azimuth: [B] degrees. distance: [B]. fovy_deg: [B] or scalar, degrees.
     """
-    elevation, azimuth, distance = (torch.as_tensor(v, dtype=torch.float32) for v in (elevation, azimuth, distance))
+    device = elevation.device if isinstance(elevation, Tensor) else torch.device("cpu")
+    elevation, azimuth, distance = (torch.as_tensor(v, dtype=torch.float32, device=device)
+                                    for v in (elevation, azimuth, distance))
     el, az = torch.deg2rad(elevation), torch.deg2rad(azimuth)
     position = torch.stack(
         [torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], dim=-1
     ) * distance.unsqueeze(-1)
     forward = -position / position.norm(dim=-1, keepdim=True)
-    up_world = torch.tensor([0.0, 0.0, 1.0]).expand_as(forward)
+    up_world = torch.tensor([0.0, 0.0, 1.0], device=device).expand_as(forward)
     right = torch.linalg.cross(forward, up_world)
     right = right / right.norm(dim=-1, keepdim=True)
     up = torch.linalg.cross(right, forward)
-    c2w = torch.eye(4).repeat(len(position), 1, 1)
+    c2w = torch.eye(4, device=device).repeat(len(position), 1, 1)
     c2w[:, :3, 0] = right
     c2w[:, :3, 1] = up
     c2w[:, :3, 2] = -forward
     c2w[:, :3, 3] = position
-    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32).expand(len(position)).clone())
+    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32, device=device).expand(len(position)).clone())
     return Cameras(c2w, fovy, width, height, elevation, azimuth, distance)
 
 
@@ -167,7 +174,7 @@ def view_group_azimuths(groups: int, views: int, start: Tensor) -> Tensor:
     """[groups * views] azimuths in degrees: each group's views evenly spaced around the circle
     (90 degrees apart for 4), beginning at that group's start [groups] in degrees.
     The views of one group are contiguous, as a multi-view prior needs them."""
-    offsets = torch.arange(views, dtype=start.dtype) * (360.0 / views)
+    offsets = torch.arange(views, dtype=start.dtype, device=start.device) * (360.0 / views)
     return (start.view(groups, 1) + offsets.view(1, views)).flatten() % 360.0
 
 

@@ -85,7 +85,7 @@ def knn_scale(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
     """Initial isotropic scale per point: sqrt of the mean squared distance to its k nearest
     neighbours (3DGS's ``distCUDA2``). points [N,3] -> [N]."""
     if len(points) <= 1:
-        return torch.full((len(points),), 0.01, dtype=points.dtype)
+        return torch.full((len(points),), 0.01, dtype=points.dtype, device=points.device)
     k = min(k, len(points) - 1)
     out = []
     for i in range(0, len(points), chunk):
@@ -205,7 +205,7 @@ class Gaussians(torch.nn.Module):
             reset_opa(self.params, optimizers, self.strategy_state, value=self.cfg.prune_opa * 2)
         excess = len(self) - self.cfg.max_gaussians
         if excess > 0:
-            drop = torch.zeros(len(self), dtype=torch.bool)
+            drop = torch.zeros(len(self), dtype=torch.bool, device=self.params["means"].device)
             drop[self.params["opacities"].detach().argsort()[:excess]] = True
             remove(self.params, optimizers, self.strategy_state, drop)
         if self.noise_cfg is not None:
@@ -218,7 +218,7 @@ class Gaussians(torch.nn.Module):
         the first Gaussian from each source keeps its value."""
         values = self.noise_values[source]
         new = ~first_occurrences(source)
-        values[new] = torch.randn(int(new.sum()), values.shape[1]).to(values)
+        values[new] = torch.randn(int(new.sum()), values.shape[1], device="cpu").to(values)
         self.noise_values = values
 
     def refresh_noise(self, gamma: float, generator: torch.Generator) -> None:
@@ -244,10 +244,12 @@ class Gaussians(torch.nn.Module):
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads a checkpoint whose Gaussian count may differ from this model's (densification)."""
+        device = self.params["means"].device
         for key in self.params:
-            self.params[key] = torch.nn.Parameter(torch.empty_like(state_dict[f"params.{key}"]))
+            # on this model's device: a checkpoint is read onto the CPU
+            self.params[key] = torch.nn.Parameter(torch.empty_like(state_dict[f"params.{key}"], device=device))
         if self.noise_cfg is not None and "noise_values" in state_dict:
-            self.noise_values = torch.empty_like(state_dict["noise_values"])
+            self.noise_values = torch.empty_like(state_dict["noise_values"], device=device)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def render(

@@ -75,7 +75,7 @@ class NeRF(torch.nn.Module):
     def update_occupancy(self) -> None:
         """Marks the cells whose centre density, max-pooled over neighbours, exceeds the threshold."""
         r = self.cfg.occupancy_resolution
-        axis = (torch.arange(r, dtype=torch.float32) + 0.5) / r * 2 - 1
+        axis = (torch.arange(r, dtype=torch.float32, device=self.occupancy.device) + 0.5) / r * 2 - 1
         centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3) * self.cfg.bound
         sigma = self.density(centres).view(1, 1, r, r, r)
         self.occupancy = F.max_pool3d(sigma, 3, stride=1, padding=1)[0, 0] > self.cfg.occupancy_threshold
@@ -197,20 +197,21 @@ class NeRF(torch.nn.Module):
         R, S = origins.shape[0], self.cfg.num_samples
         t_near, t_far, hit = ray_aabb(origins, dirs, self.cfg.bound)
         t_far = torch.where(hit, t_far, t_near)
-        u = torch.arange(S + 1, dtype=origins.dtype) / S
+        u = torch.arange(S + 1, dtype=origins.dtype, device=origins.device) / S
         edges = t_near[:, None] + (t_far - t_near)[:, None] * u  # [R, S+1]
         if generator is None:
             mids = (edges[:, :-1] + edges[:, 1:]) / 2
         else:
-            jitter = torch.rand(R, S, generator=generator)
+            # drawn on the generator's device (the run's checkpointed CPU generator), moved to the rays'
+            jitter = torch.rand(R, S, generator=generator, device=generator.device).to(origins.device)
             mids = edges[:, :-1] + (edges[:, 1:] - edges[:, :-1]) * jitter
         points = origins[:, None] + dirs[:, None] * mids[..., None]  # [R, S, 3]
         flat = points.reshape(-1, 3)
         occupied = self._occupied(flat).nonzero().squeeze(-1)
         live = flat[occupied]
         raw = self._raw(live)
-        sigma = torch.zeros(R * S, dtype=flat.dtype).index_put((occupied,), self._density_from_raw(raw[:, 0], live))
-        colour = torch.zeros(R * S, 3, dtype=flat.dtype).index_put((occupied,), torch.sigmoid(raw[:, 1:]))
+        sigma = torch.zeros(R * S, dtype=flat.dtype, device=flat.device).index_put((occupied,), self._density_from_raw(raw[:, 0], live))
+        colour = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put((occupied,), torch.sigmoid(raw[:, 1:]))
         sigma, colour = sigma.view(R, S), colour.view(R, S, 3)
         weights, _, _ = render_weight_from_density(edges[:, :-1], edges[:, 1:], sigma)
         out = {
@@ -219,7 +220,7 @@ class NeRF(torch.nn.Module):
             "depth": accumulate_along_rays(weights, mids[..., None]),
         }
         if with_normals:
-            normals = torch.zeros(R * S, 3, dtype=flat.dtype).index_put((occupied,), self.normals(live)).view(R, S, 3)
+            normals = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put((occupied,), self.normals(live)).view(R, S, 3)
             out["normal"] = accumulate_along_rays(weights, normals)
             facing = (normals * dirs[:, None]).sum(-1).clamp_min(0) ** 2
             out["orient"] = (weights * facing).sum(-1, keepdim=True)

@@ -28,10 +28,10 @@ class NoiseFieldConfig(BaseModel):
 
 
 def refreshed(noise: Tensor, gamma: float, generator: torch.Generator) -> Tensor:
-    """sqrt(1 - gamma) noise + sqrt(gamma) xi with xi ~ N(0,1) from ``generator`` (CPU), any shape."""
+    """sqrt(1 - gamma) noise + sqrt(gamma) xi with xi ~ N(0,1) from ``generator`` (drawn on its device), any shape."""
     if gamma <= 0:
         return noise
-    fresh = torch.randn(noise.shape, generator=generator).to(noise)
+    fresh = torch.randn(noise.shape, generator=generator, device=generator.device).to(noise)
     return (1 - gamma) ** 0.5 * noise + gamma**0.5 * fresh
 
 

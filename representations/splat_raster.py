@@ -149,7 +149,7 @@ def composite(
     # first pair of each pixel's run, to turn one global cumsum into per-pixel ones
     first = torch.ones_like(pixel_ids, dtype=torch.bool)
     first[1:] = pixel_ids[1:] != pixel_ids[:-1]
-    run_start = torch.cummax(torch.where(first, torch.arange(len(first)), 0), dim=0).values
+    run_start = torch.cummax(torch.where(first, torch.arange(len(first), device=first.device), 0), dim=0).values
 
     def log_trans_before(alpha: Tensor) -> Tensor:
         # float64: the global cumsum spans every pixel, float32 would lose the per-pixel digits

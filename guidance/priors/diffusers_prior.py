@@ -22,12 +22,14 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from guidance.diffusion import to_epsilon
 from guidance.priors.base import Embeddings, PriorError
 from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.precision import LossScale
+from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 from guidance.prompts import PromptConfig, view_prompts
 from representations.cameras import Cameras
 
@@ -48,14 +50,15 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 class DiffusersConfig(BaseModel):
     """How a diffusers prior is loaded and run.
 
-    dtype applies on CUDA; on the CPU weights are always float32. variant picks a weight
+    device: auto (in a run: the run's device), cpu, cuda or cuda:N. dtype applies on CUDA; on the
+    CPU weights are always float32. variant picks a weight
     file variant ("fp16" halves the download where the model has one). channels_last
     (CUDA only) and offload_text_encoder (moved to the CPU after embedding) save time and memory.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     variant: str | None = None
     channels_last: bool = True
@@ -65,8 +68,8 @@ class DiffusersConfig(BaseModel):
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PriorError("diffusers.device is cuda but no CUDA GPU is available; use diffusers.device=cpu or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PriorError(f"diffusers.device is {device} but no CUDA GPU is available; use diffusers.device=cpu or auto")
     return torch.device(device)
 
 
@@ -211,10 +214,13 @@ class DiffusersPrior:
         self.prompts = prompts
         self.device = resolve_device(cfg.device)
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
-        self.folder = resolve_model(self.model, self.components, cfg.variant, self.download_note)
-        self.index = read_model_index(self.folder, self.model)
+        # random:NAME builds the published architecture with random weights (random_models.py), no folder
+        self.random = random_spec(self.model)
+        self.folder = None if self.random else resolve_model(self.model, self.components, cfg.variant, self.download_note)
+        self.index = self.random["model_index"] if self.random else read_model_index(self.folder, self.model)
         self.check_kind()
-        missing = [c for c in self.components if not (self.folder / c).is_dir() or c not in self.index]
+        missing = [c for c in self.components
+                   if c not in self.index or (self.random is None and not (self.folder / c).is_dir())]
         if missing:
             raise PriorError(f"{self.model} is not a complete diffusers model for --prior {self.name}: "
                              f"no {', '.join(missing)} component")
@@ -224,15 +230,30 @@ class DiffusersPrior:
         self.tokenizer = self._load("tokenizer", self._tokenizer)
         self._text_encoder: torch.nn.Module | None = None
         self._embeddings: dict[str, Embeddings] = {}
+        self.generator: torch.Generator | None = None
+        self.loss_scale = LossScale(self.dtype, self.device)
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Draw this prior's own randomness (a VAE posterior sample) from ``generator``, the run's checkpointed one."""
+        self.generator = generator
+
+    def draw_normal(self, shape: torch.Size) -> Tensor:
+        """N(0, I) of ``shape`` on the generator's device (the global CPU generator without one)."""
+        device = self.generator.device if self.generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=self.generator, device=device)
 
     # -- loading -----------------------------------------------------------------
     def check_kind(self) -> None:
         """Raises PriorError naming what the folder is when it is not a model this prior runs."""
         raise NotImplementedError
 
+    def component_config(self, component: str) -> dict[str, Any]:
+        """config.json of a weighted component (its spec for a random model)."""
+        return self.random[component] if self.random else read_config(self.folder, self.model, component)
+
     @property
     def unet_config(self) -> dict[str, Any]:
-        return read_config(self.folder, self.model, "unet")
+        return self.component_config("unet")
 
     @property
     def pipeline_class(self) -> str:
@@ -248,11 +269,15 @@ class DiffusersPrior:
             raise PriorError(f"cannot load the {component} of {self.model}: {reason}") from None
 
     def _load_model(self, component: str, load: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-        """A weighted component, from safetensors, frozen on the prior's device and dtype."""
-        check_safetensors(self.folder, self.model, component)
-        with without_progress_bars():
-            module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
-                                                        local_files_only=True, variant=self.cfg.variant))
+        """A weighted component, from safetensors (or random), frozen on the prior's device and dtype."""
+        if self.random:
+            # torch's own .to: diffusers' warns about keeping modules in float32, which only applies to loading
+            module = torch.nn.Module.to(build_component(self.random, component, self.device), self.dtype)
+        else:
+            check_safetensors(self.folder, self.model, component)
+            with without_progress_bars():
+                module = self._load(component, lambda: load(self.folder / component, use_safetensors=True,
+                                                            local_files_only=True, variant=self.cfg.variant))
         module = freeze(module).to(self.device)
         if self.device.type == "cuda" and self.cfg.channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -268,7 +293,10 @@ class DiffusersPrior:
         from diffusers import DDPMScheduler
 
         # Only the training schedule matters (alphas, prediction type), whatever sampler the folder names.
-        scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
+        if self.random:
+            scheduler = DDPMScheduler.from_config(self.random["scheduler"])
+        else:
+            scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -302,6 +330,8 @@ class DiffusersPrior:
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        if self.random:
+            return ByteTokenizer(**self.random["tokenizer"])
         return AutoTokenizer.from_pretrained(self.folder / "tokenizer", local_files_only=True, trust_remote_code=False)
 
     def _load_text_encoder(self) -> torch.nn.Module:
@@ -388,7 +418,10 @@ class DiffusersPrior:
         return cache_root() / "text-embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
     def _model_identity(self) -> list[Any]:
-        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key)."""
+        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key);
+        a random model's name and text encoder config."""
+        if self.random:
+            return [self.model, self.random["text_encoder"]]
         files = sorted(p for c in ("text_encoder", "tokenizer") for p in (self.folder / c).iterdir() if p.is_file())
         return [str(self.folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 

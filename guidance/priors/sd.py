@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from guidance.priors.base import PriorError
-from guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, read_config, resize_square
+from guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, resize_square
 from guidance.prompts import PromptConfig
 
 
@@ -33,17 +33,22 @@ class StableDiffusionPrior(DiffusersPrior):
         if unet.get("addition_embed_type") == "text_time":
             raise PriorError(f"{self.model} is an SDXL-type model ({self.pipeline_class}) that needs extra "
                              f"conditioning; --prior sd runs Stable Diffusion 1.x/2.x")
-        latent = read_config(self.folder, self.model, "vae").get("latent_channels", 4)
+        latent = self.component_config("vae").get("latent_channels", 4)
         if unet.get("in_channels") != latent:
             raise PriorError(f"{self.model}'s UNet takes {unet.get('in_channels')} input channels but its VAE makes "
                              f"{latent} ({self.pipeline_class}: an inpainting or image-conditioned model?); "
                              f"--prior sd needs a text-to-image model")
 
     def encode(self, rgb: Tensor) -> Tensor:
-        """rgb [B,3,H,W] in [0,1] -> latents [B,4,r/8,r/8] float32 (a posterior sample, as threestudio), differentiable."""
+        """rgb [B,3,H,W] in [0,1] -> latents [B,4,r/8,r/8] float32 (a posterior sample, as threestudio), differentiable.
+
+        The sample is mean + std * eps with eps ~ N(0, I) from ``generator`` (``use_generator``)."""
         rgb = resize_square(rgb.to(self.device), self.resolution)
-        posterior = self.vae.encode((2 * rgb - 1).to(self.dtype)).latent_dist
-        return (posterior.sample() * self.scaling_factor).float()
+        # float16 weights: the backward through the encoder runs on a scaled gradient (precision.py)
+        posterior = self.vae.encode(self.loss_scale.enter(2 * rgb - 1)).latent_dist
+        # the posterior's eps comes from the run's generator (checkpointed), not the device's global one
+        eps = self.draw_normal(posterior.mean.shape).to(posterior.mean)
+        return self.loss_scale.leave(posterior.mean + posterior.std * eps) * self.scaling_factor
 
     def decode(self, x: Tensor) -> Tensor:
         """latents [B,4,h,w] -> rgb [B,3,r,r] in [0,1]."""
