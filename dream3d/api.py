@@ -159,9 +159,7 @@ def export(
             video_frames=ex.video_frames,
             video_resolution=ex.video_resolution,
         )
-        if hasattr(member, "save_ply"):
-            own["splats"] = folder / "splats.ply"
-            member.save_ply(own["splats"])
+        own.update(member.export_extras(folder))
         files.update({f"{name}/{kind}" if name else kind: path for kind, path in own.items()})
     rundir.update_summary(
         run_dir, export_seconds=round(time.perf_counter() - tick, 2),

@@ -26,6 +26,7 @@ from torch import Tensor
 from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import remove, reset_opa
 
+from representations.base import Representation
 from representations.cameras import Cameras, RenderOutput
 from representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
 from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
@@ -107,7 +108,7 @@ def morton_order(points: Tensor, bits: int = 10) -> Tensor:
     return code.argsort()
 
 
-class Gaussians(torch.nn.Module):
+class Gaussians(Representation):
     """N 3D Gaussians rendered by ``splat_raster.rasterize``."""
 
     def __init__(self, cfg: GaussiansConfig, generator: torch.Generator | None = None,
@@ -186,6 +187,12 @@ class Gaussians(torch.nn.Module):
         """Writes the splats in the standard 3DGS PLY layout (viewers open it as is)."""
         p = {k: v.detach() for k, v in self.params.items()}
         write_splat_ply(path, p["means"], p["scales"], p["quats"], p["opacities"], rgb_to_sh_dc(self.colors.detach()))
+
+    def export_extras(self, folder: Path) -> dict[str, Path]:
+        """The splats themselves, ``splats.ply``, beside the mesh."""
+        path = folder / "splats.ply"
+        self.save_ply(path)
+        return {"splats": path}
 
     def before_backward(self, step: int, output: RenderOutput) -> None:
         """Keeps the screen-space means' gradient, which densification reads."""

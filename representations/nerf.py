@@ -28,6 +28,7 @@ from nerfacc import accumulate_along_rays, render_weight_from_density
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from representations.base import Representation
 from representations.cameras import Cameras, RenderOutput, ray_aabb
 from representations.noise import NoiseFieldConfig, background, check_shape, refreshed
 
@@ -50,7 +51,7 @@ class NeRFConfig(BaseModel):
     occupancy_every: int = 16  # steps between refreshes
 
 
-class NeRF(torch.nn.Module):
+class NeRF(Representation):
     """Density and colour fields over the cube [-bound, bound]^3 rendered by volume rendering."""
 
     def __init__(self, cfg: NeRFConfig, noise: NoiseFieldConfig | None = None,

@@ -16,13 +16,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from representations.base import Representation
 from representations.cameras import Cameras, RenderOutput
 
 
-class Particles(torch.nn.Module):
+class Particles(Representation):
     """N representations made by ``build(i)``; member i is particle i."""
 
-    def __init__(self, count: int, build: Callable[[int], torch.nn.Module]) -> None:
+    def __init__(self, count: int, build: Callable[[int], Representation]) -> None:
         super().__init__()
         self.members = torch.nn.ModuleList(build(i) for i in range(count))
 
