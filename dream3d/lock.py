@@ -31,9 +31,11 @@ class FolderBusy(RuntimeError):
 
 def holder_line() -> str:
     """This process, as the lock file records it: ``pid 123 (dream3d resume runs/x)``."""
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
-    command = " ".join(argv)
-    return f"pid {os.getpid()} ({command[:200]})"
+    argv = list(sys.argv) or ["python"]
+    program = Path(argv[0])
+    # `python -m dream3d` runs dream3d/__main__.py: name the package, as the console script would
+    argv[0] = program.parent.name if program.name == "__main__.py" else program.name or "python"
+    return f"pid {os.getpid()} ({' '.join(argv)[:200]})"
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from dream3d.lock import FolderBusy, folder_lock
 
 log = logging.getLogger(__name__)
 
+ZIP_MAGIC = b"PK\x03\x04"
 # what a checkpoint that reads but belongs to another run raises when applied (missing or unexpected keys, shapes)
 MISMATCH_ERRORS = (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
@@ -41,11 +42,11 @@ class RunDirError(ValueError):
 
 
 class CheckpointUnreadable(RunDirError):
-    """A checkpoint file is empty, truncated or not a checkpoint at all (an older one may do)."""
+    """A checkpoint file is empty, truncated or corrupt, as a crash or a full disk leaves one: an older one may do."""
 
 
 class CheckpointRefused(RunDirError):
-    """A complete checkpoint holds pickled objects beyond tensors and plain data: loading it could run code."""
+    """A file that is not a weights-only checkpoint (a pickle of Python objects, a foreign file): never loaded."""
 
 
 def slugify(prompt: str, max_len: int = 40) -> str:
@@ -107,13 +108,19 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's state, loaded weights-only: tensors, numbers, strings and containers of them.
 
-    Raises CheckpointUnreadable (empty, truncated, not a zip archive: torch.save always writes
-    one) or CheckpointRefused (a complete archive whose pickle names anything else)."""
+    torch.save writes a zip archive, so an empty file or the start of an archive cut short
+    (a crash, a full disk) is CheckpointUnreadable: an older checkpoint may do. Anything else
+    that does not load weights-only is CheckpointRefused: a pickle or foreign file, or an
+    archive whose pickle names Python objects (loading it could run code)."""
     path = Path(path)
-    if path.stat().st_size == 0:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
         raise CheckpointUnreadable(f"{path} is empty")
     if not zipfile.is_zipfile(path):
-        raise CheckpointUnreadable(f"{path} is truncated or not a dream3d checkpoint")
+        if head == ZIP_MAGIC[: len(head)]:  # the start of an archive, cut short
+            raise CheckpointUnreadable(f"{path} is truncated")
+        raise CheckpointRefused(f"refusing {path}: it is not a checkpoint dream3d writes (a torch.save zip archive)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -123,7 +130,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except (EOFError, RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise CheckpointUnreadable(f"{path} is corrupt ({_first_line(e)})") from None
     if not isinstance(state, dict):
-        raise CheckpointUnreadable(f"{path} is not a dream3d checkpoint (it holds a {type(state).__name__})")
+        raise CheckpointRefused(f"refusing {path}: it holds a {type(state).__name__}, not a dream3d checkpoint")
     return state
 
 

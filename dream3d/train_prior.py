@@ -237,12 +237,14 @@ def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, comm
         raise ConfigError(f"{work} already holds training checkpoints; pass --resume to continue, or another --out")
     if resume and not found:
         raise ConfigError(f"--resume: no checkpoint in {work} to resume from")
-    trainer = PriorTrainer(cfg)
-    if found:
+    if found:  # read (weights only) and checked before any work
         path, state = read_latest_checkpoint(found, f"--resume: no checkpoint in {work} loads")
         # the step count may grow on resume (the schedule does not depend on it); nothing else may change
-        if {**state.get("config", {}), "steps": cfg.steps} != cfg.model_dump(mode="json"):
+        saved = state.get("config")
+        if not isinstance(saved, dict) or {**saved, "steps": cfg.steps} != cfg.model_dump(mode="json"):
             raise ConfigError(f"{path} was trained with another configuration; resume with the same options")
+    trainer = PriorTrainer(cfg)
+    if found:
         apply_checkpoint(path, state, trainer.load_state_dict, "this training run")
     start, clock = trainer.step, time.perf_counter()
     while trainer.step < cfg.steps and not should_stop():
