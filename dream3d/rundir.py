@@ -77,7 +77,11 @@ def create_run_dir(cfg: RunConfig) -> Path:
         n += 1
         path = out / f"{stem}-{n}"
     path.mkdir()
-    write_text(path / "config.yaml", to_yaml(cfg))
+    try:
+        write_text(path / "config.yaml", to_yaml(cfg))
+    except OSError as e:  # a full disk: no folder left behind without its config
+        path.rmdir()
+        raise RunDirError(f"cannot write {path / 'config.yaml'}: {e.strerror}") from None
     return path
 
 

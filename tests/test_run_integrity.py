@@ -301,6 +301,14 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(tmp_path, monkeypatch, 
     assert list((run_dir / "checkpoints").iterdir()) == []  # no temporary file left behind
 
 
+def test_a_full_disk_before_the_config_is_written_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    with file_size_limit(1000):  # a config.yaml is about 3 kB
+        status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--out", tmp_path / "runs")
+    assert status == 1
+    one_error_line(err.splitlines(), "config.yaml: File too large")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 def test_a_full_disk_mid_run_keeps_the_last_good_checkpoint(run_dir, monkeypatch, capsys):
     good = (run_dir / "checkpoints" / "step_000007.pt").read_bytes()
     with file_size_limit(100_000):  # the log and previews fit, a 240 kB checkpoint does not
