@@ -21,11 +21,15 @@ from typing import Iterator
 _held = threading.local()
 
 
-class FolderBusy(RuntimeError):
+class LockError(RuntimeError):
+    """The folder's lock file can be neither created nor opened (a missing or read-only folder)."""
+
+
+class FolderBusy(LockError):
     """Another process (or thread) holds the folder's lock; ``holder`` says who, or is empty."""
 
     def __init__(self, folder: Path, holder: str) -> None:
-        super().__init__(f"{folder} is locked by {holder or 'another process'}")
+        super().__init__(f"{folder} is in use by {holder or 'another process'}")
         self.folder, self.holder = folder, holder
 
 
@@ -40,9 +44,8 @@ def holder_line() -> str:
 
 @contextmanager
 def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
-    """Holds ``folder/name`` exclusively for the block; raises FolderBusy at once if it is held.
-
-    OSError if the lock file can be neither created nor opened (e.g. a missing folder)."""
+    """Holds ``folder/name`` exclusively for the block; raises FolderBusy at once if it is held,
+    LockError if the lock file can be neither created nor opened."""
     key = str(Path(folder).resolve() / name)
     counts: dict[str, int] = getattr(_held, "counts", None) or {}
     _held.counts = counts
@@ -53,7 +56,10 @@ def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
         finally:
             counts[key] -= 1
         return
-    fd = _open(Path(key))
+    try:
+        fd = _open(Path(key))
+    except OSError as e:
+        raise LockError(f"cannot lock {folder}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -28,7 +28,7 @@ import torch
 
 from dream3d.atomic import write_bytes, write_text
 from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, to_yaml
-from dream3d.lock import FolderBusy, folder_lock
+from dream3d.lock import FolderBusy, LockError, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ def locked(run_dir: Path) -> Iterator[None]:
         with folder_lock(run_dir):
             yield
     except FolderBusy as e:
-        raise RunDirError(f"{run_dir} is in use by {e.holder or 'another process'}; wait for it to end") from None
+        raise RunDirError(f"{e}; wait for it to end") from None
+    except LockError as e:
+        raise RunDirError(str(e)) from None
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

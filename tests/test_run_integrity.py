@@ -22,7 +22,6 @@ import yaml
 
 from dream3d import api, rundir
 from dream3d.config import build_config
-from dream3d.lock import folder_lock
 from dream3d.loop import RunError, RunInterrupted, Trainer
 from tests.conftest import TINY
 from tests.test_cli import dream3d
@@ -239,6 +238,12 @@ def test_the_lock_is_reentrant_within_a_thread(run_dir):
     with rundir.locked(run_dir), rundir.locked(run_dir):
         assert f"pid {os.getpid()}" in (run_dir / ".lock").read_text()
     assert (run_dir / ".lock").read_text() == ""
+
+
+def test_a_folder_that_cannot_hold_a_lock_file_is_one_line(tmp_path):
+    with pytest.raises(rundir.RunDirError, match=f"cannot lock {tmp_path / 'gone'}: No such file or directory"):
+        with rundir.locked(tmp_path / "gone"):
+            pass
 
 
 # -- item 5: an unreadable latest checkpoint -------------------------------------------------------------
