@@ -160,7 +160,7 @@ def held_by_another_thread(run_dir):
 
     thread = threading.Thread(target=hold)
     thread.start()
-    taken.wait()
+    assert taken.wait(timeout=60), "the holder thread could not take the lock"
     try:
         yield
     finally:
