@@ -186,7 +186,6 @@ def test_a_run_locked_by_this_process_is_refused_to_the_cli(run_dir):
     assert steps_logged(run_dir) == list(range(1, 8))
 
 
-@pytest.mark.slow
 def test_two_concurrent_resumes_exactly_one_trains(run_dir, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "steps": 10**6, "checkpoint_every": 10**6}))
