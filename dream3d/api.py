@@ -25,7 +25,7 @@ from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
 from dream3d.evaluate import evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
-from dream3d.loop import Progress, RunInterrupted, Trainer
+from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from representations.particles import Particles
 
 EventHandler = Callable[[Progress], None]
@@ -87,18 +87,26 @@ def resume(
     """Continues a run from its latest checkpoint, exactly as if it had not stopped (stops as in ``run``)."""
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
-    checkpoint = rundir.latest_checkpoint(run_dir)
-    trainer = Trainer(cfg, run_dir)
-    trainer.load_state_dict(rundir.load_checkpoint(checkpoint))
-    rundir.truncate_metrics(run_dir, trainer.step)
-    return train(trainer, on_event, should_stop, export_on_stop)
+    with rundir.locked(run_dir), disk_errors(run_dir):
+        path, state = rundir.latest_state(run_dir)
+        trainer = Trainer(cfg, run_dir)
+        rundir.apply_checkpoint(path, state, trainer.load_state_dict, _describe(cfg))
+        rundir.truncate_metrics(run_dir, trainer.step)
+        return train(trainer, on_event, should_stop, export_on_stop)
 
 
 def train(
     trainer: Trainer, on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
     export_on_stop: bool = False,
 ) -> Result:
-    """Steps a trainer to the end of its run (or a stop request), then writes summary.json and export/."""
+    """Steps a trainer to the end of its run (or a stop request), then writes summary.json and export/.
+
+    Holds the run folder's lock throughout; a write that fails ends in one RunError line."""
+    with rundir.locked(trainer.run_dir), disk_errors(trainer.run_dir):
+        return _train(trainer, on_event, should_stop, export_on_stop)
+
+
+def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool) -> Result:
     stopped = False
     try:
         trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
@@ -127,8 +135,14 @@ def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
     representation = build_representation(cfg)
-    representation.load_state_dict(rundir.load_checkpoint(rundir.latest_checkpoint(run_dir))["representation"])
+    path, state = rundir.latest_state(run_dir)
+    rundir.apply_checkpoint(path, state, lambda s: representation.load_state_dict(s["representation"]), _describe(cfg))
     return cfg, representation
+
+
+def _describe(cfg: RunConfig) -> str:
+    """What a run's checkpoints hold, for the error of one that does not fit: 'a nerf run (2 particles)'."""
+    return f"a {cfg.representation} run" + (f" ({cfg.particles} particles)" if cfg.particles > 1 else "")
 
 
 def export(
@@ -138,12 +152,21 @@ def export(
     threshold: float | None = None,
     representation: torch.nn.Module | None = None,
 ) -> dict[str, Path]:
-    """Writes export/ (mesh files and orbit video) for a run; options default to the run's config."""
+    """Writes export/ (mesh files and orbit video) for a run; options default to the run's config.
+
+    Holds the run folder's lock; a write that fails ends in one RunError line."""
     run_dir = Path(run_dir)
-    if representation is None:
-        cfg, representation = load_representation(run_dir)
-    else:
-        cfg = rundir.load_run_config(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    with rundir.locked(run_dir), disk_errors(run_dir, retry="export"):
+        if representation is None:
+            cfg, representation = load_representation(run_dir)
+        return _export(run_dir, cfg, representation, formats, resolution, threshold)
+
+
+def _export(
+    run_dir: Path, cfg: RunConfig, representation: torch.nn.Module, formats: Sequence[str] | None,
+    resolution: int | None, threshold: float | None,
+) -> dict[str, Path]:
     ex = cfg.export
     tick = time.perf_counter()
     files = {}
@@ -175,7 +198,12 @@ def evaluate(run_dir: Path) -> dict:
     A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
     """
     run_dir = Path(run_dir)
-    cfg, representation = load_representation(run_dir)
+    rundir.load_run_config(run_dir)  # not a run folder: that error, before a lock file is made
+    with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
+        return _evaluate(run_dir, *load_representation(run_dir))
+
+
+def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) -> dict:
     background = torch.tensor(cfg.background)
     per_particle = []
     for name, member in _particles(representation):

@@ -10,9 +10,10 @@ uninterrupted one.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import imageio.v3 as iio
 import numpy as np
@@ -34,7 +35,7 @@ from representations.cameras import Cameras, RenderOutput
 
 
 class RunError(RuntimeError):
-    """The run cannot go on; the message is one line and a checkpoint is on disk."""
+    """The run cannot go on; the message is one line and names the last good checkpoint (or says there is none)."""
 
 
 class RunInterrupted(RuntimeError):
@@ -52,6 +53,24 @@ class Progress:
     it_per_s: float = 0.0
     eta_s: float = 0.0
     preview: Path | None = None
+
+
+@contextmanager
+def disk_errors(run_dir: Path, retry: str = "resume") -> Iterator[None]:
+    """Turns an OSError while writing a run (a full disk, a read-only folder) into one RunError line
+    that names the last good checkpoint and the command to run (``dream3d <retry> RUN``) once there is room.
+
+    Checkpoints are written atomically, so the newest one on disk is the last good one."""
+    try:
+        yield
+    except OSError as e:
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e) or type(e).__name__
+        found = rundir.checkpoint_paths(run_dir)
+        if not found:
+            raise RunError(f"{what}; no checkpoint of this run was written") from None
+        raise RunError(
+            f"{what}; the last good checkpoint is {found[-1]} (`dream3d {retry} {run_dir}` once it can be written)"
+        ) from None
 
 
 def sparsity_loss(alpha: Tensor) -> Tensor:

@@ -1,27 +1,52 @@
 """The run folder: layout, checkpoints and the metrics log.
 
 runs/<slug>-<timestamp>/ config.yaml, checkpoints/step_XXXXXX.pt, previews/,
-export/, metrics.jsonl, summary.json. Every file is written atomically.
+export/, metrics.jsonl, summary.json, .lock. Every file but metrics.jsonl is written to a
+temporary name, synced and renamed (dream3d.atomic); metrics.jsonl is appended one whole
+line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
+
+A run folder is untrusted input: checkpoints load with ``weights_only=True`` (tensors and
+plain data, never pickled code), and one process at a time trains or exports into it
+(``locked``).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import json
+import logging
+import os
+import pickle
 import re
 import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from dream3d.atomic import write_bytes, write_text
 from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, to_yaml
+from dream3d.lock import FolderBusy, LockError, folder_lock
+
+log = logging.getLogger(__name__)
+
+ZIP_MAGIC = b"PK\x03\x04"
+# what a checkpoint that reads but belongs to another run raises when applied (missing or unexpected keys, shapes)
+MISMATCH_ERRORS = (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
 
 class RunDirError(ValueError):
     """A folder is not a usable run; the message is one line."""
+
+
+class CheckpointUnreadable(RunDirError):
+    """A checkpoint file is empty, truncated or corrupt, as a crash or a full disk leaves one: an older one may do."""
+
+
+class CheckpointRefused(RunDirError):
+    """A file that is not a weights-only checkpoint (a pickle of Python objects, a foreign file): never loaded."""
 
 
 def slugify(prompt: str, max_len: int = 40) -> str:
@@ -52,7 +77,11 @@ def create_run_dir(cfg: RunConfig) -> Path:
         n += 1
         path = out / f"{stem}-{n}"
     path.mkdir()
-    write_text(path / "config.yaml", to_yaml(cfg))
+    try:
+        write_text(path / "config.yaml", to_yaml(cfg))
+    except OSError as e:  # a full disk: no folder left behind without its config
+        path.rmdir()
+        raise RunDirError(f"cannot write {path / 'config.yaml'}: {e.strerror}") from None
     return path
 
 
@@ -70,13 +99,6 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*.pt"))
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    paths = checkpoint_paths(run_dir)
-    if not paths:
-        raise RunDirError(f"{run_dir} has no checkpoint to continue from")
-    return paths[-1]
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -88,12 +110,100 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state, loaded weights-only: tensors, numbers, strings and containers of them.
+
+    torch.save writes a zip archive, so an empty file or the start of an archive cut short
+    (a crash, a full disk) is CheckpointUnreadable: an older checkpoint may do. Anything else
+    that does not load weights-only is CheckpointRefused: a pickle or foreign file, or an
+    archive whose pickle names Python objects (loading it could run code)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointUnreadable(f"{path} is empty")
+    if not zipfile.is_zipfile(path):
+        if head == ZIP_MAGIC[: len(head)]:  # the start of an archive, cut short
+            raise CheckpointUnreadable(f"{path} is truncated")
+        raise CheckpointRefused(f"refusing {path}: it is not a checkpoint dream3d writes (a torch.save zip archive)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointRefused(
+            f"refusing {path}: it holds pickled objects other than tensors and plain data (loading it could run code)"
+        ) from None
+    except (EOFError, RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointUnreadable(f"{path} is corrupt ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointRefused(f"refusing {path}: it holds a {type(state).__name__}, not a dream3d checkpoint")
+    return state
+
+
+def read_latest_checkpoint(paths: list[Path], missing: str) -> tuple[Path, dict[str, Any]]:
+    """The newest of ``paths`` (oldest first) that reads, and its state.
+
+    Unreadable newer ones are skipped with one warning line; ``missing`` is the error when
+    none is left. A refused checkpoint is never skipped: the folder was tampered with."""
+    skipped = []
+    for path in reversed(paths):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointUnreadable as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            log.warning("warning: %s; using %s instead", "; ".join(skipped), path.name)
+        return path, state
+    raise RunDirError(f"{missing}" + (f" ({'; '.join(skipped)})" if skipped else ""))
+
+
+def latest_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of a run that reads (see read_latest_checkpoint) and its state."""
+    paths = checkpoint_paths(run_dir)
+    if not paths:
+        raise RunDirError(f"{run_dir} has no checkpoint to continue from")
+    return read_latest_checkpoint(paths, f"{run_dir} has no readable checkpoint")
+
+
+def apply_checkpoint(path: Path, state: dict[str, Any], apply: Callable[[dict[str, Any]], None], what: str) -> None:
+    """``apply(state)``; a state that does not fit (another representation, other sizes) is one RunDirError line."""
+    try:
+        apply(state)
+    except MISMATCH_ERRORS as e:
+        raise RunDirError(f"{path} is not a checkpoint of {what} ({_first_line(e)})") from None
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Holds the run folder's lock: one process trains or exports into a run at a time."""
+    try:
+        with folder_lock(run_dir):
+            yield
+    except FolderBusy as e:
+        raise RunDirError(f"{e}; wait for it to end") from None
+    except LockError as e:
+        raise RunDirError(str(e)) from None
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Appends one log line whole: a write that fails part-way (a full disk) is cut back off."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise OSError(e.errno, e.strerror, str(run_dir / "metrics.jsonl")) from None
+    finally:
+        os.close(fd)
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:

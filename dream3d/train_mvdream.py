@@ -24,7 +24,7 @@ from torch import Tensor
 from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.train_prior import PriorTrainer, TrainStep, ViewPool, train_prior
 from guidance.priors import toy_unet, toy_world
-from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.cache import cache_root, load_cached, save_cached
 from guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
 from guidance.priors.mvdream_unet import MultiViewUNet
 from guidance.priors.toy_mvdream import ToyMVDreamArch
@@ -60,12 +60,11 @@ def render_group_pool(cfg: TrainMVDreamConfig) -> ViewPool:
             "ss": cfg.supersample, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "toy-mvdream-pool" / f"{key}.pt"
-    if path.is_file():
-        planes = torch.load(path, weights_only=True)
-    else:
+    planes = load_cached(path)
+    if planes is None:
         shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
         planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
-        save_atomic(planes, path)
+        save_cached(planes, path)
     return ViewPool(planes["mask"], planes["shade"], cams)
 
 

@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.config import ConfigError
+from dream3d.rundir import apply_checkpoint, read_latest_checkpoint
 from dream3d.sampling import CameraConfig, sample_cameras
 from guidance.priors import toy_unet, toy_world
-from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
 from guidance.prompts import view_index
 from representations.cameras import Cameras
 
@@ -79,12 +80,11 @@ def render_pool(cfg: TrainPriorConfig) -> ViewPool:
             "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "toy-unet-pool" / f"{key}.pt"
-    if path.is_file():
-        planes = torch.load(path, weights_only=True)
-    else:
+    planes = load_cached(path)
+    if planes is None:
         shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
         planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
-        save_atomic(planes, path)
+        save_cached(planes, path)
     return ViewPool(planes["mask"], planes["shade"], cams)
 
 
@@ -240,13 +240,15 @@ def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, comm
         raise ConfigError(f"{work} already holds training checkpoints; pass --resume to continue, or another --out")
     if resume and not found:
         raise ConfigError(f"--resume: no checkpoint in {work} to resume from")
+    if found:  # read (weights only) and checked before any work
+        path, state = read_latest_checkpoint(found, f"--resume: no checkpoint in {work} loads")
+        # the step count may grow on resume (the schedule does not depend on it); nothing else may change
+        saved = state.get("config")
+        if not isinstance(saved, dict) or {**saved, "steps": cfg.steps} != cfg.model_dump(mode="json"):
+            raise ConfigError(f"{path} was trained with another configuration; resume with the same options")
     trainer = make_trainer(cfg)
     if found:
-        state = torch.load(found[-1], weights_only=False)
-        # the step count may grow on resume (the schedule does not depend on it); nothing else may change
-        if {**state["config"], "steps": cfg.steps} != cfg.model_dump(mode="json"):
-            raise ConfigError(f"{found[-1]} was trained with another configuration; resume with the same options")
-        trainer.load_state_dict(state)
+        apply_checkpoint(path, state, trainer.load_state_dict, "this training run")
     start, clock = trainer.step, time.perf_counter()
     while trainer.step < cfg.steps and not should_stop():
         loss = trainer.train_step()

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from guidance.diffusion import to_epsilon
 from guidance.priors.base import Embeddings, PriorError
-from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.cache import cache_root, load_cached, save_cached
 from guidance.priors.precision import LossScale
 from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 from guidance.prompts import PromptConfig, view_prompts
@@ -385,13 +385,14 @@ class DiffusersPrior:
         paths = [self.cache_path(text) for text in texts]
         found: dict[int, Tensor] = {}
         for i, path in enumerate(paths):
-            if path.is_file():
-                found[i] = torch.load(path, weights_only=True)
+            cached = load_cached(path)
+            if cached is not None:
+                found[i] = cached
         missing = [i for i in range(len(texts)) if i not in found]
         if missing:
             encoded = self.encode_text([texts[i] for i in missing]).float().cpu()
             for i, states in zip(missing, encoded):
-                save_atomic(states.clone(), paths[i])
+                save_cached(states.clone(), paths[i])
                 found[i] = states
         return torch.stack([found[i] for i in range(len(texts))]).to(self.device)
 

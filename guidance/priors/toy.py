@@ -22,7 +22,7 @@ from torch import Tensor
 
 from guidance.priors import toy_world
 from guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
-from guidance.priors.cache import cache_root, save_atomic
+from guidance.priors.cache import cache_root, load_cached, save_cached
 from representations.cameras import Cameras, degrees_between, look_at_cameras
 
 RESOLUTION = 64
@@ -59,14 +59,13 @@ def load_shape_renders(root: Path | None = None) -> dict[str, Tensor]:
     Returns dict ``mask``, ``shade``: [6, V, 64, 64, 1] float32 (see toy_world.render_shapes).
     """
     path = (root or cache_root()) / "toy-prior" / _dataset_key() / "shapes.pt"
-    try:
-        return torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        pass
+    cached = load_cached(path)
+    if cached is not None:
+        return cached
     cams = dataset_cameras()
     passes = [toy_world.render_shapes(cams, [s] * len(cams), SUPERSAMPLE) for s in range(len(toy_world.SHAPES))]
     renders = {k: torch.stack([p[k] for p in passes]) for k in ("mask", "shade")}
-    save_atomic(renders, path)
+    save_cached(renders, path)
     return renders
 
 
