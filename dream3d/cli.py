@@ -21,7 +21,7 @@ from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.bench import BenchError
 from dream3d.config import (
-    EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
+    GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, check_export_options, load_yaml, merge,
     parse_overrides,
 )
 from dream3d.loop import Progress as RunProgress
@@ -158,12 +158,8 @@ def export(
     threshold: Optional[float] = typer.Option(None, help="Density iso-level (default: automatic)."),
 ) -> None:
     """Export (again) the mesh and the orbit video of a run."""
-    if resolution is not None and resolution <= 8:
-        raise ConfigError(f"--resolution must be greater than 8, got {resolution}")
     chosen = formats.split(",") if formats else None
-    unknown = [f for f in chosen or [] if f not in EXPORT_FORMATS]
-    if unknown:
-        raise ConfigError(f"unknown export format {unknown[0]!r}; valid: {', '.join(EXPORT_FORMATS)}")
+    check_export_options(chosen, resolution)
     files = api.export(run_dir, chosen, resolution, threshold)
     _report(api.Result(run_dir, files))
 
@@ -227,8 +223,7 @@ def benchmark(
     """Run the toy benchmark and write bench.md / bench.json."""
     from dream3d.bench import BENCH_PROMPTS, QUICK_PROMPTS, bench, markdown_table
 
-    seed_list = [int(s) for s in seeds.split(",")]
-    rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
+    rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, list(_seeds(seeds)), out, list(overrides or []))
     typer.echo(markdown_table(rows))
 
 
