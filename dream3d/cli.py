@@ -365,13 +365,14 @@ def web(
     out: str = typer.Option("runs", help="The runs folder: new runs, the gallery, the only source of downloads."),
     config: Optional[Path] = typer.Option(None, help="A YAML config whose values become the page's defaults."),
     max_prompt_chars: int = typer.Option(200, help="Longer prompts are refused."),
+    max_steps: int = typer.Option(2000, help="Runs of more steps are refused (one worker serves every visitor)."),
 ) -> None:
     """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
     if importlib.util.find_spec("gradio") is None:
         raise ConfigError("the web app needs gradio: pip install 'dream3d[web]'")
     from dream3d.web.app import launch, settings_from_files
 
-    launch(settings_from_files(out, config, max_prompt_chars), host, port, share)
+    launch(settings_from_files(out, config, max_prompt_chars, max_steps), host, port, share)
 
 
 def _fail(line: str) -> None:
