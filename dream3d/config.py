@@ -47,6 +47,8 @@ EXPORT_FORMATS = ("glb", "obj", "ply")
 # runner refuse the same inputs before anything is written.
 MAX_STEPS = 999_999  # checkpoints are step_XXXXXX.pt and found by sorting names: 6 digits sort right
 MAX_PARTICLES = 64
+# the diffusion priors' text encoders (CLIP, T5) read 77 tokens, a few hundred characters: more is cut off unread
+MAX_PROMPT_CHARS = 1000
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; particle i is seeded seed + i
 SEED_RANGE = (-(2**63), 2**64 - MAX_PARTICLES)
 # Measured peak memory of one training render, forward and backward, on CPU: ~5 KB per pixel for
@@ -190,6 +192,9 @@ class RunConfig(_Section):
     def _prompt(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the prompt is empty")
+        if len(value.strip()) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(value.strip())} characters long; the limit is {MAX_PROMPT_CHARS} "
+                             "(the priors' text encoders read 77 tokens)")
         return value.strip()
 
     @field_validator("steps")

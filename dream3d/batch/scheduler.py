@@ -21,6 +21,7 @@ from dream3d.batch import BatchError
 from dream3d.batch.jobs import Job
 from dream3d.batch.manifest import JobRecord, Manifest
 from dream3d.config import ConfigError, build_config, merge
+from guidance.prompts import clip
 
 STOP_FILE = ".stop"
 LOCK_FILE = ".batch.lock"
@@ -68,7 +69,7 @@ class Coordinator:
         """Adds new jobs to the manifest, records those whose config is invalid as failed, and
         queues the rest: new, retryable failures, and interrupted runs (to resume)."""
         for job in self.batch.jobs:
-            self.manifest.add(JobRecord(id=job.id, prompt=job.prompt, line=job.line))
+            self.manifest.add(JobRecord(id=job.id, prompt=clip(job.prompt), line=job.line))
         for job in self.batch.jobs:
             record = self.manifest.records[job.id]
             if record.state == "done":
