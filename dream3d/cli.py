@@ -7,11 +7,13 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit:
 from __future__ import annotations
 
 import importlib.util
+import math
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from typer.exceptions import Abort, TyperException
 from rich.console import Console
@@ -21,8 +23,8 @@ from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.bench import BenchError
 from dream3d.config import (
-    GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, check_export_options, load_yaml, merge,
-    parse_overrides,
+    GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, SampleOptions, build_config,
+    check_export_options, check_options, load_yaml, merge, parse_overrides,
 )
 from dream3d.loop import Progress as RunProgress
 from dream3d.loop import RunError, RunInterrupted
@@ -34,6 +36,8 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
+# train-prior's checkpoints are step-XXXXXXX.pt and found by sorting names: 7 digits sort right
+MAX_PRIOR_STEPS = 9_999_999
 USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError)
 
 
@@ -134,14 +138,35 @@ def run(
     noise: Optional[str] = NOISE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
+    cfg = _run_config(prompt, overrides, prior, model, guidance, representation, steps, seed, resolution, out, config,
+                      init_points, particles, repulsion, noise)
+    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
+
+
+def _run_config(
+    prompt: str, overrides: list[str] | None, prior: str | None, model: str | None, guidance: str | None,
+    representation: str | None, steps: int | None, seed: int | None, resolution: int | None, out: str | None,
+    config: Path | None, init_points: Path | None, particles: int | None, repulsion: float | None, noise: str | None,
+) -> RunConfig:
+    """The config of `dream3d run` from its arguments (layers: --config, flags, overrides)."""
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
                        noise)
-    cfg = build_config(
+    return build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
         parse_overrides(overrides or []),
     )
-    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
+
+
+def check_run_args(args: list[str]) -> RunConfig:
+    """The RunConfig that ``dream3d run ARGS`` would train, without running it: the benchmarks check
+    every run they will start before the first one, so a bad option fails in one line up front."""
+    command = typer.main.get_command(app).get_command(click.Context(click.Group()), "run")
+    try:
+        params = command.make_context("run", list(args)).params
+    except click.ClickException as e:
+        raise ConfigError(e.format_message()) from None
+    return _run_config(**params)
 
 
 @app.command()
@@ -158,6 +183,8 @@ def export(
     threshold: Optional[float] = typer.Option(None, help="Density iso-level (default: automatic)."),
 ) -> None:
     """Export (again) the mesh and the orbit video of a run."""
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"--threshold must be a finite number, got {threshold}")
     chosen = formats.split(",") if formats else None
     check_export_options(chosen, resolution)
     files = api.export(run_dir, chosen, resolution, threshold)
@@ -223,7 +250,11 @@ def benchmark(
     """Run the toy benchmark and write bench.md / bench.json."""
     from dream3d.bench import BENCH_PROMPTS, QUICK_PROMPTS, bench, markdown_table
 
-    rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, list(_seeds(seeds)), out, list(overrides or []))
+    prompts, seed_list = QUICK_PROMPTS if quick else BENCH_PROMPTS, list(_seeds(seeds))
+    for prompt in prompts:
+        for seed in seed_list:
+            check_run_args([prompt, "--seed", str(seed), "--out", str(out / "runs"), *(overrides or [])])
+    rows = bench(prompts, seed_list, out, list(overrides or []))
     typer.echo(markdown_table(rows))
 
 
@@ -251,6 +282,8 @@ def bench_guidance(
         ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
     )
     extra = [*([f"steps={steps}"] if steps is not None else []), *(overrides or [])]
+    for *_, prompt, seed, folder, options in gb.cells(matrix, out, extra):
+        check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
 
     def on_row(row: dict) -> None:
         outcome = row.get("error") or f"{row['wall_seconds']} s"
@@ -289,9 +322,14 @@ def train_prior(
 
     from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior as train
 
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    check_options(SampleOptions, seed=seed)  # torch's 64-bit seeds
+    if steps is not None and steps > MAX_PRIOR_STEPS:
+        raise ConfigError(f"steps: at most {MAX_PRIOR_STEPS} steps (checkpoint names hold 7 digits), got {steps}")
+    cfg = check_options(TrainPriorConfig, seed=seed, **({"steps": steps} if steps is not None else {}))
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = TrainPriorConfig(seed=seed, **({"steps": steps} if steps is not None else {}))
     work = checkpoints or Path("runs") / "train-prior" / out.name
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
@@ -327,6 +365,8 @@ def sample(
     """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
     from dream3d.prior_eval import save_row, sample_views
 
+    check_options(SampleOptions, n=n, steps=steps, seed=seed, elevation=elevation, azimuth=azimuth,
+                  guidance_scale=guidance_scale)
     images = sample_views(prior, model, prompt, n, elevation, azimuth, steps, guidance_scale, seed)
     save_row(images, out)
     console.print(f"samples: {out}")
@@ -346,7 +386,11 @@ def eval_prior(
 
     from dream3d.atomic import write_text
     from dream3d.prior_eval import evaluate_prior
+    from guidance.priors.toy_world import CLASSES
 
+    if views < 1:
+        raise ConfigError(f"views: must be at least 1, got {views}")
+    check_options(SampleOptions, n=len(CLASSES) * views, steps=steps, seed=seed, guidance_scale=guidance_scale)
     results = evaluate_prior(model, views, steps, guidance_scale, seed)
     if out is not None:
         write_text(out, json.dumps(results, indent=2) + "\n")

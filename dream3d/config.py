@@ -401,5 +401,41 @@ def check_export_options(formats: list[str] | None, resolution: int | None) -> N
         raise ConfigError(_one_line(e)) from None
 
 
+# DDIM picks its steps among the 1000 training timesteps of every shipped prior's scheduler
+MAX_DDIM_STEPS = 1000
+# prior samples are drawn in one batch of images of at most this size (toy-unet 32, IF stage I 64)
+SAMPLE_PIXELS = 64 * 64
+
+
+class SampleOptions(_Section):
+    """``dream3d sample`` and ``dream3d eval-prior``: the numbers that size the work, checked up front."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n: int = Field(4, gt=0)  # images drawn at once (eval-prior: 36 classes x views)
+    steps: int = Field(50, gt=0, le=MAX_DDIM_STEPS)
+    seed: int = 0
+    elevation: float = 15.0
+    azimuth: float | None = None
+    guidance_scale: float | None = None
+
+    _seed = field_validator("seed")(RunConfig._seed.__func__)
+
+    @field_validator("n")
+    @classmethod
+    def _n_fits(cls, value: int) -> int:
+        check_fits(f"{value} samples", value * SAMPLE_PIXELS * RENDER_BYTES_PER_PIXEL,
+                   f"one batch of {value} images of up to {SAMPLE_PIXELS} pixels, ~{RENDER_BYTES_PER_PIXEL} bytes a pixel")
+        return value
+
+
+def check_options(model: type[BaseModel], **values: Any) -> Any:
+    """``model`` validated from command-line values; raises ConfigError in one line."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
