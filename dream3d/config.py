@@ -207,11 +207,7 @@ class RunConfig(_Section):
     @field_validator("seed")
     @classmethod
     def _seed(cls, value: int) -> int:
-        lo, hi = SEED_RANGE
-        if not lo <= value <= hi:
-            raise ValueError(f"the seed must lie in [-2**63, 2**64 - {MAX_PARTICLES}] (torch seeds are 64-bit and "
-                             f"particle i takes seed + i), got {value}")
-        return value
+        return _check_seed(value)
 
     @field_validator("prior")
     @classmethod
@@ -305,6 +301,14 @@ class RunConfig(_Section):
         if isinstance(self.resolution, int):
             return self.resolution
         return self.resolution[sum(step >= m for m in self.resolution_milestones)]
+
+
+def _check_seed(value: int) -> int:
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(f"the seed must lie in [-2**63, 2**64 - {MAX_PARTICLES}] (torch seeds are 64-bit and "
+                         f"particle i takes seed + i), got {value}")
+    return value
 
 
 def _non_finite(tree: Any, where: str = "") -> tuple[str, float] | None:
@@ -419,7 +423,10 @@ class SampleOptions(_Section):
     azimuth: float | None = None
     guidance_scale: float | None = None
 
-    _seed = field_validator("seed")(RunConfig._seed.__func__)
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return _check_seed(value)
 
     @field_validator("n")
     @classmethod
