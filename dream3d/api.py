@@ -87,6 +87,7 @@ def resume(
     """Continues a run from its latest checkpoint, exactly as if it had not stopped (stops as in ``run``)."""
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
+    rundir.require_checkpoint(run_dir)  # before the lock file is touched
     with rundir.locked(run_dir), disk_errors(run_dir):
         path, state = rundir.latest_state(run_dir)
         trainer = Trainer(cfg, run_dir)
@@ -157,6 +158,8 @@ def export(
     Holds the run folder's lock; a write that fails ends in one RunError line."""
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
+    if representation is None:
+        rundir.require_checkpoint(run_dir)  # before the lock file is touched
     with rundir.locked(run_dir), disk_errors(run_dir, retry="export"):
         if representation is None:
             cfg, representation = load_representation(run_dir)
@@ -198,7 +201,8 @@ def evaluate(run_dir: Path) -> dict:
     A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
     """
     run_dir = Path(run_dir)
-    rundir.load_run_config(run_dir)  # not a run folder: that error, before a lock file is made
+    rundir.load_run_config(run_dir)  # not a run folder, or no checkpoint: that error, before a lock file is made
+    rundir.require_checkpoint(run_dir)
     with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
         return _evaluate(run_dir, *load_representation(run_dir))
 

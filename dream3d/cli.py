@@ -7,11 +7,13 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit:
 from __future__ import annotations
 
 import importlib.util
+import math
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from typer.exceptions import Abort, TyperException
 from rich.console import Console
@@ -21,8 +23,8 @@ from dream3d import api
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.bench import BenchError
 from dream3d.config import (
-    EXPORT_FORMATS, GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, build_config, load_yaml, merge,
-    parse_overrides,
+    GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, SampleOptions, build_config,
+    check_export_options, check_options, load_yaml, merge, parse_overrides,
 )
 from dream3d.device import DeviceError, resolve_device
 from dream3d.loop import Progress as RunProgress
@@ -35,6 +37,8 @@ from representations.splat_ply import PLYError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
+# train-prior's checkpoints are step-XXXXXXX.pt and found by sorting names: 7 digits sort right
+MAX_PRIOR_STEPS = 9_999_999
 USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError,
                DeviceError)
 
@@ -138,14 +142,36 @@ def run(
     device: Optional[str] = DEVICE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
+    cfg = _run_config(prompt, overrides, prior, model, guidance, representation, steps, seed, resolution, out, config,
+                      init_points, particles, repulsion, noise, device)
+    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
+
+
+def _run_config(
+    prompt: str, overrides: list[str] | None, prior: str | None, model: str | None, guidance: str | None,
+    representation: str | None, steps: int | None, seed: int | None, resolution: int | None, out: str | None,
+    config: Path | None, init_points: Path | None, particles: int | None, repulsion: float | None, noise: str | None,
+    device: str | None = None,
+) -> RunConfig:
+    """The config of `dream3d run` from its arguments (layers: --config, flags, overrides)."""
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
                        noise, device)
-    cfg = build_config(
+    return build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
         parse_overrides(overrides or []),
     )
-    _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
+
+
+def check_run_args(args: list[str]) -> RunConfig:
+    """The RunConfig that ``dream3d run ARGS`` would train, without running it: the benchmarks check
+    every run they will start before the first one, so a bad option fails in one line up front."""
+    command = typer.main.get_command(app).get_command(click.Context(click.Group()), "run")
+    try:
+        params = command.make_context("run", list(args)).params
+    except click.ClickException as e:
+        raise ConfigError(e.format_message()) from None
+    return _run_config(**params)
 
 
 @app.command()
@@ -162,12 +188,10 @@ def export(
     threshold: Optional[float] = typer.Option(None, help="Density iso-level (default: automatic)."),
 ) -> None:
     """Export (again) the mesh and the orbit video of a run."""
-    if resolution is not None and resolution <= 8:
-        raise ConfigError(f"--resolution must be greater than 8, got {resolution}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"--threshold must be a finite number, got {threshold}")
     chosen = formats.split(",") if formats else None
-    unknown = [f for f in chosen or [] if f not in EXPORT_FORMATS]
-    if unknown:
-        raise ConfigError(f"unknown export format {unknown[0]!r}; valid: {', '.join(EXPORT_FORMATS)}")
+    check_export_options(chosen, resolution)
     files = api.export(run_dir, chosen, resolution, threshold)
     _report(api.Result(run_dir, files))
 
@@ -231,8 +255,11 @@ def benchmark(
     """Run the toy benchmark and write bench.md / bench.json."""
     from dream3d.bench import BENCH_PROMPTS, QUICK_PROMPTS, bench, markdown_table
 
-    seed_list = [int(s) for s in seeds.split(",")]
-    rows = bench(QUICK_PROMPTS if quick else BENCH_PROMPTS, seed_list, out, list(overrides or []))
+    prompts, seed_list = QUICK_PROMPTS if quick else BENCH_PROMPTS, list(_seeds(seeds))
+    for prompt in prompts:
+        for seed in seed_list:
+            check_run_args([prompt, "--seed", str(seed), "--out", str(out / "runs"), *(overrides or [])])
+    rows = bench(prompts, seed_list, out, list(overrides or []))
     typer.echo(markdown_table(rows))
 
 
@@ -260,6 +287,8 @@ def bench_guidance(
         ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
     )
     extra = [*([f"steps={steps}"] if steps is not None else []), *(overrides or [])]
+    for *_, prompt, seed, folder, options in gb.cells(matrix, out, extra):
+        check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
 
     def on_row(row: dict) -> None:
         outcome = row.get("error") or f"{row['wall_seconds']} s"
@@ -332,9 +361,14 @@ def train_prior(
 
         config_class, train = TrainMVDreamConfig, train_mvdream
     out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    check_options(SampleOptions, seed=seed)  # torch's 64-bit seeds
+    if steps is not None and steps > MAX_PRIOR_STEPS:
+        raise ConfigError(f"steps: at most {MAX_PRIOR_STEPS} steps (checkpoint names hold 7 digits), got {steps}")
+    cfg = check_options(config_class, seed=seed, **({"steps": steps} if steps is not None else {}))
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = config_class(seed=seed, **({"steps": steps} if steps is not None else {}))
     work = checkpoints or Path("runs") / "train-prior" / out.name
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
@@ -370,6 +404,8 @@ def sample(
     """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
     from dream3d.prior_eval import save_row, sample_views
 
+    check_options(SampleOptions, n=n, steps=steps, seed=seed, elevation=elevation, azimuth=azimuth,
+                  guidance_scale=guidance_scale)
     images = sample_views(prior, model, prompt, n, elevation, azimuth, steps, guidance_scale, seed)
     save_row(images, out)
     console.print(f"samples: {out}")
@@ -390,9 +426,13 @@ def eval_prior(
 
     from dream3d.atomic import write_text
     from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
+    from guidance.priors.toy_world import CLASSES
 
     if prior not in ("toy-unet", "toy-mvdream"):
         raise ConfigError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
+    if views < 1:
+        raise ConfigError(f"views: must be at least 1, got {views}")
+    check_options(SampleOptions, n=len(CLASSES) * views, steps=steps, seed=seed, guidance_scale=guidance_scale)
     multiview = prior == "toy-mvdream"
     evaluate = evaluate_multiview_prior if multiview else evaluate_prior
     results = evaluate(model, views, steps, guidance_scale, seed)
@@ -415,13 +455,14 @@ def web(
     out: str = typer.Option("runs", help="The runs folder: new runs, the gallery, the only source of downloads."),
     config: Optional[Path] = typer.Option(None, help="A YAML config whose values become the page's defaults."),
     max_prompt_chars: int = typer.Option(200, help="Longer prompts are refused."),
+    max_steps: int = typer.Option(2000, help="Runs of more steps are refused (one worker serves every visitor)."),
 ) -> None:
     """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
     if importlib.util.find_spec("gradio") is None:
         raise ConfigError("the web app needs gradio: pip install 'dream3d[web]'")
     from dream3d.web.app import launch, settings_from_files
 
-    launch(settings_from_files(out, config, max_prompt_chars), host, port, share)
+    launch(settings_from_files(out, config, max_prompt_chars, max_steps), host, port, share)
 
 
 def _fail(line: str) -> None:

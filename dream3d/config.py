@@ -8,6 +8,8 @@ saved ``config.yaml`` of a run re-runs the same job.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,40 @@ GUIDANCES = registry.RULES.names
 REPRESENTATIONS = registry.REPRESENTATIONS.names
 NOISES = ("independent", "consistent")
 EXPORT_FORMATS = ("glb", "obj", "ply")
+
+
+# Upper bounds on what sizes a run's work, each derived from a fact of the code or of the machine
+# (the error names it). They live here, in the typed config, so the CLI, the web app and the batch
+# runner refuse the same inputs before anything is written.
+MAX_STEPS = 999_999  # checkpoints are step_XXXXXX.pt and found by sorting names: 6 digits sort right
+MAX_PARTICLES = 64
+# the diffusion priors' text encoders (CLIP, T5) read 77 tokens, a few hundred characters: more is cut off unread
+MAX_PROMPT_CHARS = 1000
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; particle i is seeded seed + i
+SEED_RANGE = (-(2**63), 2**64 - MAX_PARTICLES)
+# Measured peak memory of one training render, forward and backward, on CPU: ~5 KB per pixel for
+# the NeRF at 64 samples per ray, 4-11 KB for the Gaussians. Rounded up to 8 KiB per pixel
+# (per 64 ray samples for the NeRF); the video renders frames in batches of EXPORT_VIDEO_BATCH.
+RENDER_BYTES_PER_PIXEL = 8 * 1024
+EXPORT_VIDEO_BATCH = 8
+# marching cubes holds the float32 density grid, scikit-image's float64 copy and its masks
+MESH_BYTES_PER_CELL = 16
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine (where representations render and mesh)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_fits(what: str, need: float, how: str) -> None:
+    """Raises ValueError (one line) if ``need`` bytes exceed this machine's memory; ``how`` says how ``need`` was counted."""
+    have = machine_memory()
+    if need > have:
+        raise ValueError(f"{what} would need about {_gib(need)} of memory ({how}), more than this machine's {_gib(have)}")
 
 
 class ConfigError(ValueError):
@@ -77,6 +113,22 @@ class ExportConfig(_Section):
     video_frames: int = Field(48, gt=0)
     video_resolution: int = Field(128, gt=0)
 
+    @field_validator("mesh_resolution")
+    @classmethod
+    def _mesh_fits(cls, value: int) -> int:
+        check_fits(f"a mesh resolution of {value}", value**3 * MESH_BYTES_PER_CELL,
+                   f"{value}^3 grid cells x {MESH_BYTES_PER_CELL} bytes for the density grid and marching cubes")
+        return value
+
+    @field_validator("video_resolution")
+    @classmethod
+    def _video(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"the video resolution must be even (H.264 yuv420p halves the colour planes), got {value}")
+        check_fits(f"a video resolution of {value}", EXPORT_VIDEO_BATCH * value**2 * RENDER_BYTES_PER_PIXEL,
+                   f"{EXPORT_VIDEO_BATCH} frames of {value}^2 pixels rendered at once, ~{RENDER_BYTES_PER_PIXEL} bytes a pixel")
+        return value
+
     @field_validator("formats")
     @classmethod
     def _formats(cls, value: list[str]) -> list[str]:
@@ -115,7 +167,7 @@ class RunSettings(_Section):
     # where the representation, cameras, renders, prior and guidance live: auto (CUDA if any), cpu, cuda, cuda:N
     device: str = "auto"
     # independent representations optimised together (export/p{i}/ each); one guidance, VSD's LoRA shared
-    particles: int = Field(1, ge=1, le=64)
+    particles: int = Field(1, ge=1, le=MAX_PARTICLES)
     # render size per step: one int, or sizes switched at resolution_milestones (threestudio's form)
     resolution: int | list[int] = [32, 64]
     resolution_milestones: list[int] = [400]
@@ -147,7 +199,22 @@ class RunSettings(_Section):
     def _prompt(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the prompt is empty")
+        if len(value.strip()) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(value.strip())} characters long; the limit is {MAX_PROMPT_CHARS} "
+                             "(the priors' text encoders read 77 tokens)")
         return value.strip()
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value > MAX_STEPS:
+            raise ValueError(f"at most {MAX_STEPS} steps (checkpoint names hold 6 digits), got {value}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return _check_seed(value)
 
     @field_validator("prior")
     @classmethod
@@ -186,6 +253,17 @@ class RunSettings(_Section):
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if len(sizes) > 1 and len(self.resolution_milestones) != len(sizes) - 1:
             raise ValueError("resolution_milestones needs one step per resolution change")
+        views = self.particles * self.camera.batch_size
+        per_pixel = RENDER_BYTES_PER_PIXEL * (self.nerf.num_samples / 64 if self.representation == "nerf" else 1)
+        check_fits(f"resolution {max(sizes)}", views * max(sizes) ** 2 * per_pixel,
+                   f"{views} view(s) of {max(sizes)}^2 pixels, ~{per_pixel:.0f} bytes a pixel for a training render")
+        return self
+
+    @model_validator(mode="after")
+    def _finite(self) -> "RunSettings":
+        where = _non_finite(self.model_dump())
+        if where is not None:
+            raise ValueError(f"{where[0]}: must be a finite number, got {where[1]}")
         return self
 
     @model_validator(mode="after")
@@ -240,10 +318,13 @@ class RunSettings(_Section):
 
     @model_validator(mode="after")
     def _gaussians(self) -> "RunSettings":
-        if self.representation == "gaussians":
-            if self.loss.lambda_orient != 0:
-                raise ValueError("loss.lambda_orient needs normals, which the gaussians representation does not render")
-            if self.gaussians.init_points and not Path(self.gaussians.init_points).is_file():
+        if self.representation == "gaussians" and self.loss.lambda_orient != 0:
+            raise ValueError("loss.lambda_orient needs normals, which the gaussians representation does not render")
+        if self.gaussians.init_points:
+            if self.representation != "gaussians":
+                raise ValueError(f"--init-points (gaussians.init_points) starts the gaussians representation, "
+                                 f"not {self.representation}")
+            if not Path(self.gaussians.init_points).is_file():
                 raise ValueError(f"init points file {self.gaussians.init_points} does not exist")
         return self
 
@@ -251,6 +332,27 @@ class RunSettings(_Section):
         if isinstance(self.resolution, int):
             return self.resolution
         return self.resolution[sum(step >= m for m in self.resolution_milestones)]
+
+
+def _check_seed(value: int) -> int:
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ValueError(f"the seed must lie in [-2**63, 2**64 - {MAX_PARTICLES}] (torch seeds are 64-bit and "
+                         f"particle i takes seed + i), got {value}")
+    return value
+
+
+def _non_finite(tree: Any, where: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN or infinite float in a dumped config, or None."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return where, tree
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if where and isinstance(key, str) else
+                            f"{where}[{key}]" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def _sections() -> dict[str, Any]:
@@ -304,9 +406,11 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -325,6 +429,54 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
         data = merge(data, layer)
     try:
         return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def check_export_options(formats: list[str] | None, resolution: int | None) -> None:
+    """``dream3d export``'s options under the same rules as a run's export section; raises ConfigError in one line."""
+    given = {"formats": formats, "mesh_resolution": resolution}
+    try:
+        ExportConfig.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+# DDIM picks its steps among the 1000 training timesteps of every shipped prior's scheduler
+MAX_DDIM_STEPS = 1000
+# prior samples are drawn in one batch of images of at most this size (toy-unet 32, IF stage I 64)
+SAMPLE_PIXELS = 64 * 64
+
+
+class SampleOptions(_Section):
+    """``dream3d sample`` and ``dream3d eval-prior``: the numbers that size the work, checked up front."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    n: int = Field(4, gt=0)  # images drawn at once (eval-prior: 36 classes x views)
+    steps: int = Field(50, gt=0, le=MAX_DDIM_STEPS)
+    seed: int = 0
+    elevation: float = 15.0
+    azimuth: float | None = None
+    guidance_scale: float | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return _check_seed(value)
+
+    @field_validator("n")
+    @classmethod
+    def _n_fits(cls, value: int) -> int:
+        check_fits(f"{value} samples", value * SAMPLE_PIXELS * RENDER_BYTES_PER_PIXEL,
+                   f"one batch of {value} images of up to {SAMPLE_PIXELS} pixels, ~{RENDER_BYTES_PER_PIXEL} bytes a pixel")
+        return value
+
+
+def check_options(model: type[BaseModel], **values: Any) -> Any:
+    """``model`` validated from command-line values; raises ConfigError in one line."""
+    try:
+        return model.model_validate(values)
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
 

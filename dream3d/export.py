@@ -172,7 +172,15 @@ def export_representation(
         paths["video"] = write_orbit_video(
             rep.render, out_dir / "orbit.mp4", n_frames=video_frames, resolution=video_resolution, device=device
         )
+    _remove_stale(out_dir, set(paths.values()))
     return paths
+
+
+def _remove_stale(out_dir: Path, written: set[Path]) -> None:
+    """Deletes the files an earlier export of other formats left (export/ then holds this export only)."""
+    for stale in [out_dir / f"model.{fmt}" for fmt in MESH_FORMATS] + [out_dir / "orbit.mp4"]:
+        if stale not in written:
+            stale.unlink(missing_ok=True)
 
 
 __all__ = ["Exportable", "MESH_FORMATS", "Z_UP_TO_Y_UP", "export_mesh", "write_orbit_video", "export_representation"]

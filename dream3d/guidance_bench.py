@@ -22,7 +22,7 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from dream3d.atomic import write_text
 from dream3d.bench import BenchError, run_and_eval
@@ -112,6 +112,16 @@ def run_matrix(matrix: Matrix, out: Path, overrides: list[str], on_row: Callable
                ) -> list[dict]:
     """Runs every cell of the matrix under ``out/runs``; returns one row per run (``error`` set when it failed)."""
     rows = []
+    for rule, representation, kind, prompt, seed, folder, options in cells(matrix, out, overrides):
+        row = {"rule": rule, "representation": representation, "set": kind, "prompt": prompt,
+               "seed": seed, **_run_row(prompt, seed, folder, options)}
+        on_row(row)
+        rows.append(row)
+    return rows
+
+
+def cells(matrix: Matrix, out: Path, overrides: list[str]) -> Iterator[tuple[str, str, str, str, int, Path, list[str]]]:
+    """(rule, representation, prompt set, prompt, seed, run folder, run options) of every run, in run order."""
     for rule in matrix.rules:
         for representation in matrix.representations:
             for kind, prompts, seeds in (("faithful", matrix.faithful, matrix.seeds),
@@ -120,11 +130,7 @@ def run_matrix(matrix: Matrix, out: Path, overrides: list[str], on_row: Callable
                 for prompt in prompts:
                     for seed in seeds:
                         folder = out / "runs" / rule / representation / f"{'-'.join(prompt.split())}-seed{seed}"
-                        row = {"rule": rule, "representation": representation, "set": kind, "prompt": prompt,
-                               "seed": seed, **_run_row(prompt, seed, folder, options)}
-                        on_row(row)
-                        rows.append(row)
-    return rows
+                        yield rule, representation, kind, prompt, seed, folder, options
 
 
 def _run_row(prompt: str, seed: int, folder: Path, options: list[str]) -> dict:

@@ -156,12 +156,17 @@ def read_latest_checkpoint(paths: list[Path], missing: str) -> tuple[Path, dict[
     raise RunDirError(f"{missing}" + (f" ({'; '.join(skipped)})" if skipped else ""))
 
 
-def latest_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of a run that reads (see read_latest_checkpoint) and its state."""
+def require_checkpoint(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first; none is a RunDirError (checked before the lock file is touched)."""
     paths = checkpoint_paths(run_dir)
     if not paths:
         raise RunDirError(f"{run_dir} has no checkpoint to continue from")
-    return read_latest_checkpoint(paths, f"{run_dir} has no readable checkpoint")
+    return paths
+
+
+def latest_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of a run that reads (see read_latest_checkpoint) and its state."""
+    return read_latest_checkpoint(require_checkpoint(run_dir), f"{run_dir} has no readable checkpoint")
 
 
 def apply_checkpoint(path: Path, state: dict[str, Any], apply: Callable[[dict[str, Any]], None], what: str) -> None:

@@ -20,6 +20,11 @@ BACK_THRESHOLD_DEG = 45.0
 OVERHEAD_THRESHOLD_DEG = 60.0
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters and "..." for a message (a prompt may be megabytes long)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class PromptConfig(BaseModel):
     """How a text prior embeds the prompt: per-view suffixes, and the negative prompt
     (the "unconditional" branch of classifier-free guidance; "" is the usual unconditional)."""

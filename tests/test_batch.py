@@ -248,3 +248,60 @@ def test_an_interrupted_job_resumes_its_newest_run_folder_unless_that_one_failed
     assert _resumable(job_dir, new) is None  # a retry killed before it made its own folder starts afresh
     (new / "checkpoints" / "step_000005.pt").unlink()
     assert _resumable(job_dir, None) is None  # killed before its first checkpoint
+
+
+class DyingExecutor(ScriptedExecutor):
+    """The first attempt starts in a run folder with a checkpoint, then its worker dies; the next ends as scripted."""
+
+    def __init__(self, run_dir, outcomes):
+        super().__init__(outcomes)
+        self.run_dir, self.specs = run_dir, []
+
+    def poll(self, timeout):
+        self.specs += self.pending
+        if len(self.specs) > 1:
+            return super().poll(timeout)
+        (spec,) = self.pending
+        self.pending = []
+        return [{"job": spec["id"], "kind": "started", "run_dir": str(self.run_dir), "where": "here"},
+                {"job": spec["id"], "kind": "failed", "seconds": 1.0, "retryable": True, "died": True,
+                 "error": "the worker process exited with status -9"}]
+
+
+@pytest.mark.parametrize("checkpointed, resumed", [(True, True), (False, False)])
+def test_a_dead_workers_retry_resumes_its_checkpoint(tmp_path, checkpointed, resumed):
+    prompts = write(tmp_path / "p.txt", ["a cube"])
+    batch = Batch(tmp_path / "out", read_jobs(prompts), retries=1)
+    run_dir = batch.out / batch.jobs[0].id / "a-cube-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    if checkpointed:
+        (run_dir / "checkpoints" / "step_000005.pt").touch()
+    executor = DyingExecutor(run_dir, ["done"])
+    coordinator = Coordinator(batch, executor, Manifest.load(batch.out))
+    coordinator.plan()
+    coordinator.run(lambda: 0, lambda c: None, poll_s=0)
+    assert executor.specs[1]["resume"] == (str(run_dir) if resumed else None)
+    (record,) = records(batch.out)
+    assert record.state == "done" and record.attempts == 2  # the death counts against the retries
+
+
+def test_a_worker_that_keeps_dying_is_not_retried_forever(tmp_path):
+    prompts = write(tmp_path / "p.txt", ["a cube"])
+    batch = Batch(tmp_path / "out", read_jobs(prompts), retries=2)
+    run_dir = batch.out / batch.jobs[0].id / "a-cube-1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000005.pt").touch()
+
+    class AlwaysDying(DyingExecutor):
+        def poll(self, timeout):
+            self.specs += self.pending
+            spec, self.pending = self.pending[0], []
+            return [{"job": spec["id"], "kind": "started", "run_dir": str(self.run_dir), "where": "here"},
+                    {"job": spec["id"], "kind": "failed", "seconds": 1.0, "retryable": True, "died": True, "error": "killed"}]
+
+    executor = AlwaysDying(run_dir, [])
+    coordinator = Coordinator(batch, executor, Manifest.load(batch.out))
+    coordinator.plan()
+    coordinator.run(lambda: 0, lambda c: None, poll_s=0)
+    (record,) = records(batch.out)
+    assert (record.state, record.attempts, len(executor.specs)) == ("failed", 3, 3)

@@ -143,3 +143,104 @@ def test_web_with_a_bad_config_fails_in_one_line_before_serving(monkeypatch, cap
         cli.main()
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_obj_zip_leaves_out_files_linked_from_outside_the_export_folder(tmp_path):
+    export = tmp_path / "runs" / "a-run" / "export"
+    export.mkdir(parents=True)
+    (tmp_path / "secret.mtl").write_text("newmtl stolen\n")
+    (tmp_path / "runs" / "other.png").write_bytes(b"another run's file")
+    (export / "model.obj").write_text("mtllib material.mtl\nmtllib linked.mtl\nv 0 0 0\n")
+    (export / "material.mtl").write_text("newmtl m\nmap_Kd texture.png\n")
+    (export / "linked.mtl").symlink_to(tmp_path / "secret.mtl")
+    (export / "texture.png").symlink_to(tmp_path / "runs" / "other.png")
+    with zipfile.ZipFile(obj_zip(export / "model.obj")) as archive:
+        assert archive.namelist() == ["model.obj", "material.mtl"]
+
+
+def test_an_obj_linked_from_outside_gets_no_zip(tmp_path):
+    export = tmp_path / "runs" / "a-run" / "export"
+    export.mkdir(parents=True)
+    (tmp_path / "a-run.yaml").write_text("prompt: x\n")
+    (export.parent / "config.yaml").write_text("prompt: x\n")
+    (tmp_path / "secret.obj").write_text("v 0 0 0\n")
+    (export / "model.obj").symlink_to(tmp_path / "secret.obj")
+    view = RunsFolder(tmp_path / "runs").view(export.parent)
+    assert "obj_zip" not in view.files and not (export / "model-obj.zip").exists()
+
+
+@pytest.mark.parametrize("path", ["a" * 100_000, "a\x00b", "a-run/\x00", "../secret.txt", "a/" * 5000 + "x"])
+def test_download_of_a_hostile_path_is_refused_not_an_error(tmp_path, path):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from dream3d.web.app import download_route
+
+    (tmp_path / "runs" / "a-run").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("no")
+    route = download_route(RunsFolder(tmp_path / "runs"))
+    # the decoded path as the router hands it over (an HTTP client refuses a 100k-character URL itself)
+    request = Request({"type": "http", "method": "GET", "headers": [], "path_params": {"path": path}})
+    assert asyncio.run(route.endpoint(request)).status_code in (403, 404)
+
+
+def test_stop_on_a_waiting_job_takes_it_out_of_the_line_at_once():
+    release, ran = threading.Event(), []
+
+    def runner(cfg, on_event, should_stop):
+        ran.append(cfg.prompt)
+        release.wait(5)
+        return api.Result(Path(cfg.prompt))
+
+    jobs = JobQueue(USER_ERRORS, runner)
+    first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
+    third = jobs.submit(build_config({"prompt": "third"}))
+    assert jobs.stop(second.id)
+    assert second.finished.is_set() and jobs.snapshot(second).state == "stopped" and second.result is None
+    assert jobs.snapshot(third).position == 1  # one run ahead of it now, not two
+    assert not jobs.stop(second.id)
+    release.set()
+    assert third.finished.wait(5) and ran == ["first", "third"]
+
+
+def test_the_server_caps_a_visitors_steps(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        config_from_form(_form(steps=10**12), {}, str(tmp_path), max_prompt_chars=50, max_steps=1000)
+    assert str(error.value).startswith("steps: ")
+    with pytest.raises(ConfigError, match="this server runs at most 1000 steps"):
+        config_from_form(_form(steps=1001), {}, str(tmp_path), max_prompt_chars=50, max_steps=1000)
+    assert config_from_form(_form(steps=1000), {}, str(tmp_path), max_prompt_chars=50, max_steps=1000).steps == 1000
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(steps=float("nan")), "steps: must be a whole number, got nan"),
+        (dict(seed=float("inf")), "seed: must be a whole number, got inf"),
+        (dict(steps=2.5), "steps: must be a whole number, got 2.5"),
+        (dict(lr_scale=float("nan")), "optim.lr_scale: must be a finite number, got nan"),
+        (dict(seed=10**26), "seed: the seed must lie in"),
+        (dict(resolution="100000"), "resolution 100000 would need about"),
+        (dict(overrides="export.video_resolution=33"), "export.video_resolution: the video resolution must be even"),
+    ],
+)
+def test_hostile_numbers_in_the_form_are_one_line(tmp_path, values, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_form(_form(**values), {}, str(tmp_path), max_prompt_chars=50)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_refused_form_leaves_the_finish_handler_nothing_to_update(tmp_path):
+    import asyncio
+
+    import gradio as gr
+
+    from dream3d.web.app import WebSettings, build_app
+
+    demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(USER_ERRORS), RunsFolder(tmp_path))
+    finish = next(fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_finished")
+    assert finish.fn(None) == gr.skip()
+    # what the server does with it: before the fix, gradio raised ValueError on the {} it got
+    output = asyncio.run(demo.process_api(finish, [None], state=None))
+    assert len(output["data"]) == len(finish.outputs)

@@ -58,7 +58,7 @@ class LocalExecutor:
             if process.exitcode is not None and not any(e["job"] == job_id and e["kind"] in FINAL for e in events):
                 events += self._drain(DEAD_WORKER_GRACE_S)  # its last words may still be in the pipe
                 if not any(e["job"] == job_id and e["kind"] in FINAL for e in events):
-                    events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True,
+                    events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True, "died": True,
                                    "error": f"the worker process exited with status {process.exitcode}"})
         for event in events:
             if event["kind"] in FINAL and event["job"] in self._running:

@@ -33,8 +33,8 @@ class ManifestError(BatchError):
 
 class JobRecord(BaseModel):
     """One job's record. Times are Unix seconds; seconds is the wall time of all its work
-    (resumes added up); attempts counts fresh starts (a new run folder each), resumes the
-    continuations of an interrupted one."""
+    (resumes added up); attempts counts fresh starts (a new run folder each) and retries (which
+    resume the checkpoint of a worker that died), resumes the continuations of an interrupted run."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -67,8 +67,12 @@ class Manifest:
         path = out / MANIFEST_NAME
         if not path.exists():
             return cls(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
         records = {}
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             try:
                 record = JobRecord.model_validate_json(line)
             except ValidationError:

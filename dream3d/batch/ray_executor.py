@@ -74,7 +74,7 @@ class RayExecutor:
                 events.append(self._ray.get(ref))
             except self._ray.exceptions.RayError as e:  # the worker died or the node was lost
                 message = " ".join(str(e).split())[:300]
-                events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True,
+                events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True, "died": True,
                                "error": f"{type(e).__name__}: {message}"})
         return events
 

@@ -21,6 +21,7 @@ from dream3d.batch import BatchError
 from dream3d.batch.jobs import Job
 from dream3d.batch.manifest import JobRecord, Manifest
 from dream3d.config import ConfigError, build_config, merge
+from guidance.prompts import clip
 
 STOP_FILE = ".stop"
 LOCK_FILE = ".batch.lock"
@@ -68,7 +69,7 @@ class Coordinator:
         """Adds new jobs to the manifest, records those whose config is invalid as failed, and
         queues the rest: new, retryable failures, and interrupted runs (to resume)."""
         for job in self.batch.jobs:
-            self.manifest.add(JobRecord(id=job.id, prompt=job.prompt, line=job.line))
+            self.manifest.add(JobRecord(id=job.id, prompt=clip(job.prompt), line=job.line))
         for job in self.batch.jobs:
             record = self.manifest.records[job.id]
             if record.state == "done":
@@ -104,8 +105,10 @@ class Coordinator:
             on_change(self)
         return stopping
 
-    def _spec(self, job: Job, resume: Path | None) -> dict[str, Any]:
-        return {"id": job.id, "config": self.batch.job_config(job), "resume": str(resume) if resume else None}
+    def _spec(self, job: Job, resume: Path | None, retry: bool = False) -> dict[str, Any]:
+        """retry: the job failed before; a resumed retry then counts as an attempt too."""
+        return {"id": job.id, "config": self.batch.job_config(job), "resume": str(resume) if resume else None,
+                "retry": retry}
 
     def _may_retry(self, record: JobRecord) -> bool:
         return record.state == "failed" and record.retryable and record.attempts <= self.batch.retries
@@ -123,16 +126,20 @@ class Coordinator:
             return
         if kind == "started":
             self._started.add(job_id)
-            fresh = self._specs[job_id]["resume"] is None
+            spec = self._specs[job_id]
+            fresh = spec["resume"] is None
             self.manifest.update(
                 job_id, run_dir=event["run_dir"], where=event["where"], error=None,
                 started_at=record.started_at or time.time(),
-                # a resumed attempt whose start the killed batch never heard of counts here
-                attempts=record.attempts + (fresh or record.attempts == 0), resumes=record.resumes + (not fresh),
+                # a resumed attempt whose start the killed batch never heard of counts here, and so
+                # does the retry of a worker that died (so a job killed every time is not retried forever)
+                attempts=record.attempts + (fresh or record.attempts == 0 or spec["retry"]),
+                resumes=record.resumes + (not fresh),
             )
             return
         self.progress.pop(job_id, None)
         fields: dict[str, Any] = {"seconds": round(record.seconds + event["seconds"], 2)}
+        resume: Path | None = None
         if kind == "done":
             fields.update(state="done", run_dir=event["run_dir"], train_seconds=event["train_seconds"],
                           finished_at=time.time(), error=None)
@@ -140,13 +147,21 @@ class Coordinator:
         elif kind == "stopped":
             fields.update(state="stopped")
         else:
-            if job_id not in self._started and self._specs[job_id]["resume"] is None:
+            spec = self._specs[job_id]
+            if job_id not in self._started and (spec["resume"] is None or spec["retry"]):
                 fields["attempts"] = record.attempts + 1  # died before it could say it started
+            resume = self._checkpointed_run(job_id, record) if event.get("died") else None
             fields.update(state="failed", error=event["error"], retryable=event["retryable"], finished_at=time.time())
         self._started.discard(job_id)
         record = self.manifest.update(job_id, **fields)
         if not stopping and self._may_retry(record):
-            self._queue.append(self._spec(self._jobs[job_id], None))
+            self._queue.append(self._spec(self._jobs[job_id], resume, retry=True))
+
+    def _checkpointed_run(self, job_id: str, record: JobRecord) -> Path | None:
+        """The run folder of the attempt that just died, if it said it started and has a checkpoint:
+        its retry resumes there (a worker killed mid-run) instead of starting from step 0."""
+        run_dir = Path(record.run_dir) if job_id in self._started and record.run_dir else None
+        return run_dir if run_dir is not None and rundir.checkpoint_paths(run_dir) else None
 
 
 def _resumable(job_dir: Path, failed_run: Path | None) -> Path | None:

@@ -41,6 +41,9 @@ class WebSettings(BaseModel):
     out: str = "runs"  # the runs folder: new runs, the gallery, the only source of downloads
     base: dict[str, Any] = {}  # a config layer under the form (e.g. from --config)
     max_prompt_chars: int = Field(200, gt=0)
+    # one worker serves every visitor: a run of this many steps (the default run is 600) takes some
+    # minutes on a CPU, so no one visitor holds the worker for long
+    max_steps: int = Field(2000, gt=0)
     preview_every: int = Field(20, gt=0)  # the page's preview cadence unless base sets one
     poll_s: float = Field(0.25, gt=0)
 
@@ -48,9 +51,12 @@ class WebSettings(BaseModel):
         return {"preview_every": self.preview_every, **self.base}
 
 
-def settings_from_files(out: str, config: Path | None, max_prompt_chars: int) -> WebSettings:
+def settings_from_files(out: str, config: Path | None, max_prompt_chars: int, max_steps: int = 2000) -> WebSettings:
     """Settings for the CLI; a bad --config fails here in one line, before the server starts."""
-    settings = WebSettings(out=out, base=load_yaml(config) if config else {}, max_prompt_chars=max_prompt_chars)
+    if max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, got {max_steps}")
+    settings = WebSettings(out=out, base=load_yaml(config) if config else {}, max_prompt_chars=max_prompt_chars,
+                           max_steps=max_steps)
     defaults(settings.base_layer())
     return settings
 
@@ -161,7 +167,8 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
         def on_generate(*values: Any) -> Iterator[dict]:
             """Streams the queue position, then progress and preview, until the job finishes."""
             try:
-                cfg = config_from_form(FormValues(*values), settings.base_layer(), settings.out, settings.max_prompt_chars)
+                cfg = config_from_form(FormValues(*values), settings.base_layer(), settings.out, settings.max_prompt_chars,
+                                       settings.max_steps)
             except ConfigError as e:
                 yield {job_id: None, message: f"**error:** {e}", progress: ""}
                 return
@@ -187,16 +194,20 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             event, not the last one of a generator)."""
             job = jobs.get(current) if current else None
             if job is None or not job.finished.is_set():
-                return {}
+                return gr.skip()  # the form was refused: its message is already shown
             if job.state == "failed":
                 return {message: f"**error:** {job.error}"}
+            if job.result is None:
+                return {message: "stopped before it started"}
             view = runs.view(job.result.run_dir)
             note = "stopped early; exported what it reached" if job.state == "stopped" else "done"
             return {message: f"{note}: `{view.run_dir.name}`", **show(view), **refresh_gallery()}
 
         def on_stop(current: str | None) -> dict:
-            asked = current is not None and jobs.stop(current)
-            return {message: "stopping after the current step..." if asked else "nothing is running"}
+            job = jobs.get(current) if current else None
+            if job is None or not jobs.stop(current):
+                return {message: "nothing is running"}
+            return {message: "removed from the queue" if job.finished.is_set() else "stopping after the current step..."}
 
         def on_reopen(names: list[str], evt: gr.SelectData) -> dict:
             run_dir = runs.find(names[evt.index]) if evt.index < len(names) else None

@@ -7,6 +7,7 @@ rule that adds e.g. ``particles`` gets the field without a change here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +56,11 @@ def resolution_text(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.resolution, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_prompt_chars: int) -> RunConfig:
-    """Validates a submission into a RunConfig writing under ``out``; raises ConfigError in one line."""
+def config_from_form(
+    values: FormValues, base: dict[str, Any], out: str, max_prompt_chars: int, max_steps: int | None = None
+) -> RunConfig:
+    """Validates a submission into a RunConfig writing under ``out`` (at most ``max_steps`` steps, the
+    server's cap per visitor); raises ConfigError in one line."""
     prompt = (values.prompt or "").strip()
     if len(prompt) > max_prompt_chars:
         raise ConfigError(f"the prompt is {len(prompt)} characters long; the limit is {max_prompt_chars}")
@@ -65,21 +69,38 @@ def config_from_form(values: FormValues, base: dict[str, Any], out: str, max_pro
     }
     for key in ("steps", "seed"):
         if getattr(values, key) is not None:
-            layer[key] = int(getattr(values, key))
+            layer[key] = _integer(key, getattr(values, key))
     if (values.resolution or "").strip():
         try:
             layer["resolution"] = yaml.safe_load(values.resolution)
         except yaml.YAMLError:
             raise ConfigError(f"resolution {values.resolution!r} is neither a number nor a list of numbers") from None
     if values.lr_scale is not None:
-        layer = _set(layer, "optim.lr_scale", float(values.lr_scale))
+        layer = _set(layer, "optim.lr_scale", values.lr_scale)
     if values.guidance_scale is not None:
-        layer = _set(layer, _guidance_path(values.guidance, GUIDANCE_SCALE_NAMES, "guidance scale"), float(values.guidance_scale))
+        layer = _set(layer, _guidance_path(values.guidance, GUIDANCE_SCALE_NAMES, "guidance scale"), values.guidance_scale)
     if values.particles is not None:
-        layer = _set(layer, _guidance_path(values.guidance, PARTICLE_NAMES, "particles"), int(values.particles))
+        layer = _set(layer, _guidance_path(values.guidance, PARTICLE_NAMES, "particles"), _integer("particles", values.particles))
     overrides = parse_overrides([line.strip() for line in (values.overrides or "").splitlines() if line.strip()])
     # the run folder is the app's: downloads are served from it and from nowhere else
-    return build_config(base, layer, overrides, {"out": out})
+    cfg = build_config(base, layer, overrides, {"out": out})
+    if max_steps is not None and cfg.steps > max_steps:
+        raise ConfigError(f"steps: this server runs at most {max_steps} steps per run (one worker serves every visitor), "
+                          f"got {cfg.steps}")
+    return cfg
+
+
+def _integer(name: str, value: Any) -> int:
+    """A whole number from the page's number box (it may send 3.0, nan, inf, or through the API anything)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not math.isfinite(number) or number != int(number):
+        raise ConfigError(f"{name}: must be a whole number, got {str(value)[:40]}")
+    return int(number)
 
 
 def _guidance_path(guidance: str, names: tuple[str, ...], what: str) -> str:

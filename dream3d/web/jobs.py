@@ -94,11 +94,16 @@ class JobQueue:
         return self._jobs.get(job_id)
 
     def stop(self, job_id: str) -> bool:
-        """Asks a job to stop (a waiting one is dropped unrun); False if there is no such unfinished job."""
+        """Asks a running job to stop, and drops a waiting one from the line at once (state
+        "stopped", no result); False if there is no such unfinished job."""
         job = self._jobs.get(job_id)
         if job is None or job.finished.is_set():
             return False
         job.stop_requested.set()
+        with self._lock:
+            waiting = job.state == "waiting"
+        if waiting:
+            self._finish(job, "stopped")
         return True
 
     def position(self, job: Job) -> int:
@@ -119,10 +124,10 @@ class JobQueue:
     def _work(self) -> None:
         while True:
             job = self._pending.get()
-            if job.stop_requested.is_set():
-                self._finish(job, "stopped")
-                continue
-            job.state, job.started_at = "running", time.monotonic()
+            with self._lock:
+                if job.stop_requested.is_set():  # stopped while waiting: already finished
+                    continue
+                job.state, job.started_at = "running", time.monotonic()
             try:
                 job.result = self._runner(job.cfg, job.record, job.stop_requested.is_set)
             except self._user_errors as e:
@@ -137,6 +142,8 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str) -> None:
         with self._lock:
+            if job.finished.is_set():
+                return
             self._order.remove(job.id)
-        job.state, job.finished_at = state, time.monotonic()
-        job.finished.set()
+            job.state, job.finished_at = state, time.monotonic()
+            job.finished.set()

@@ -49,10 +49,13 @@ class RunsFolder:
         """The file (or folder) at ``relative`` inside the root; None for anything outside or hidden."""
         if any(part.startswith(".") for part in Path(relative).parts):
             return None
-        candidate = (self.root / relative).resolve()
-        if candidate == self.root or not candidate.is_relative_to(self.root):
+        try:
+            candidate = (self.root / relative).resolve()
+            if candidate == self.root or not candidate.is_relative_to(self.root):
+                return None
+            return candidate if (candidate.is_dir() if want_dir else candidate.is_file()) else None
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
             return None
-        return candidate if (candidate.is_dir() if want_dir else candidate.is_file()) else None
 
     def url(self, path: Path) -> str:
         """The download URL of a file inside the root."""
@@ -64,7 +67,7 @@ class RunsFolder:
         for kind, name in (("glb", "model.glb"), ("video", "orbit.mp4"), ("splats", "splats.ply")):
             if (export / name).is_file():
                 view.files[kind] = export / name
-        if (export / "model.obj").is_file():
+        if (export / "model.obj").is_file() and _inside(export / "model.obj", export):
             view.files["obj_zip"] = obj_zip(export / "model.obj")
         if (run_dir / "summary.json").is_file():
             view.summary = json.loads((run_dir / "summary.json").read_text())
@@ -79,12 +82,13 @@ def latest_preview(run_dir: Path) -> Path | None:
 def obj_zip(obj: Path) -> Path:
     """``model-obj.zip`` beside ``obj``: the OBJ with the material library it names and the
     texture maps that library names (made once, remade when the OBJ is newer). A map's file is
-    the last word of its line, after any options."""
+    the last word of its line, after any options. Only files whose real path (symlinks
+    resolved) lies in the OBJ's own folder go in: a run folder may have been crafted."""
     target = obj.with_name(f"{obj.stem}-obj.zip")
-    if target.is_file() and target.stat().st_mtime >= obj.stat().st_mtime:
+    if not target.is_symlink() and target.is_file() and target.stat().st_mtime >= obj.stat().st_mtime:
         return target
-    members = [obj]
-    for mtl in _referenced(obj, r"^mtllib\s+(.+)$"):
+    members = [obj] if _inside(obj, obj.parent) else []
+    for mtl in _referenced(obj, r"^mtllib\s+(.+)$") if members else []:
         members.append(mtl)
         members.extend(_referenced(mtl, r"^map_\w+\s.*?(\S+)\s*$"))
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -93,8 +97,13 @@ def obj_zip(obj: Path) -> Path:
     return target
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def _referenced(text_file: Path, pattern: str) -> list[Path]:
-    """Existing files beside ``text_file`` named by the first group of ``pattern`` on its lines."""
+    """Files beside ``text_file`` (and really there, not linked from elsewhere) named by the
+    first group of ``pattern`` on its lines."""
     names = re.findall(pattern, text_file.read_text(errors="replace"), flags=re.MULTILINE)
     paths = [text_file.parent / Path(name.strip()).name for name in names]
-    return [p for p in paths if p.is_file()]
+    return [p for p in paths if p.is_file() and _inside(p, text_file.parent)]

@@ -30,7 +30,7 @@ from guidance.priors.base import Embeddings, PriorError
 from guidance.priors.cache import cache_root, load_cached, save_cached
 from guidance.priors.precision import LossScale
 from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
-from guidance.prompts import PromptConfig, view_prompts
+from guidance.prompts import PromptConfig, clip, view_prompts
 from representations.cameras import Cameras
 
 # Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
@@ -376,7 +376,7 @@ class DiffusersPrior:
             unknown = [w for w in dict.fromkeys(words) if w not in backend.get_vocab()]
             if unknown:
                 vocab = sorted(backend.get_vocab(), key=backend.get_vocab().get)
-                raise PriorError(f"{self.model} does not know {', '.join(map(repr, unknown))} in prompt {text!r}; "
+                raise PriorError(f"{self.model} does not know {clip(', '.join(map(repr, unknown)))} in prompt {clip(text)!r}; "
                                  f"its vocabulary: {' '.join(w for w in vocab if w not in special)}")
 
     def text_embeddings(self, texts: list[str]) -> Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from guidance.priors.base import PriorError
+from guidance.prompts import clip
 from representations.cameras import Cameras, ray_aabb
 
 # Bump when anything below changes how the world looks: it keys the prior's dataset cache.
@@ -71,13 +72,13 @@ def parse_prompt(prompt: str) -> list[int]:
     words = [w for w in words if w and w not in _ARTICLES]
     unknown = [w for w in words if w not in COLOURS and w not in SHAPES and w not in _ANY_SHAPE]
     if unknown:
-        bad = ", ".join(repr(w) for w in dict.fromkeys(unknown))
-        raise PriorError(f"the toy prior does not know {bad} in prompt {prompt!r}; {vocabulary()}")
+        bad = clip(", ".join(repr(w) for w in dict.fromkeys(unknown)))
+        raise PriorError(f"the toy prior does not know {bad} in prompt {clip(prompt)!r}; {vocabulary()}")
     colours = list(dict.fromkeys(w for w in words if w in COLOURS))
     shapes = list(dict.fromkeys(w for w in words if w in SHAPES))
     for kind, found in (("colour", colours), ("shape", shapes)):
         if len(found) > 1:
-            raise PriorError(f"prompt {prompt!r} names more than one {kind} ({', '.join(found)}); "
+            raise PriorError(f"prompt {clip(prompt)!r} names more than one {kind} ({', '.join(found)}); "
                              f"the toy world has one object of one colour; {vocabulary()}")
     return [i for i, c in enumerate(CLASSES)
             if (not colours or c.colour == colours[0]) and (not shapes or c.shape == shapes[0])]
