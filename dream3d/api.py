@@ -156,6 +156,10 @@ def export(
             video=ex.video,
             video_frames=ex.video_frames,
             video_resolution=ex.video_resolution,
+            solid=ex.solid,
+            hull_views=ex.hull_views,
+            hull_image_size=ex.hull_image_size,
+            hull_margin=ex.hull_margin,
         )
         if hasattr(member, "save_ply"):
             own["splats"] = folder / "splats.ply"

@@ -14,12 +14,16 @@ from typing import Callable
 import mcubes
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
+from scipy import ndimage
 from torch import Tensor
 
-from representations.cameras import Cameras
+from representations.cameras import Cameras, look_at_cameras
 
 FieldFn = Callable[[Tensor], Tensor]
+AlphaFn = Callable[[Cameras], Tensor]  # cameras (B, HxW) -> alpha [B,H,W] in [0,1]
+SOLID_MODES = ("hull", "fill", "none")
 
 # Optical depth at which a ray's transmittance falls to one half: the median-depth surface.
 _HALF_OPACITY_DEPTH = math.log(2.0)
@@ -104,6 +108,71 @@ def auto_threshold(grid: Tensor, step: float, max_incidence_deg: float = 30.0) -
     return float(chosen.median())
 
 
+def hull_cameras(views: int, image_size: int, distance: float = 2.5, fovy_deg: float = 45.0) -> Cameras:
+    """``views`` cameras spread evenly over the whole sphere (a Fibonacci lattice), below the object too."""
+    k = torch.arange(views, dtype=torch.float64) + 0.5
+    elevation = torch.rad2deg(torch.asin(1 - 2 * k / views))
+    azimuth = torch.remainder(k * 180.0 * (3.0 - math.sqrt(5.0)), 360.0)  # golden angle steps
+    return look_at_cameras(elevation.float(), azimuth.float(), torch.full((views,), distance), fovy_deg, image_size, image_size)
+
+
+@torch.no_grad()
+def visual_hull(
+    alpha_fn: AlphaFn, cameras: Cameras, resolution: int, bound: float, batch: int = 8, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Soft visual hull on the ``sample_grid`` grid: [R,R,R] in [0,1], indexed [ix, iy, iz].
+
+    Each grid point takes the smallest alpha (bilinear) among the views that see it: a
+    point is solid only if every view covers it. A view carves only what falls in its
+    frame, so points outside every frame stay 1 (the grid border is cleared by the caller).
+    Unlike the density's level set this is solid by construction: a hole in a wall still
+    lets the ray hit the wall behind it, so the silhouette, and the hull, stay whole.
+    Concavities that no silhouette shows (a cup's inside) are filled.
+    """
+    axis = _grid_axis(resolution, bound)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    homogeneous = torch.cat([points, torch.ones(len(points), 1)], -1).to(device)
+    hull = torch.ones(len(points), device=device)
+    size = torch.tensor([cameras.width, cameras.height], dtype=torch.float32, device=device)
+    for start in range(0, len(cameras), batch):
+        views = cameras[start : start + batch]
+        alpha = alpha_fn(views).float()  # [b,H,W]
+        camera_points = torch.einsum("bij,nj->bni", views.viewmats().float().to(device), homogeneous)[..., :3]
+        pixels = torch.einsum("bij,bnj->bni", views.intrinsics().float().to(device), camera_points)
+        uv = pixels[..., :2] / pixels[..., 2:].clamp_min(1e-6) / size * 2 - 1  # grid_sample's [-1, 1]
+        sampled = F.grid_sample(alpha.unsqueeze(1), uv.unsqueeze(1), align_corners=False, padding_mode="border")
+        seen = (uv.abs() <= 1).all(-1) & (camera_points[..., 2] > 0)
+        hull = torch.minimum(hull, torch.where(seen, sampled[:, 0, 0], 1.0).amin(0))
+    return hull.view(resolution, resolution, resolution).cpu()
+
+
+def fill_from_hull(grid: Tensor, level: float, hull: Tensor, margin: float) -> Tensor:
+    """The density grid made solid by a visual hull: [R,R,R] -> [R,R,R].
+
+    Inside the hull, deeper than ``margin`` grid cells, the density is raised to above the
+    level: the inner walls of a shell-shaped field vanish and openings in its walls are
+    closed ``margin`` cells under the surface. Outside the hull (dilated by ``margin``) the
+    density is cleared: floaters no view confirms. In between the density is kept, so the
+    surface sits where the density puts it (the renders' median depth), not on the hull,
+    which grazing views inflate.
+    """
+    inside = (hull > 0.5).numpy()
+    depth = torch.from_numpy(ndimage.distance_transform_edt(inside))
+    reach = torch.from_numpy(ndimage.distance_transform_edt(~inside))
+    solid = torch.where(depth > margin, grid.clamp_min(2 * level), grid)
+    return torch.where(reach > margin, torch.zeros_like(grid), solid)
+
+
+def fill_cavities(grid: Tensor, level: float) -> Tensor:
+    """The density grid with every region that the outside cannot reach raised to the surface level.
+
+    The iso-surface then has no inner walls; walls with openings let the outside in, and those
+    regions stay as they are.
+    """
+    enclosed = torch.from_numpy(ndimage.binary_fill_holes((grid > level).numpy())) & (grid <= level)
+    return torch.where(enclosed, torch.full_like(grid, 2 * level), grid)
+
+
 def _largest_components(mesh: trimesh.Trimesh, min_component_fraction: float) -> trimesh.Trimesh:
     components = mesh.split(only_watertight=False)
     if len(components) <= 1:
@@ -131,32 +200,67 @@ def extract_mesh(
     min_component_fraction: float = 0.05,
     chunk: int = 2**18,
     device: torch.device | str = "cpu",
+    solid: str = "none",
+    alpha_fn: AlphaFn | None = None,
+    hull_views: int = 48,
+    hull_image_size: int = 96,
+    hull_margin: float = 3.0,
 ) -> trimesh.Trimesh:
-    """Triangulates the iso-surface of a density field, with per-vertex albedo colours.
+    """Triangulates the surface of a density field, with per-vertex albedo colours.
 
     Args:
         density_fn: points [N,3] -> sigma [N] (>= 0, per world unit).
         albedo_fn: points [N,3] -> rgb [N,3] in [0,1].
         resolution: grid samples per axis over [-bound, bound].
-        threshold: iso-level in sigma; None picks it with ``auto_threshold``.
+        threshold: iso-level in sigma; None picks it with ``auto_threshold`` (unused by "hull").
         min_component_fraction: connected components with fewer faces than this
             fraction of the largest component's are dropped (floaters); 0 keeps all.
         chunk: points per field evaluation.
         device: where the field functions expect their points.
+        solid: which surface: "none" the raw iso-surface of the density (inner walls
+            included), "fill" the same with enclosed cavities filled, "hull" the density
+            made solid by the visual hull of ``alpha_fn``'s renders from ``hull_views``
+            views over the whole sphere (``hull_image_size`` pixels square): see
+            ``fill_from_hull``, with ``hull_margin`` in grid cells.
     Returns:
         A mesh in world coordinates, faces wound so normals point outward (out of the
         denser side), vertex colours as uint8 RGBA.
     Raises:
         MeshError: nothing above the threshold, everything at or above it, or no faces.
+        ValueError: an unknown ``solid`` mode, or "hull" without ``alpha_fn``.
     """
+    if solid not in SOLID_MODES:
+        raise ValueError(f"unknown solid mode {solid!r}; valid: {', '.join(SOLID_MODES)}")
+    if solid == "hull" and alpha_fn is None:
+        raise ValueError("solid='hull' needs alpha_fn (renders of the representation)")
     grid = sample_grid(density_fn, resolution, bound, chunk, device)
-    step = 2 * bound / (resolution - 1)
-    level = auto_threshold(grid, step) if threshold is None else float(threshold)
+    level = auto_threshold(grid, 2 * bound / (resolution - 1)) if threshold is None else float(threshold)
+    _check_level(grid, level)
+    if solid == "fill":
+        grid = fill_cavities(grid, level)
+    elif solid == "hull":
+        # The hull only says where the inside and outside are, a few cells from the surface: half the grid will do.
+        coarse = visual_hull(alpha_fn, hull_cameras(hull_views, hull_image_size), resolution // 2 + 1, bound, device=device)
+        hull = F.interpolate(coarse[None, None], size=(resolution,) * 3, mode="trilinear", align_corners=True)[0, 0]
+        grid = fill_from_hull(grid, level, hull, hull_margin)
+        grid[[0, -1]], grid[:, [0, -1]], grid[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
+        _check_level(grid, level)
+    mesh = _surface(grid, level, bound)
+    mesh = _largest_components(mesh, min_component_fraction)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
+    return mesh
+
+
+def _check_level(grid: Tensor, level: float) -> None:
     if bool((grid >= level).all()):
         raise MeshError(f"density field is full: every grid value is >= the threshold {level:.4g}, no surface inside the box")
     if not bool((grid > level).any()):
         raise MeshError(f"density field is empty: no grid value exceeds the threshold {level:.4g}")
 
+
+def _surface(grid: Tensor, level: float, bound: float) -> trimesh.Trimesh:
+    """Marching cubes of grid [R,R,R] (spanning [-bound, bound]^3) at ``level``, degenerate faces removed."""
+    step = 2 * bound / (grid.shape[0] - 1)
     # PyMCubes returns vertices in index space with the axes in array order (x, y, z) and
     # winds faces so their normals point toward decreasing values: out of the object.
     vertices, faces = mcubes.marching_cubes(grid.numpy(), level)
@@ -168,8 +272,6 @@ def extract_mesh(
     mesh.remove_unreferenced_vertices()
     if len(mesh.faces) == 0:
         raise MeshError(f"marching cubes gave only degenerate faces at threshold {level:.4g}")
-    mesh = _largest_components(mesh, min_component_fraction)
-    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
     return mesh
 
 
@@ -285,4 +387,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "extract_mesh", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "fill_cavities", "fill_from_hull", "hull_cameras", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
