@@ -160,6 +160,7 @@ def export(
             hull_views=ex.hull_views,
             hull_image_size=ex.hull_image_size,
             hull_margin=ex.hull_margin,
+            max_faces=ex.max_faces,
         )
         if hasattr(member, "save_ply"):
             own["splats"] = folder / "splats.ply"

@@ -157,12 +157,13 @@ def export_representation(
     hull_views: int = 32,
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
+    max_faces: int | None = None,
 ) -> dict[str, Path]:
     """Mesh (marching cubes of ``rep.density``, coloured by ``rep.albedo``) plus an orbit video.
 
     Args:
         rep: a representation; its device (first parameter or buffer) is where fields run.
-        resolution, threshold, solid, hull_*: passed to ``extract_mesh`` (None = automatic
+        resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
             threshold); "hull" carves with ``rep.render``'s alpha over a white background.
     Returns:
         {format: path} for the mesh files, plus "video" -> orbit.mp4 (white background).
@@ -175,7 +176,7 @@ def export_representation(
     mesh = extract_mesh(
         rep.density, rep.albedo, resolution=resolution, threshold=threshold, device=device, solid=solid,
         alpha_fn=lambda cameras: rep.render(_cameras_to(cameras, device), white).alpha[..., 0],
-        hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin,
+        hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
     )
     paths = export_mesh(mesh, out_dir, formats)
     if video:

@@ -205,6 +205,7 @@ def extract_mesh(
     hull_views: int = 48,
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
+    max_faces: int | None = None,
 ) -> trimesh.Trimesh:
     """Triangulates the surface of a density field, with per-vertex albedo colours.
 
@@ -222,6 +223,7 @@ def extract_mesh(
             made solid by the visual hull of ``alpha_fn``'s renders from ``hull_views``
             views over the whole sphere (``hull_image_size`` pixels square): see
             ``fill_from_hull``, with ``hull_margin`` in grid cells.
+        max_faces: face budget, met by quadric decimation (``decimate``); None keeps all.
     Returns:
         A mesh in world coordinates, faces wound so normals point outward (out of the
         denser side), vertex colours as uint8 RGBA.
@@ -246,9 +248,27 @@ def extract_mesh(
         grid[[0, -1]], grid[:, [0, -1]], grid[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
         _check_level(grid, level)
     mesh = _surface(grid, level, bound)
+    if max_faces is not None:
+        mesh = decimate(mesh, max_faces)
     mesh = _largest_components(mesh, min_component_fraction)
     mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
     return mesh
+
+
+def decimate(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
+    """The mesh with at most ``max_faces`` faces, by quadric edge collapse (fast-simplification).
+
+    The simplifier returns each collapsed corner as its own vertex and leaves a few folded
+    two-face slivers; vertices are merged and the slivers (separate zero-volume pieces) are
+    left for ``_largest_components`` to drop, so a closed surface stays closed.
+    """
+    if len(mesh.faces) <= max_faces:
+        return mesh
+    simplified = mesh.simplify_quadric_decimation(face_count=max_faces)
+    simplified.merge_vertices()
+    simplified.update_faces(simplified.nondegenerate_faces())
+    simplified.remove_unreferenced_vertices()
+    return simplified
 
 
 def _check_level(grid: Tensor, level: float) -> None:
@@ -387,4 +407,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "fill_cavities", "fill_from_hull", "hull_cameras", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]

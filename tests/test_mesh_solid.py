@@ -113,3 +113,15 @@ def test_config_export_solid_key() -> None:
     assert build_config({"prompt": "a red cube", "export": {"solid": "none"}}).export.solid == "none"
     with pytest.raises(ConfigError, match="solid"):
         build_config({"prompt": "a red cube", "export": {"solid": "hollow"}})
+
+
+def test_face_budget_keeps_the_solid_closed(sphere_with_opening: ShellRep) -> None:
+    full = _mesh(sphere_with_opening, "hull")
+    budget = len(full.faces) // 4
+    small = extract_mesh(sphere_with_opening.density, sphere_with_opening.albedo, resolution=RES, solid="hull",
+                         alpha_fn=sphere_with_opening.alpha, max_faces=budget, **HULL)
+    assert budget // 2 < len(small.faces) <= budget
+    assert small.is_watertight and len(small.split(only_watertight=False)) == 1
+    assert small.volume == pytest.approx(full.volume, rel=0.02)
+    assert len(small.visual.vertex_colors) == len(small.vertices)  # coloured after decimating
+    assert build_config({"prompt": "a red cube"}).export.max_faces == 40_000
