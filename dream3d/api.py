@@ -161,6 +161,7 @@ def export(
             hull_image_size=ex.hull_image_size,
             hull_margin=ex.hull_margin,
             max_faces=ex.max_faces,
+            largest_only=ex.largest_only,
         )
         if hasattr(member, "save_ply"):
             own["splats"] = folder / "splats.ply"

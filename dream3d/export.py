@@ -158,11 +158,14 @@ def export_representation(
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
     max_faces: int | None = None,
+    largest_only: bool = False,
 ) -> dict[str, Path]:
     """Mesh (marching cubes of ``rep.density``, coloured by ``rep.albedo``) plus an orbit video.
 
     Args:
         rep: a representation; its device (first parameter or buffer) is where fields run.
+        largest_only: keep only the largest connected piece (floaters the renders confirm too);
+            otherwise pieces with at least 5% of its faces stay.
         resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
             threshold); "hull" carves with ``rep.render``'s alpha over a white background.
     Returns:
@@ -177,6 +180,7 @@ def export_representation(
         rep.density, rep.albedo, resolution=resolution, threshold=threshold, device=device, solid=solid,
         alpha_fn=lambda cameras: rep.render(_cameras_to(cameras, device), white).alpha[..., 0],
         hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
+        min_component_fraction=1.0 if largest_only else 0.05,
     )
     paths = export_mesh(mesh, out_dir, formats)
     if video:

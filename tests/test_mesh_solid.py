@@ -125,3 +125,20 @@ def test_face_budget_keeps_the_solid_closed(sphere_with_opening: ShellRep) -> No
     assert small.volume == pytest.approx(full.volume, rel=0.02)
     assert len(small.visual.vertex_colors) == len(small.vertices)  # coloured after decimating
     assert build_config({"prompt": "a red cube"}).export.max_faces == 40_000
+
+
+def test_export_keeps_only_the_largest_piece_by_default(tmp_path) -> None:
+    """A second solid (a ball above the cube) is dropped unless asked to keep it."""
+
+    class CubeAndBall(RenderableShell):
+        def density(self, points: torch.Tensor) -> torch.Tensor:
+            ball = 50 * torch.sigmoid(40 * (0.2 - (points - torch.tensor([0.0, 0.0, 0.72])).norm(dim=-1)))
+            return super().density(points) + ball
+
+    common = {"formats": ["ply"], "resolution": RES, "video": False, "solid": "fill"}
+    rep = CubeAndBall("cube")
+    one = trimesh.load(export_representation(rep, tmp_path / "one", largest_only=True, **common)["ply"])
+    two = trimesh.load(export_representation(rep, tmp_path / "two", **common)["ply"])
+    assert len(one.split(only_watertight=False)) == 1 and len(two.split(only_watertight=False)) == 2
+    assert one.volume == pytest.approx(0.9**3, rel=0.1)
+    assert build_config({"prompt": "a red cube"}).export.largest_only
