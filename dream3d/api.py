@@ -153,15 +153,15 @@ def export(
             formats=list(formats or ex.formats),
             resolution=resolution or ex.mesh_resolution,
             threshold=threshold if threshold is not None else ex.threshold,
-            video=ex.video,
-            video_frames=ex.video_frames,
-            video_resolution=ex.video_resolution,
             solid=ex.solid,
             hull_views=ex.hull_views,
             hull_image_size=ex.hull_image_size,
             hull_margin=ex.hull_margin,
             max_faces=ex.max_faces,
             largest_only=ex.largest_only,
+            video=ex.video,
+            video_frames=ex.video_frames,
+            video_resolution=ex.video_resolution,
         )
         if hasattr(member, "save_ply"):
             own["splats"] = folder / "splats.ply"
