@@ -23,7 +23,7 @@ from dream3d import rundir
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
-from dream3d.evaluate import evaluate_representation, mesh_iou
+from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from representations.particles import Particles
@@ -181,6 +181,12 @@ def _export(
             formats=list(formats or ex.formats),
             resolution=resolution or ex.mesh_resolution,
             threshold=threshold if threshold is not None else ex.threshold,
+            solid=ex.solid,
+            hull_views=ex.hull_views,
+            hull_image_size=ex.hull_image_size,
+            hull_margin=ex.hull_margin,
+            max_faces=ex.max_faces,
+            largest_only=ex.largest_only,
             video=ex.video,
             video_frames=ex.video_frames,
             video_resolution=ex.video_resolution,
@@ -197,7 +203,9 @@ def _export(
 def evaluate(run_dir: Path) -> dict:
     """Scores a toy-prompt run against the toy world; the result is merged into summary.json.
 
-    With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``).
+    With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``)
+    and as a solid against the toy shape (``evaluate_mesh_3d``: volume_iou, volume_ratio,
+    watertight, components).
     A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
     """
     run_dir = Path(run_dir)
@@ -216,11 +224,13 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
         if glb.exists():
             mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
             metrics["mesh_iou"] = mesh_iou(mesh, member, background)
+            metrics.update(evaluate_mesh_3d(mesh, cfg.prompt))
         per_particle.append(metrics)
     if len(per_particle) == 1:
         metrics = per_particle[0]
     else:
-        scores = [k for k in ("iou", "r_precision", "colour_error", "mesh_iou") if all(k in m for m in per_particle)]
+        averaged = ("iou", "r_precision", "colour_error", "mesh_iou", "volume_iou", "volume_ratio")
+        scores = [k for k in averaged if all(k in m for m in per_particle)]
         metrics = {k: sum(m[k] for m in per_particle) / len(per_particle) for k in scores}
         metrics["particles"] = per_particle
     rundir.update_summary(run_dir, eval=metrics)

@@ -23,7 +23,11 @@ BENCH_PROMPTS = (
     "a green sphere", "a blue cube", "a yellow cylinder", "an orange cone", "a purple torus", "a red pyramid",
 )
 QUICK_PROMPTS = ("a red sphere", "a green cube")
-COLUMNS = ("iou", "r_precision", "colour_error", "mesh_iou", "seconds_per_step", "wall_seconds", "peak_memory_mb")
+COLUMNS = (
+    "iou", "r_precision", "colour_error", "mesh_iou", "volume_iou", "volume_ratio", "watertight", "components",
+    "seconds_per_step", "wall_seconds", "peak_memory_mb",
+)
+MESH_3D = ("volume_iou", "volume_ratio", "watertight", "components")  # evaluate_mesh_3d's, absent without a GLB
 COUNT_STEPS = (1, 100, 200, 300, 400, 600)  # where the Gaussian count is reported
 
 
@@ -59,6 +63,7 @@ def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
         "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
         **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},
         "mesh_iou": summary["eval"].get("mesh_iou", float("nan")),  # nan when the run exported no GLB
+        **{k: summary["eval"].get(k, float("nan")) for k in MESH_3D},
         "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),
         "peak_memory_mb": summary["peak_memory_mb"],
     }
@@ -94,8 +99,15 @@ def markdown_table(rows: list[dict]) -> str:
         if counts:
             cells.append(" / ".join(str(r["num_gaussians"].get(s, "-")) for s in COUNT_STEPS))
         lines.append(f"| {r['prompt']} | {r['seed']} | {r['matched_class']} | " + " | ".join(cells) + " |")
-    medians = [_fmt(statistics.median(r[c] for r in rows)) for c in COLUMNS] + [""] * len(extra)
+    medians = [_summary(c, [r[c] for r in rows]) for c in COLUMNS] + [""] * len(extra)
     return header + "\n".join(lines) + f"\n| **median** | | | {' | '.join(medians)} |\n"
+
+
+def _summary(column: str, values: list) -> str:
+    """The median row's cell: how many meshes are watertight ("k/n"), the median otherwise."""
+    if column == "watertight":
+        return f"{sum(v is True for v in values)}/{len(values)}"
+    return _fmt(statistics.median(values))
 
 
 def _fmt(value: float) -> str:

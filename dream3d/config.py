@@ -109,6 +109,14 @@ class ExportConfig(_Section):
     formats: list[str] = list(EXPORT_FORMATS)
     mesh_resolution: int = Field(128, gt=8)
     threshold: float | None = None  # None: automatic
+    # "hull": the density made solid by the visual hull of the renders (one closed outward surface);
+    # "fill": enclosed cavities filled; "none": the raw iso-surface, inner walls included
+    solid: Literal["hull", "fill", "none"] = "hull"
+    hull_views: int = Field(32, gt=0)  # views over the whole sphere, below the object too
+    hull_image_size: int = Field(96, gt=8)
+    hull_margin: float = Field(3.0, ge=0)  # grid cells: how far under the hull's surface the inside is filled
+    largest_only: bool = True  # keep only the largest connected piece (else pieces over 5% of its faces)
+    max_faces: int | None = Field(40_000, gt=0)  # face budget (quadric decimation); None keeps marching cubes' all
     video: bool = True
     video_frames: int = Field(48, gt=0)
     video_resolution: int = Field(128, gt=0)

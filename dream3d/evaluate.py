@@ -10,25 +10,34 @@ world rendered from the same cameras:
   among all 36 at the same camera and rotation, is one the prompt names.
 
 ``mesh_iou`` checks the export instead: the exported mesh's silhouettes against the
-representation's own renders (alpha > 0.5) from the same 16 views.
+representation's own renders (alpha > 0.5) from the same 16 views. Silhouettes cannot
+see inside, so ``evaluate_mesh_3d`` measures the mesh in 3D against the toy world's
+solid (the inside of the shape's signed distance function): volumetric IoU on a grid,
+maximised over the prompt's shapes and a rotation about z, plus watertightness, the
+number of connected components and the volume ratio.
 """
 
 from __future__ import annotations
 
 import functools
 
+import math
+
+import numpy as np
 import torch
 import trimesh
 from torch import Tensor
 
-from guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SHAPES, composite, parse_prompt, render_shapes
+from guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, parse_prompt, render_shapes
 from representations.cameras import Cameras, look_at_cameras
-from representations.mesh import mesh_silhouettes
+from representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
 
 EVAL_AZIMUTHS = 8
 EVAL_ELEVATIONS = (0.0, 30.0)
 ROTATION_STEP = 5.0  # degrees
 EVAL_RESOLUTION = 64
+VOLUME_RESOLUTION = 64  # cells per axis of the 3D measure's grid over [-VOLUME_BOUND, VOLUME_BOUND]^3
+VOLUME_BOUND = 1.0  # the export's box
 
 
 def eval_cameras(azimuth_offset: float = 0.0, resolution: int = EVAL_RESOLUTION) -> Cameras:
@@ -111,3 +120,62 @@ def mesh_iou(mesh: trimesh.Trimesh, representation: torch.nn.Module, background:
     rendered = representation.render(cameras, background).alpha[..., 0] > 0.5
     meshed = mesh_silhouettes(mesh, cameras)
     return float((rendered & meshed).sum() / (rendered | meshed).sum().clamp_min(1))
+
+
+def _shape_sdf(shape: int, rotation_deg: float, resolution: int, bound: float) -> Tensor:
+    """Signed distance of the toy shape turned by ``rotation_deg`` about z at the grid's cell centres: [R,R,R].
+
+    A cell centre p is inside the turned shape when R(-rotation) p is inside the shape.
+    """
+    axis = torch.from_numpy(grid_centres(resolution, bound)).float()
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)  # [R,R,R,3]
+    angle = math.radians(rotation_deg)
+    cos, sin = math.cos(angle), math.sin(angle)
+    x, y = points[..., 0], points[..., 1]
+    turned = torch.stack([cos * x + sin * y, -sin * x + cos * y, points[..., 2]], -1)
+    return SDFS[SHAPES[shape]](turned)
+
+
+def solid_occupancy(shape: int, rotation_deg: float, resolution: int = VOLUME_RESOLUTION,
+                    bound: float = VOLUME_BOUND) -> Tensor:
+    """The toy shape turned by ``rotation_deg`` about z, as grid cells: [R,R,R] bool, inside where its SDF < 0."""
+    return _shape_sdf(shape, rotation_deg, resolution, bound) < 0
+
+
+@functools.lru_cache(maxsize=len(SHAPES))
+def solid_volume(shape: int, resolution: int = 2 * VOLUME_RESOLUTION, bound: float = VOLUME_BOUND) -> float:
+    """Volume of a toy shape in world units, from the fraction of each cell inside it.
+
+    A cell whose centre lies at signed distance d from a locally flat surface is
+    clamp(1/2 - d/h) inside (h the cell size), which is exact for the cube's faces where
+    counting centres would be off by up to half a cell per face.
+    """
+    step = 2 * bound / resolution
+    fraction = (0.5 - _shape_sdf(shape, 0.0, resolution, bound) / step).clamp(0, 1)
+    return float(fraction.double().sum()) * step**3
+
+
+def evaluate_mesh_3d(mesh: trimesh.Trimesh, prompt: str, resolution: int = VOLUME_RESOLUTION) -> dict[str, float | int | bool]:
+    """Scores a mesh (world frame, +z up) as a solid against the prompt's toy shapes.
+
+    Returns ``volume_iou`` (cells inside the mesh, by winding number, against cells inside
+    the shape; best over the prompt's shapes and rotations about z in ROTATION_STEP steps),
+    ``volume_ratio`` (the mesh's signed volume over the matched shape's, both in world units;
+    a shell or an inverted inner wall makes it small), ``watertight`` and ``components``
+    (connected pieces of the mesh).
+    """
+    inside = torch.from_numpy(mesh_occupancy(mesh, resolution, VOLUME_BOUND))
+    best = (-1.0, 0)
+    for shape in sorted({int(CLASS_SHAPE[c]) for c in parse_prompt(prompt)}):
+        for rotation in np.arange(0.0, 360.0, ROTATION_STEP).tolist():
+            truth = solid_occupancy(shape, rotation, resolution)
+            iou = float((inside & truth).sum() / (inside | truth).sum().clamp_min(1))
+            if iou > best[0]:
+                best = (iou, shape)
+    iou, shape = best
+    return {
+        "volume_iou": iou,
+        "volume_ratio": float(mesh.volume) / solid_volume(shape),
+        "watertight": bool(mesh.is_watertight),
+        "components": len(mesh.split(only_watertight=False)),
+    }

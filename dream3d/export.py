@@ -153,12 +153,21 @@ def export_representation(
     video: bool = True,
     video_frames: int = 60,
     video_resolution: int = 128,
+    solid: str = "hull",
+    hull_views: int = 32,
+    hull_image_size: int = 96,
+    hull_margin: float = 3.0,
+    max_faces: int | None = None,
+    largest_only: bool = False,
 ) -> dict[str, Path]:
     """Mesh (marching cubes of ``rep.density``, coloured by ``rep.albedo``) plus an orbit video.
 
     Args:
         rep: a representation; its device (first parameter or buffer) is where fields run.
-        resolution, threshold: passed to ``extract_mesh`` (None = automatic threshold).
+        largest_only: keep only the largest connected piece (floaters the renders confirm too);
+            otherwise pieces with at least 5% of its faces stay.
+        resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
+            threshold); "hull" carves with ``rep.render``'s alpha over a white background.
     Returns:
         {format: path} for the mesh files, plus "video" -> orbit.mp4 (white background).
     Raises:
@@ -166,7 +175,13 @@ def export_representation(
     """
     out_dir = Path(out_dir)
     device = _device_of(rep)
-    mesh = extract_mesh(rep.density, rep.albedo, resolution=resolution, threshold=threshold, device=device)
+    white = torch.ones(3, device=device)
+    mesh = extract_mesh(
+        rep.density, rep.albedo, resolution=resolution, threshold=threshold, device=device, solid=solid,
+        alpha_fn=lambda cameras: rep.render(_cameras_to(cameras, device), white).alpha[..., 0],
+        hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
+        min_component_fraction=1.0 if largest_only else 0.05,
+    )
     paths = export_mesh(mesh, out_dir, formats)
     if video:
         paths["video"] = write_orbit_video(

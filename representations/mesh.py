@@ -14,12 +14,16 @@ from typing import Callable
 import mcubes
 import numpy as np
 import torch
+import torch.nn.functional as F
 import trimesh
+from scipy import ndimage
 from torch import Tensor
 
-from representations.cameras import Cameras
+from representations.cameras import Cameras, look_at_cameras
 
 FieldFn = Callable[[Tensor], Tensor]
+AlphaFn = Callable[[Cameras], Tensor]  # cameras (B, HxW) -> alpha [B,H,W] in [0,1]
+SOLID_MODES = ("hull", "fill", "none")
 
 # Optical depth at which a ray's transmittance falls to one half: the median-depth surface.
 _HALF_OPACITY_DEPTH = math.log(2.0)
@@ -104,6 +108,71 @@ def auto_threshold(grid: Tensor, step: float, max_incidence_deg: float = 30.0) -
     return float(chosen.median())
 
 
+def hull_cameras(views: int, image_size: int, distance: float = 2.5, fovy_deg: float = 45.0) -> Cameras:
+    """``views`` cameras spread evenly over the whole sphere (a Fibonacci lattice), below the object too."""
+    k = torch.arange(views, dtype=torch.float64) + 0.5
+    elevation = torch.rad2deg(torch.asin(1 - 2 * k / views))
+    azimuth = torch.remainder(k * 180.0 * (3.0 - math.sqrt(5.0)), 360.0)  # golden angle steps
+    return look_at_cameras(elevation.float(), azimuth.float(), torch.full((views,), distance), fovy_deg, image_size, image_size)
+
+
+@torch.no_grad()
+def visual_hull(
+    alpha_fn: AlphaFn, cameras: Cameras, resolution: int, bound: float, batch: int = 8, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Soft visual hull on the ``sample_grid`` grid: [R,R,R] in [0,1], indexed [ix, iy, iz].
+
+    Each grid point takes the smallest alpha (bilinear) among the views that see it: a
+    point is solid only if every view covers it. A view carves only what falls in its
+    frame, so points outside every frame stay 1 (the grid border is cleared by the caller).
+    Unlike the density's level set this is solid by construction: a hole in a wall still
+    lets the ray hit the wall behind it, so the silhouette, and the hull, stay whole.
+    Concavities that no silhouette shows (a cup's inside) are filled.
+    """
+    axis = _grid_axis(resolution, bound)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    homogeneous = torch.cat([points, torch.ones(len(points), 1)], -1).to(device)
+    hull = torch.ones(len(points), device=device)
+    size = torch.tensor([cameras.width, cameras.height], dtype=torch.float32, device=device)
+    for start in range(0, len(cameras), batch):
+        views = cameras[start : start + batch]
+        alpha = alpha_fn(views).float()  # [b,H,W]
+        camera_points = torch.einsum("bij,nj->bni", views.viewmats().float().to(device), homogeneous)[..., :3]
+        pixels = torch.einsum("bij,bnj->bni", views.intrinsics().float().to(device), camera_points)
+        uv = pixels[..., :2] / pixels[..., 2:].clamp_min(1e-6) / size * 2 - 1  # grid_sample's [-1, 1]
+        sampled = F.grid_sample(alpha.unsqueeze(1), uv.unsqueeze(1), align_corners=False, padding_mode="border")
+        seen = (uv.abs() <= 1).all(-1) & (camera_points[..., 2] > 0)
+        hull = torch.minimum(hull, torch.where(seen, sampled[:, 0, 0], 1.0).amin(0))
+    return hull.view(resolution, resolution, resolution).cpu()
+
+
+def fill_from_hull(grid: Tensor, level: float, hull: Tensor, margin: float) -> Tensor:
+    """The density grid made solid by a visual hull: [R,R,R] -> [R,R,R].
+
+    Inside the hull, deeper than ``margin`` grid cells, the density is raised to above the
+    level: the inner walls of a shell-shaped field vanish and openings in its walls are
+    closed ``margin`` cells under the surface. Outside the hull (dilated by ``margin``) the
+    density is cleared: floaters no view confirms. In between the density is kept, so the
+    surface sits where the density puts it (the renders' median depth), not on the hull,
+    which grazing views inflate.
+    """
+    inside = (hull > 0.5).numpy()
+    depth = torch.from_numpy(ndimage.distance_transform_edt(inside))
+    reach = torch.from_numpy(ndimage.distance_transform_edt(~inside))
+    solid = torch.where(depth > margin, grid.clamp_min(2 * level), grid)
+    return torch.where(reach > margin, torch.zeros_like(grid), solid)
+
+
+def fill_cavities(grid: Tensor, level: float) -> Tensor:
+    """The density grid with every region that the outside cannot reach raised to the surface level.
+
+    The iso-surface then has no inner walls; walls with openings let the outside in, and those
+    regions stay as they are.
+    """
+    enclosed = torch.from_numpy(ndimage.binary_fill_holes((grid > level).numpy())) & (grid <= level)
+    return torch.where(enclosed, torch.full_like(grid, 2 * level), grid)
+
+
 def _largest_components(mesh: trimesh.Trimesh, min_component_fraction: float) -> trimesh.Trimesh:
     components = mesh.split(only_watertight=False)
     if len(components) <= 1:
@@ -131,32 +200,94 @@ def extract_mesh(
     min_component_fraction: float = 0.05,
     chunk: int = 2**18,
     device: torch.device | str = "cpu",
+    solid: str = "none",
+    alpha_fn: AlphaFn | None = None,
+    hull_views: int = 48,
+    hull_image_size: int = 96,
+    hull_margin: float = 3.0,
+    max_faces: int | None = None,
 ) -> trimesh.Trimesh:
-    """Triangulates the iso-surface of a density field, with per-vertex albedo colours.
+    """Triangulates the surface of a density field, with per-vertex albedo colours.
 
     Args:
         density_fn: points [N,3] -> sigma [N] (>= 0, per world unit).
         albedo_fn: points [N,3] -> rgb [N,3] in [0,1].
         resolution: grid samples per axis over [-bound, bound].
-        threshold: iso-level in sigma; None picks it with ``auto_threshold``.
+        threshold: iso-level in sigma; None picks it with ``auto_threshold`` (unused by "hull").
         min_component_fraction: connected components with fewer faces than this
             fraction of the largest component's are dropped (floaters); 0 keeps all.
         chunk: points per field evaluation.
         device: where the field functions expect their points.
+        solid: which surface: "none" the raw iso-surface of the density (inner walls
+            included), "fill" the same with enclosed cavities filled, "hull" the density
+            made solid by the visual hull of ``alpha_fn``'s renders from ``hull_views``
+            views over the whole sphere (``hull_image_size`` pixels square): see
+            ``fill_from_hull``, with ``hull_margin`` in grid cells.
+        max_faces: face budget, met by quadric decimation (``decimate``); None keeps all.
     Returns:
         A mesh in world coordinates, faces wound so normals point outward (out of the
         denser side), vertex colours as uint8 RGBA.
     Raises:
         MeshError: nothing above the threshold, everything at or above it, or no faces.
+        ValueError: an unknown ``solid`` mode, or "hull" without ``alpha_fn``.
     """
+    if solid not in SOLID_MODES:
+        raise ValueError(f"unknown solid mode {solid!r}; valid: {', '.join(SOLID_MODES)}")
+    if solid == "hull" and alpha_fn is None:
+        raise ValueError("solid='hull' needs alpha_fn (renders of the representation)")
     grid = sample_grid(density_fn, resolution, bound, chunk, device)
-    step = 2 * bound / (resolution - 1)
-    level = auto_threshold(grid, step) if threshold is None else float(threshold)
+    level = auto_threshold(grid, 2 * bound / (resolution - 1)) if threshold is None else float(threshold)
+    _check_level(grid, level)
+    if solid == "fill":
+        grid = fill_cavities(grid, level)
+    elif solid == "hull":
+        # The hull only says where the inside and outside are, a few cells from the surface: half the grid will do.
+        coarse = visual_hull(alpha_fn, hull_cameras(hull_views, hull_image_size), resolution // 2 + 1, bound, device=device)
+        hull = F.interpolate(coarse[None, None], size=(resolution,) * 3, mode="trilinear", align_corners=True)[0, 0]
+        grid = fill_from_hull(grid, level, hull, hull_margin)
+        grid[[0, -1]], grid[:, [0, -1]], grid[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
+        _check_level(grid, level)
+    mesh = _surface(grid, level, bound)
+    if max_faces is not None:
+        mesh = decimate(mesh, max_faces)
+    mesh = _largest_components(mesh, min_component_fraction)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
+    return mesh
+
+
+def decimate(mesh: trimesh.Trimesh, max_faces: int, attempts: int = 6) -> trimesh.Trimesh:
+    """The mesh with at most ``max_faces`` faces, by quadric edge collapse (fast-simplification).
+
+    The simplifier returns each collapsed corner as its own vertex and leaves a few folded
+    two-face slivers; vertices are merged and the slivers (separate zero-volume pieces) are
+    left for ``_largest_components`` to drop. Now and then a collapse pinches two sheets
+    onto one edge (four faces on it); when the largest piece is not closed while the input
+    was, the collapse is retried with a 3% smaller budget, up to ``attempts`` times, and if
+    none stays closed the mesh is returned whole: a closed surface over the budget rather
+    than an open one within it.
+    """
+    if len(mesh.faces) <= max_faces:
+        return mesh
+    for attempt in range(attempts):
+        simplified = mesh.simplify_quadric_decimation(face_count=int(max_faces * 0.97**attempt))
+        simplified.merge_vertices()
+        simplified.update_faces(simplified.nondegenerate_faces())
+        simplified.remove_unreferenced_vertices()
+        if not mesh.is_watertight or _largest_components(simplified, 1.0).is_watertight:
+            return simplified
+    return mesh
+
+
+def _check_level(grid: Tensor, level: float) -> None:
     if bool((grid >= level).all()):
         raise MeshError(f"density field is full: every grid value is >= the threshold {level:.4g}, no surface inside the box")
     if not bool((grid > level).any()):
         raise MeshError(f"density field is empty: no grid value exceeds the threshold {level:.4g}")
 
+
+def _surface(grid: Tensor, level: float, bound: float) -> trimesh.Trimesh:
+    """Marching cubes of grid [R,R,R] (spanning [-bound, bound]^3) at ``level``, degenerate faces removed."""
+    step = 2 * bound / (grid.shape[0] - 1)
     # PyMCubes returns vertices in index space with the axes in array order (x, y, z) and
     # winds faces so their normals point toward decreasing values: out of the object.
     vertices, faces = mcubes.marching_cubes(grid.numpy(), level)
@@ -168,9 +299,68 @@ def extract_mesh(
     mesh.remove_unreferenced_vertices()
     if len(mesh.faces) == 0:
         raise MeshError(f"marching cubes gave only degenerate faces at threshold {level:.4g}")
-    mesh = _largest_components(mesh, min_component_fraction)
-    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
     return mesh
+
+
+def grid_centres(resolution: int, bound: float) -> np.ndarray:
+    """Cell centres of a ``resolution``-cell axis over [-bound, bound]: [R] (float64)."""
+    step = 2 * bound / resolution
+    return -bound + (np.arange(resolution) + 0.5) * step
+
+
+# Rays are nudged off the cell centres by an irrational fraction of a cell so that none runs exactly
+# along a mesh edge or through a vertex (where two faces would both count, or neither).
+_RAY_NUDGE = np.array([np.sqrt(2.0) - 1.0, np.sqrt(3.0) - 1.0]) * 1e-4
+
+
+def _cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """z of the cross product of 2D vectors [...,2] -> [...]."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
+def mesh_occupancy(mesh: trimesh.Trimesh, resolution: int, bound: float) -> np.ndarray:
+    """Which cell centres of a [-bound, bound]^3 grid lie inside a mesh: [R,R,R] bool, indexed [ix, iy, iz].
+
+    Inside means a positive winding number along +z: one vertical ray per (x, y) column
+    counts each face it crosses above a cell as +1 if the face's normal points up (an exit)
+    and -1 if down (an entry). For a closed outward surface that is 1 inside and 0 outside;
+    a hollow shell (an inner surface whose normals face inward) gets 1 - 1 = 0 in its
+    cavity, and an inverted surface encloses nothing. That is what a volumetric measure
+    needs, where a parity test or a voxel flood fill would count the cavity as solid.
+    (trimesh's ``contains`` needs rtree, which dream3d does not ship.)
+    """
+    centres = grid_centres(resolution, bound)
+    step = 2 * bound / resolution
+    tri = np.asarray(mesh.triangles, dtype=np.float64)  # [F,3,3]
+    xy, z = tri[..., :2], tri[..., 2]
+    area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])  # > 0: counter-clockwise from above, normal up
+    keep = np.abs(area2) > 1e-18
+    xy, z, area2 = xy[keep], z[keep], area2[keep]
+    # columns whose (nudged) ray lies in each face's xy bounding box
+    nudge = _RAY_NUDGE * step
+    first = np.clip(np.ceil((xy.min(1) - nudge + bound) / step - 0.5), 0, resolution).astype(np.int64)
+    last = np.clip(np.floor((xy.max(1) - nudge + bound) / step - 0.5), -1, resolution - 1).astype(np.int64)
+    counts = np.clip(last - first + 1, 0, None)  # [F,2]
+    per_face = counts[:, 0] * counts[:, 1]
+    face = np.repeat(np.arange(len(xy)), per_face)
+    local = np.arange(per_face.sum()) - np.repeat(np.cumsum(per_face) - per_face, per_face)
+    ix = first[face, 0] + local // np.maximum(counts[face, 1], 1)
+    iy = first[face, 1] + local % np.maximum(counts[face, 1], 1)
+    point = np.stack([centres[ix], centres[iy]], -1) + nudge  # [P,2]
+    a, b, c = xy[face, 0], xy[face, 1], xy[face, 2]
+    # barycentric weights of the ray's (x, y) in the projected face
+    w1 = _cross2(point - a, c - a) / area2[face]
+    w2 = _cross2(b - a, point - a) / area2[face]
+    w0 = 1 - w1 - w2
+    hit = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+    face, ix, iy = face[hit], ix[hit], iy[hit]
+    z_hit = w0[hit] * z[face, 0] + w1[hit] * z[face, 1] + w2[hit] * z[face, 2]
+    # a crossing at z_hit counts for the cells whose centre lies below it
+    below = np.searchsorted(centres, z_hit)
+    crossings = np.zeros((resolution, resolution, resolution + 1), dtype=np.int64)
+    np.add.at(crossings, (ix, iy, below), np.sign(area2[face]).astype(np.int64))
+    winding = np.flip(np.cumsum(np.flip(crossings, -1), -1), -1)[..., 1:]  # sum over crossings above each cell
+    return winding > 0
 
 
 def _covers(corners: Tensor, centres: Tensor) -> Tensor:
@@ -224,4 +414,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "extract_mesh", "auto_threshold", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]

@@ -1,0 +1,144 @@
+"""Solid export: a shell-shaped density field (inner walls, an opening) becomes one closed, outward solid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from dream3d.config import ConfigError, build_config
+from dream3d.evaluate import evaluate_mesh_3d
+from dream3d.export import export_representation
+from guidance.priors.toy_world import SDFS, SHAPES, render_shapes
+from representations.cameras import Cameras
+from representations.mesh import extract_mesh, mesh_occupancy
+
+RES = 64
+WALL = 0.12  # thickness of the density's wall, under the surface
+HULL = {"hull_views": 24, "hull_image_size": 64}
+
+
+class ShellRep:
+    """A toy shape whose density is only a wall under its surface, as trained NeRFs give.
+
+    Its renders are the solid toy shape's (a ray through an opening in the wall meets the
+    wall behind it, so the silhouettes stay whole). ``opening`` cuts a cone of that half
+    angle (degrees) around +x out of the wall; a small floater sits at a corner of the box,
+    which the renders do not show.
+    """
+
+    def __init__(self, shape: str, opening: float = 0.0) -> None:
+        self.shape, self.sdf, self.opening = shape, SDFS[shape], opening
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        d = self.sdf(points)
+        wall = 50 * torch.sigmoid(40 * (WALL / 2 - (d + WALL / 2).abs()))
+        if self.opening:
+            cosine = points[:, 0] / points.norm(dim=-1).clamp_min(1e-9)
+            wall = torch.where(cosine > math.cos(math.radians(self.opening)), torch.zeros_like(wall), wall)
+        floater = 50 * torch.sigmoid(200 * (0.06 - (points - torch.tensor([0.8, 0.8, 0.8])).norm(dim=-1)))
+        return wall + floater
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0.85, 0.15, 0.15]).expand(len(points), 3)
+
+    def alpha(self, cameras: Cameras) -> torch.Tensor:
+        return render_shapes(cameras, [SHAPES.index(self.shape)] * len(cameras), supersample=1)["mask"][..., 0]
+
+
+def _mesh(rep: ShellRep, solid: str) -> trimesh.Trimesh:
+    return extract_mesh(rep.density, rep.albedo, resolution=RES, solid=solid, alpha_fn=rep.alpha, **HULL)
+
+
+@pytest.fixture(scope="module")
+def sphere_with_opening() -> ShellRep:
+    return ShellRep("sphere", opening=25.0)
+
+
+def test_raw_surface_is_a_hollow_shell(sphere_with_opening: ShellRep) -> None:
+    scores = evaluate_mesh_3d(_mesh(sphere_with_opening, "none"), "a sphere")
+    assert scores["volume_iou"] < 0.6 and scores["volume_ratio"] < 0.6
+
+
+def test_flood_fill_fills_a_closed_shell_but_not_an_open_one(sphere_with_opening: ShellRep) -> None:
+    closed = evaluate_mesh_3d(_mesh(ShellRep("sphere"), "fill"), "a sphere")
+    assert closed["volume_iou"] > 0.9 and closed["components"] == 1
+    assert evaluate_mesh_3d(_mesh(sphere_with_opening, "fill"), "a sphere")["volume_iou"] < 0.6
+
+
+def test_hull_makes_an_open_shell_one_closed_solid(sphere_with_opening: ShellRep) -> None:
+    mesh = _mesh(sphere_with_opening, "hull")
+    scores = evaluate_mesh_3d(mesh, "a sphere")
+    assert scores["watertight"] and scores["components"] == 1  # the floater is gone too
+    assert scores["volume_iou"] > 0.9
+    assert scores["volume_ratio"] == pytest.approx(1.0, abs=0.1)  # positive: normals point outward
+    assert mesh_occupancy(mesh, 16, 1.0)[8, 8, 8]  # the centre is inside
+
+
+def test_hull_keeps_the_torus_hole() -> None:
+    """Concavities a view sees through (the torus's hole, from above and below) stay open."""
+    scores = evaluate_mesh_3d(_mesh(ShellRep("torus"), "hull"), "a torus")
+    assert scores["volume_iou"] > 0.8 and scores["components"] == 1 and scores["watertight"]
+
+
+def test_hull_needs_renders_and_modes_are_checked(sphere_with_opening: ShellRep) -> None:
+    rep = sphere_with_opening
+    with pytest.raises(ValueError, match="alpha_fn"):
+        extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull")
+    with pytest.raises(ValueError, match="unknown solid mode 'hollow'"):
+        extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hollow")
+
+
+class RenderableShell(ShellRep):
+    def render(self, cameras: Cameras, background: torch.Tensor):
+        alpha = self.alpha(cameras)[..., None]
+        return type("Out", (), {"alpha": alpha, "rgb": alpha * 0.5 + (1 - alpha) * background})()
+
+
+def test_export_is_solid_by_default_and_raw_on_request(tmp_path) -> None:
+    rep = RenderableShell("cube", opening=20.0)
+    common = {"formats": ["ply"], "resolution": RES, "video": False, **HULL}
+    solid = trimesh.load(export_representation(rep, tmp_path / "solid", **common)["ply"])
+    raw = trimesh.load(export_representation(rep, tmp_path / "raw", solid="none", **common)["ply"])
+    assert solid.is_watertight and len(solid.split(only_watertight=False)) == 1
+    assert solid.volume == pytest.approx(0.9**3, rel=0.1)
+    assert raw.volume < 0.75 * 0.9**3  # the wall alone
+
+
+def test_config_export_solid_key() -> None:
+    assert build_config({"prompt": "a red cube"}).export.solid == "hull"
+    assert build_config({"prompt": "a red cube", "export": {"solid": "none"}}).export.solid == "none"
+    with pytest.raises(ConfigError, match="solid"):
+        build_config({"prompt": "a red cube", "export": {"solid": "hollow"}})
+
+
+def test_face_budget_keeps_the_solid_closed(sphere_with_opening: ShellRep) -> None:
+    full = _mesh(sphere_with_opening, "hull")
+    budget = len(full.faces) // 4
+    small = extract_mesh(sphere_with_opening.density, sphere_with_opening.albedo, resolution=RES, solid="hull",
+                         alpha_fn=sphere_with_opening.alpha, max_faces=budget, **HULL)
+    assert budget // 2 < len(small.faces) <= budget
+    assert small.is_watertight and len(small.split(only_watertight=False)) == 1
+    assert small.volume == pytest.approx(full.volume, rel=0.02)
+    assert len(small.visual.vertex_colors) == len(small.vertices)  # coloured after decimating
+    assert build_config({"prompt": "a red cube"}).export.max_faces == 40_000
+
+
+def test_export_keeps_only_the_largest_piece_by_default(tmp_path) -> None:
+    """A second solid (a ball above the cube) is dropped unless asked to keep it."""
+
+    class CubeAndBall(RenderableShell):
+        def density(self, points: torch.Tensor) -> torch.Tensor:
+            ball = 50 * torch.sigmoid(40 * (0.2 - (points - torch.tensor([0.0, 0.0, 0.72])).norm(dim=-1)))
+            return super().density(points) + ball
+
+    common = {"formats": ["ply"], "resolution": RES, "video": False, "solid": "fill"}
+    rep = CubeAndBall("cube")
+    one = trimesh.load(export_representation(rep, tmp_path / "one", largest_only=True, **common)["ply"])
+    two = trimesh.load(export_representation(rep, tmp_path / "two", **common)["ply"])
+    assert len(one.split(only_watertight=False)) == 1 and len(two.split(only_watertight=False)) == 2
+    assert one.volume == pytest.approx(0.9**3, rel=0.1)
+    assert build_config({"prompt": "a red cube"}).export.largest_only
