@@ -8,6 +8,7 @@ the exporter's business.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
@@ -20,6 +21,8 @@ from scipy import ndimage
 from torch import Tensor
 
 from representations.cameras import Cameras, look_at_cameras
+
+log = logging.getLogger(__name__)
 
 FieldFn = Callable[[Tensor], Tensor]
 AlphaFn = Callable[[Cameras], Tensor]  # cameras (B, HxW) -> alpha [B,H,W] in [0,1]
@@ -244,9 +247,12 @@ def extract_mesh(
         # The hull only says where the inside and outside are, a few cells from the surface: half the grid will do.
         coarse = visual_hull(alpha_fn, hull_cameras(hull_views, hull_image_size), resolution // 2 + 1, bound, device=device)
         hull = F.interpolate(coarse[None, None], size=(resolution,) * 3, mode="trilinear", align_corners=True)[0, 0]
-        grid = fill_from_hull(grid, level, hull, hull_margin)
-        grid[[0, -1]], grid[:, [0, -1]], grid[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
-        _check_level(grid, level)
+        filled = fill_from_hull(grid, level, hull, hull_margin)
+        filled[[0, -1]], filled[:, [0, -1]], filled[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
+        if bool((filled > level).any()):
+            grid = filled
+        else:  # renders too faint for any point to be covered by every view (an early or tiny run)
+            log.warning("warning: the visual hull of the renders is empty; exporting the raw surface")
     mesh = _surface(grid, level, bound)
     if max_faces is not None:
         mesh = decimate(mesh, max_faces)

@@ -188,7 +188,7 @@ def test_a_run_locked_by_this_process_is_refused_to_the_cli(run_dir):
 
 def test_two_concurrent_resumes_exactly_one_trains(run_dir, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "steps": 10**6, "checkpoint_every": 10**6}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "steps": 999_999, "checkpoint_every": 999_999}))
     logs = [tmp_path / f"err{i}" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "dream3d", "resume", str(run_dir)], stdout=subprocess.PIPE,
                               stderr=log.open("w")) for log in logs]
