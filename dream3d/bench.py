@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from dream3d.errors import UserError
 from dream3d import api
 from dream3d.atomic import write_text
 
@@ -31,7 +32,7 @@ MESH_3D = ("volume_iou", "volume_ratio", "watertight", "components")  # evaluate
 COUNT_STEPS = (1, 100, 200, 300, 400, 600)  # where the Gaussian count is reported
 
 
-class BenchError(RuntimeError):
+class BenchError(UserError, RuntimeError):
     """A benchmark run or its evaluation failed; the message is one line."""
 
 

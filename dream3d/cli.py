@@ -2,6 +2,8 @@
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
+Nothing heavy (torch, diffusers) is imported until a command runs: ``--help`` and argument
+errors take a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 import typer
@@ -19,28 +21,17 @@ from typer.exceptions import Abort, TyperException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dream3d import api
-from dream3d.batch import BatchError, BatchInterrupted
-from dream3d.bench import BenchError
-from dream3d.config import (
-    GUIDANCES, NOISES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, SampleOptions, build_config,
-    check_export_options, check_options, load_yaml, merge, parse_overrides,
-)
-from dream3d.device import DeviceError, resolve_device
-from dream3d.loop import Progress as RunProgress
-from dream3d.loop import RunError, RunInterrupted
-from dream3d.rundir import RunDirError
-from guidance.base import GuidanceError
-from guidance.priors.base import PriorError
-from representations.mesh import MeshError
-from representations.splat_ply import PLYError
+from dream3d.errors import UserError, one_line, user_errors
+from dream3d.registry import PRIORS, REPRESENTATIONS, RULES
+
+if TYPE_CHECKING:
+    from dream3d import api
+    from dream3d.config import RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 console = Console(stderr=True)
 # train-prior's checkpoints are step-XXXXXXX.pt and found by sorting names: 7 digits sort right
 MAX_PRIOR_STEPS = 9_999_999
-USER_ERRORS = (ConfigError, PriorError, GuidanceError, RunDirError, MeshError, PLYError, RunError, BatchError, BenchError,
-               DeviceError)
 
 
 class _StopFlag:
@@ -67,7 +58,7 @@ def _train(start: Any) -> api.Result:
     bar = Progress(*columns, console=console)
     task = bar.add_task("optimising", total=None, loss="-", t="-", rate="-")
 
-    def on_event(event: RunProgress) -> None:
+    def on_event(event: Any) -> None:  # a dream3d.loop.Progress
         if event.kind == "step":
             bar.start()
             bar.update(
@@ -91,10 +82,10 @@ def _report(result: api.Result) -> None:
 
 # the run options, shared by `run` and `batch` (where they are every job's defaults)
 OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform")
-PRIOR = typer.Option(None, help=" | ".join(PRIORS))
+PRIOR = typer.Option(None, help=" | ".join(PRIORS.names))
 MODEL = typer.Option(None, help="diffusers priors: a Hugging Face hub id or a local diffusers folder.")
-GUIDANCE = typer.Option(None, help=" | ".join(GUIDANCES))
-REPRESENTATION = typer.Option(None, help=" | ".join(REPRESENTATIONS))
+GUIDANCE = typer.Option(None, help=" | ".join(RULES.names))
+REPRESENTATION = typer.Option(None, help=" | ".join(REPRESENTATIONS.names))
 STEPS = typer.Option(None, help="Optimisation steps.")
 SEED = typer.Option(None)
 RESOLUTION = typer.Option(None, help="Render size (one size for the whole run).")
@@ -103,7 +94,7 @@ INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this 
 PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
 REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
 DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N: where the whole run lives (auto: CUDA if any).")
-NOISE = typer.Option(None, help=" | ".join(NOISES) + ": forward noise fresh per step, or fixed on the 3D "
+NOISE = typer.Option(None, help="independent | consistent: forward noise fresh per step, or fixed on the 3D "
                      "representation (sds, ism; cfd always).")
 
 
@@ -142,6 +133,8 @@ def run(
     device: Optional[str] = DEVICE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
+    from dream3d import api
+
     cfg = _run_config(prompt, overrides, prior, model, guidance, representation, steps, seed, resolution, out, config,
                       init_points, particles, repulsion, noise, device)
     _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
@@ -154,6 +147,8 @@ def _run_config(
     device: str | None = None,
 ) -> RunConfig:
     """The config of `dream3d run` from its arguments (layers: --config, flags, overrides)."""
+    from dream3d.config import build_config, load_yaml, parse_overrides
+
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
                        noise, device)
     return build_config(
@@ -170,13 +165,15 @@ def check_run_args(args: list[str]) -> RunConfig:
     try:
         params = command.make_context("run", list(args)).params
     except click.ClickException as e:
-        raise ConfigError(e.format_message()) from None
+        raise UserError(e.format_message()) from None
     return _run_config(**params)
 
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="A run folder made by `dream3d run`.")) -> None:
     """Continue an interrupted run from its latest checkpoint."""
+    from dream3d import api
+
     _report(_train(lambda on_event, stop: api.resume(run_dir, on_event, stop)))
 
 
@@ -188,8 +185,11 @@ def export(
     threshold: Optional[float] = typer.Option(None, help="Density iso-level (default: automatic)."),
 ) -> None:
     """Export (again) the mesh and the orbit video of a run."""
+    from dream3d import api
+    from dream3d.config import check_export_options
+
     if threshold is not None and not math.isfinite(threshold):
-        raise ConfigError(f"--threshold must be a finite number, got {threshold}")
+        raise UserError(f"--threshold must be a finite number, got {threshold}")
     chosen = formats.split(",") if formats else None
     check_export_options(chosen, resolution)
     files = api.export(run_dir, chosen, resolution, threshold)
@@ -199,6 +199,8 @@ def export(
 @app.command("eval")
 def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt.")) -> None:
     """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
+    from dream3d import api
+
     metrics = api.evaluate(run_dir)
     for i, particle in enumerate(metrics.pop("particles", [])):
         typer.echo(f"p{i}: " + ", ".join(_fmt_metric(k, v) for k, v in particle.items()))
@@ -236,6 +238,7 @@ def batch(
 
     The run options are every job's defaults."""
     from dream3d.batch.command import run_batch_command, show_status
+    from dream3d.config import load_yaml, merge, parse_overrides
 
     if status:
         raise typer.Exit(show_status(file, out, console))
@@ -268,7 +271,7 @@ def bench_guidance(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run (last)"),
     out: Path = typer.Option(Path("bench-guidance"), help="Folder for the runs, bench.md and bench.json."),
     quick: bool = typer.Option(False, help="The small matrix CI runs (2 rules, NeRF, toy-mv, 1 faithful + 1 ambiguous prompt, a few steps)."),
-    rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: all): sds,csd,ism,vsd,esd,cfd,rsd"),
+    rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: every registered rule, and rsd = sds + repulsion)"),
     representations: Optional[str] = typer.Option(None, help="Comma-separated: nerf,gaussians (default: both)."),
     prior: Optional[str] = typer.Option(None, help="The embedded prior of every run (default toy-unet-mv)."),
     faithful: Optional[str] = typer.Option(None, help="Comma-separated one-class prompts (default: 4 of them)."),
@@ -310,7 +313,7 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
     try:
         return None if value is None else tuple(int(s) for s in value.split(","))
     except ValueError:
-        raise ConfigError(f"seeds must be comma-separated integers, got {value!r}") from None
+        raise UserError(f"seeds must be comma-separated integers, got {value!r}") from None
 
 
 @app.command("bench-gpu")
@@ -324,6 +327,7 @@ def bench_gpu(
 ) -> None:
     """The GPU check (docs/gpu.md): CPU-vs-GPU parity, toy demos, SDS/VSD steps vs the bare UNet+VAE cost."""
     from dream3d import gpu_check
+    from dream3d.device import resolve_device
 
     if parts_only:
         from guidance.priors.diffusers_prior import DiffusersConfig
@@ -351,10 +355,11 @@ def train_prior(
     """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream)."""
     import torch
 
+    from dream3d.config import SampleOptions, check_options
     from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior
 
     if arch not in ("unet", "mvdream"):
-        raise ConfigError(f"unknown --arch {arch!r}; valid: unet, mvdream")
+        raise UserError(f"unknown --arch {arch!r}; valid: unet, mvdream")
     config_class, train = TrainPriorConfig, train_prior
     if arch == "mvdream":
         from dream3d.train_mvdream import TrainMVDreamConfig, train_mvdream
@@ -362,10 +367,10 @@ def train_prior(
         config_class, train = TrainMVDreamConfig, train_mvdream
     out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
     if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
+        raise UserError(f"--threads must be at least 1, got {threads}")
     check_options(SampleOptions, seed=seed)  # torch's 64-bit seeds
     if steps is not None and steps > MAX_PRIOR_STEPS:
-        raise ConfigError(f"steps: at most {MAX_PRIOR_STEPS} steps (checkpoint names hold 7 digits), got {steps}")
+        raise UserError(f"steps: at most {MAX_PRIOR_STEPS} steps (checkpoint names hold 7 digits), got {steps}")
     cfg = check_options(config_class, seed=seed, **({"steps": steps} if steps is not None else {}))
     if threads is not None:
         torch.set_num_threads(threads)
@@ -402,6 +407,7 @@ def sample(
     seed: int = typer.Option(0),
 ) -> None:
     """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
+    from dream3d.config import SampleOptions, check_options
     from dream3d.prior_eval import save_row, sample_views
 
     check_options(SampleOptions, n=n, steps=steps, seed=seed, elevation=elevation, azimuth=azimuth,
@@ -425,13 +431,14 @@ def eval_prior(
     import json
 
     from dream3d.atomic import write_text
+    from dream3d.config import SampleOptions, check_options
     from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
     from guidance.priors.toy_world import CLASSES
 
     if prior not in ("toy-unet", "toy-mvdream"):
-        raise ConfigError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
+        raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
     if views < 1:
-        raise ConfigError(f"views: must be at least 1, got {views}")
+        raise UserError(f"views: must be at least 1, got {views}")
     check_options(SampleOptions, n=len(CLASSES) * views, steps=steps, seed=seed, guidance_scale=guidance_scale)
     multiview = prior == "toy-mvdream"
     evaluate = evaluate_multiview_prior if multiview else evaluate_prior
@@ -459,7 +466,7 @@ def web(
 ) -> None:
     """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
     if importlib.util.find_spec("gradio") is None:
-        raise ConfigError("the web app needs gradio: pip install 'dream3d[web]'")
+        raise UserError("the web app needs gradio: pip install 'dream3d[web]'")
     from dream3d.web.app import launch, settings_from_files
 
     launch(settings_from_files(out, config, max_prompt_chars, max_steps), host, port, share)
@@ -479,11 +486,13 @@ def main() -> None:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         _fail(f"error: {message}")
         sys.exit(2)
-    except (RunInterrupted, BatchInterrupted) as e:
-        _fail(f"interrupted: {e}")
-        sys.exit(130)
-    except USER_ERRORS as e:
-        _fail(f"error: {e}")
+    except Exception as e:
+        if type(e).__name__ in ("RunInterrupted", "BatchInterrupted"):
+            _fail(f"interrupted: {e}")
+            sys.exit(130)
+        if not isinstance(e, user_errors()):
+            raise
+        _fail(f"error: {one_line(e)}")
         sys.exit(1)
     if status:
         sys.exit(status)

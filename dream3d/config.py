@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from dream3d.errors import UserError
 from dream3d import registry
 from dream3d.device import DEVICE_PATTERN
 from dream3d.sampling import CameraConfig
@@ -66,7 +67,7 @@ def check_fits(what: str, need: float, how: str) -> None:
         raise ValueError(f"{what} would need about {_gib(need)} of memory ({how}), more than this machine's {_gib(have)}")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the user gave cannot be used; the message is one line."""
 
 

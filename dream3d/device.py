@@ -6,10 +6,12 @@ import re
 
 import torch
 
+from dream3d.errors import UserError
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """The requested device does not exist on this machine; the message is one line."""
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 MAX_MESSAGE_CHARS = 300
 
 
-class UserError(ValueError):
-    """A failure the user caused or can fix (bad input, a missing model, a full disk); one line."""
+class UserError(Exception):
+    """A failure the user caused or can fix (bad input, a missing model, a full disk); one line.
+
+    The app's error classes derive from it (and from ValueError or RuntimeError as before)."""
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Every exception class whose message is meant for the user as is."""
+    """Every exception class whose message is meant for the user as is: the app's UserError family
+    and the libraries' own one-line errors."""
     from guidance.base import GuidanceError
     from guidance.priors.base import PriorError
     from representations.mesh import MeshError

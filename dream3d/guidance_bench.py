@@ -26,18 +26,14 @@ from typing import Callable, Iterator
 
 from dream3d.atomic import write_text
 from dream3d.bench import BenchError, run_and_eval
+from dream3d import registry
 from dream3d.config import ConfigError, REPRESENTATIONS
 
-# A rule is a named preset: the key=value run overrides that select it.
+# A rule is a named preset: the key=value run overrides that select it. Every registered rule, plus
+# SDS + kernel repulsion, which needs at least 3 particles; weight from a probe of 0 / 100 / 1000 on
+# "a red shape" (docs/benchmarks.md): 100 found more classes at some cost in IoU, 1000 broke the shapes.
 RULES: dict[str, tuple[str, ...]] = {
-    "sds": (),
-    "csd": ("guidance=csd",),
-    "ism": ("guidance=ism",),
-    "vsd": ("guidance=vsd",),
-    "esd": ("guidance=esd",),
-    "cfd": ("guidance=cfd",),
-    # SDS + kernel repulsion, which needs at least 3 particles; weight from a probe of 0 / 100 / 1000 on
-    # "a red shape" (docs/benchmarks.md): 100 found more classes at some cost in IoU, 1000 broke the shapes
+    **{name: (f"guidance={name}",) for name in registry.RULES.names},
     "rsd": ("particles=4", "repulsion.weight=100"),
 }
 
@@ -82,10 +78,10 @@ FULL = Matrix(
     prior="toy-unet-mv", settings=FULL_SETTINGS,
 )
 # What CI runs: 4 runs, on the closed-form prior (no UNet to load: a run's process starts in half the time).
-# particles=1 runs before `--particles` exists; with it, set 2 (diversity then counts both).
+# The ambiguous prompt runs 3 particles, so the diversity columns count 3 shapes, not always 1.
 QUICK = Matrix(
     rules=("sds", "csd"), representations=("nerf",), faithful=("a red sphere",), ambiguous=("a cube",),
-    seeds=(0,), ambiguous_seeds=(0,), particles=1, prior="toy-mv", settings=QUICK_SETTINGS,
+    seeds=(0,), ambiguous_seeds=(0,), particles=3, prior="toy-mv", settings=QUICK_SETTINGS,
 )
 
 TABLE_COLUMNS = (

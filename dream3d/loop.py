@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dream3d.errors import UserError
 from dream3d import rundir
 from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
@@ -34,7 +35,7 @@ from guidance.schedule import evaluate
 from representations.cameras import Cameras, RenderOutput
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """The run cannot go on; the message is one line and names the last good checkpoint (or says there is none)."""
 
 

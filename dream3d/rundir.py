@@ -28,6 +28,7 @@ import torch
 
 from dream3d.atomic import write_bytes, write_text
 from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, to_yaml
+from dream3d.errors import UserError
 from dream3d.lock import FolderBusy, LockError, folder_lock
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 MISMATCH_ERRORS = (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A folder is not a usable run; the message is one line."""
 
 

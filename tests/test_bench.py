@@ -90,7 +90,7 @@ def test_rules_are_run_overrides_that_win_over_the_shared_settings():
     assert options[-2:] == list(RULES["rsd"])
     assert "particles=4" in FULL.options("sds", "nerf", ambiguous=True)
     assert not any(o.startswith("particles=") for o in FULL.options("sds", "nerf", ambiguous=False))
-    assert not any(o.startswith("particles=") for o in QUICK.options("sds", "nerf", ambiguous=True))
+    assert "particles=3" in QUICK.options("sds", "nerf", ambiguous=True)  # the quick diversity counts 3 shapes
 
 
 class _ClosedForm:
@@ -160,9 +160,9 @@ def _bench(monkeypatch, capsys, *args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rules", "sds,magic"], "error: unknown rule 'magic'; valid: sds, csd, ism, vsd, esd, cfd, rsd"),
+    (["--rules", "sds,magic"], "error: unknown rule 'magic'; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd"),
     (["--representations", "mesh"], "error: unknown representation 'mesh'; valid: nerf, gaussians"),
-    (["--rules", ","], "error: no rule to run; valid: sds, csd, ism, vsd, esd, cfd, rsd"),
+    (["--rules", ","], "error: no rule to run; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd"),
     (["--seeds", "0,x"], "error: seeds must be comma-separated integers, got '0,x'"),
     (["--particles", "0"], "error: particles must be at least 1, got 0"),
 ])

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from dream3d import api, cli
-from dream3d.cli import USER_ERRORS
 from dream3d.config import ConfigError, build_config
 from dream3d.web.form import FormValues, config_from_form, defaults, guidance_setting, resolution_text
 from dream3d.web.jobs import JobQueue, run_and_export
@@ -91,7 +90,7 @@ def test_two_jobs_run_one_after_the_other():
         spans[cfg.prompt] = (began, time.monotonic())
         return api.Result(Path(cfg.prompt))
 
-    jobs = JobQueue(USER_ERRORS, runner)
+    jobs = JobQueue(runner)
     first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
     assert jobs.snapshot(second).state == "waiting" and jobs.snapshot(second).position == 1
     release.set()
@@ -106,7 +105,7 @@ def test_user_errors_become_a_jobs_message_and_bugs_a_generic_one():
             raise ConfigError("one line")
         raise KeyError("boom")
 
-    jobs = JobQueue(USER_ERRORS, runner)
+    jobs = JobQueue(runner)
     bad, bug = jobs.submit(build_config({"prompt": "bad"})), jobs.submit(build_config({"prompt": "bug"}))
     assert bad.finished.wait(5) and bug.finished.wait(5)
     assert (bad.state, bad.error) == ("failed", "one line")
@@ -122,7 +121,7 @@ def test_stop_ends_the_run_and_exports_what_it_reached(tiny):
 
         return run_and_export(cfg, stop_at_step_three, should_stop)
 
-    jobs = JobQueue(USER_ERRORS, runner)
+    jobs = JobQueue(runner)
     job = jobs.submit(build_config(tiny, {"prompt": "a red cube", "steps": 200}))
     assert job.finished.wait(120)
     assert job.state == "stopped", job.error
@@ -193,7 +192,7 @@ def test_stop_on_a_waiting_job_takes_it_out_of_the_line_at_once():
         release.wait(5)
         return api.Result(Path(cfg.prompt))
 
-    jobs = JobQueue(USER_ERRORS, runner)
+    jobs = JobQueue(runner)
     first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
     third = jobs.submit(build_config({"prompt": "third"}))
     assert jobs.stop(second.id)
@@ -238,7 +237,7 @@ def test_a_refused_form_leaves_the_finish_handler_nothing_to_update(tmp_path):
 
     from dream3d.web.app import WebSettings, build_app
 
-    demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(USER_ERRORS), RunsFolder(tmp_path))
+    demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(), RunsFolder(tmp_path))
     finish = next(fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_finished")
     assert finish.fn(None) == gr.skip()
     # what the server does with it: before the fix, gradio raised ValueError on the {} it got

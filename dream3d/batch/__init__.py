@@ -6,8 +6,10 @@ ray_executor.py: a Ray task per job), worker.py runs one job, report.py and cont
 show the result, command.py is the CLI's side.
 """
 
+from dream3d.errors import UserError
 
-class BatchError(ValueError):
+
+class BatchError(UserError, ValueError):
     """A batch cannot run as asked; the message is one line."""
 
 

@@ -18,6 +18,7 @@ import torch
 
 from dream3d import api
 from dream3d.config import ConfigError, build_config
+from dream3d.errors import one_line, user_errors
 from dream3d.loop import Progress, RunInterrupted
 from guidance.base import GuidanceError
 from guidance.priors.base import PriorError
@@ -26,7 +27,6 @@ from representations.splat_ply import PLYError
 # errors of the job's own input: the same job fails the same way however often it is retried
 INPUT_ERRORS = (ConfigError, PriorError, GuidanceError, PLYError)
 STEP_REPORT_SECONDS = 0.5
-OWN_PACKAGES = ("dream3d", "guidance", "representations")
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -81,8 +81,6 @@ def _step_reporter(job_id: str, report: Report) -> Callable[[Progress], None]:
 
 
 def _one_line(error: Exception) -> str:
-    message = " ".join(str(error).split())
-    # our own errors are worded for users; anything else needs its type to make sense
-    if type(error).__module__.split(".")[0] in OWN_PACKAGES:
-        return message
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    # a user error is worded for users; anything else needs its type to make sense
+    message = one_line(error)
+    return message if isinstance(error, user_errors()) else f"{type(error).__name__}: {message}"

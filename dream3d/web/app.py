@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dream3d import rundir
-from dream3d.cli import USER_ERRORS
+from dream3d.errors import user_errors
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
 from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, config_from_form, defaults, resolution_text
 from dream3d.web.jobs import JobQueue, Snapshot
@@ -235,7 +235,7 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
 def _saved_config(run_dir: Path) -> RunConfig | None:
     try:
         return rundir.load_run_config(run_dir)
-    except USER_ERRORS:
+    except user_errors():
         return None
 
 
@@ -243,7 +243,7 @@ def launch(settings: WebSettings, host: str = "127.0.0.1", port: int = 7860, sha
     """Serves the page until interrupted."""
     runs = RunsFolder(Path(settings.out))
     runs.root.mkdir(parents=True, exist_ok=True)
-    demo = build_app(settings, JobQueue(USER_ERRORS), runs)
+    demo = build_app(settings, JobQueue(), runs)
     demo.queue(default_concurrency_limit=None).launch(
         server_name=host, server_port=port, share=share, theme=THEME, ssr_mode=False,
         allowed_paths=[str(runs.root)], app_kwargs={"routes": [download_route(runs)]},

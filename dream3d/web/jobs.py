@@ -18,6 +18,7 @@ from typing import Callable
 
 from dream3d import api
 from dream3d.config import RunConfig
+from dream3d.errors import one_line, user_errors
 from dream3d.loop import Progress
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,9 @@ class Job:
 
 
 class JobQueue:
-    """FIFO of jobs run by one worker thread; ``user_errors`` become a job's one-line error."""
+    """FIFO of jobs run by one worker thread; a user error (``dream3d.errors``) becomes a job's one-line error."""
 
-    def __init__(self, user_errors: tuple[type[Exception], ...], runner: Runner = run_and_export) -> None:
-        self._user_errors = user_errors
+    def __init__(self, runner: Runner = run_and_export) -> None:
         self._runner = runner
         self._pending: queue.Queue[Job] = queue.Queue()
         self._jobs: dict[str, Job] = {}
@@ -130,8 +130,8 @@ class JobQueue:
                 job.state, job.started_at = "running", time.monotonic()
             try:
                 job.result = self._runner(job.cfg, job.record, job.stop_requested.is_set)
-            except self._user_errors as e:
-                job.error = str(e).replace("\n", " ")
+            except user_errors() as e:
+                job.error = one_line(e)
                 self._finish(job, "failed")
             except Exception as e:  # a bug: the page gets one line, the server log the traceback
                 log.exception("run %s failed", job.id)
