@@ -26,7 +26,7 @@ from dream3d.device import resolve_device
 from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
-from representations.particles import Particles
+from dream3d.representations.particles import Particles
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]

@@ -330,9 +330,9 @@ def bench_gpu(
     from dream3d.device import resolve_device
 
     if parts_only:
-        from guidance.priors.diffusers_prior import DiffusersConfig
-        from guidance.priors.sd import StableDiffusionPrior
-        from guidance.prompts import PromptConfig
+        from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+        from dream3d.guidance.priors.sd import StableDiffusionPrior
+        from dream3d.guidance.prompts import PromptConfig
 
         where = str(resolve_device(device))
         prior = StableDiffusionPrior(model, DiffusersConfig(device=where), PromptConfig())
@@ -433,7 +433,7 @@ def eval_prior(
     from dream3d.atomic import write_text
     from dream3d.config import SampleOptions, check_options
     from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
-    from guidance.priors.toy_world import CLASSES
+    from dream3d.guidance.priors.toy_world import CLASSES
 
     if prior not in ("toy-unet", "toy-mvdream"):
         raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")

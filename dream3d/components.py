@@ -6,10 +6,10 @@ import torch
 
 from dream3d.config import RunConfig
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
-from guidance.base import RuleContext
+from dream3d.guidance.base import RuleContext
 from dream3d.device import resolve_device
-from guidance.priors.base import Prior
-from representations.particles import Particles
+from dream3d.guidance.priors.base import Prior
+from dream3d.representations.particles import Particles
 
 
 def build_prior(cfg: RunConfig) -> Prior:
@@ -48,37 +48,37 @@ def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
 # -- the priors' builders (PriorSpec.builds) ----------------------------------------
 
 def toy_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.toy import build_toy_prior
+    from dream3d.guidance.priors.toy import build_toy_prior
 
     return build_toy_prior(cfg.prior)
 
 
 def toy_unet_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
+    from dream3d.guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
 
     prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
     return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
 
 
 def stable_diffusion_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.sd import StableDiffusionPrior
+    from dream3d.guidance.priors.sd import StableDiffusionPrior
 
     return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
 
 
 def deepfloyd_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.deepfloyd import DeepFloydIFPrior
+    from dream3d.guidance.priors.deepfloyd import DeepFloydIFPrior
 
     return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
 
 
 def mvdream_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.mvdream import MVDreamPrior
+    from dream3d.guidance.priors.mvdream import MVDreamPrior
 
     return MVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)
 
 
 def toy_mvdream_prior(cfg: RunConfig) -> Prior:
-    from guidance.priors.toy_mvdream import ToyMVDreamPrior
+    from dream3d.guidance.priors.toy_mvdream import ToyMVDreamPrior
 
     return ToyMVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)

@@ -20,11 +20,11 @@ from dream3d.errors import UserError
 from dream3d import registry
 from dream3d.device import DEVICE_PATTERN
 from dream3d.sampling import CameraConfig
-from guidance.priors.diffusers_prior import DiffusersConfig
-from guidance.prompts import PromptConfig
-from guidance.repulsion import RepulsionConfig
-from guidance.schedule import CheckedSchedule
-from representations.noise import NoiseFieldConfig
+from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+from dream3d.guidance.prompts import PromptConfig
+from dream3d.guidance.repulsion import RepulsionConfig
+from dream3d.guidance.schedule import CheckedSchedule
+from dream3d.representations.noise import NoiseFieldConfig
 
 PRIORS = registry.PRIORS.names
 GUIDANCES = registry.RULES.names

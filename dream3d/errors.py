@@ -20,10 +20,10 @@ class UserError(Exception):
 def user_errors() -> tuple[type[Exception], ...]:
     """Every exception class whose message is meant for the user as is: the app's UserError family
     and the libraries' own one-line errors."""
-    from guidance.base import GuidanceError
-    from guidance.priors.base import PriorError
-    from representations.mesh import MeshError
-    from representations.splat_ply import PLYError
+    from dream3d.guidance.base import GuidanceError
+    from dream3d.guidance.priors.base import PriorError
+    from dream3d.representations.mesh import MeshError
+    from dream3d.representations.splat_ply import PLYError
 
     return UserError, GuidanceError, PriorError, MeshError, PLYError
 

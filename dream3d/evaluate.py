@@ -28,9 +28,9 @@ import torch
 import trimesh
 from torch import Tensor
 
-from guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, parse_prompt, render_shapes
-from representations.cameras import Cameras, look_at_cameras
-from representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
+from dream3d.guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, parse_prompt, render_shapes
+from dream3d.representations.cameras import Cameras, look_at_cameras
+from dream3d.representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
 
 EVAL_AZIMUTHS = 8
 EVAL_ELEVATIONS = (0.0, 30.0)

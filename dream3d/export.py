@@ -16,8 +16,8 @@ import trimesh
 
 from dream3d.atomic import atomic_path, write_bytes
 from dream3d.sampling import orbit_cameras
-from representations.cameras import Cameras, RenderOutput
-from representations.mesh import extract_mesh
+from dream3d.representations.cameras import Cameras, RenderOutput
+from dream3d.representations.mesh import extract_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
 

@@ -31,8 +31,8 @@ from dream3d.config import build_config
 from dream3d.device import resolve_device
 from dream3d.loop import Trainer
 from dream3d.sampling import CameraConfig, sample_cameras
-from representations.gaussians import Gaussians, GaussiansConfig
-from representations.nerf import NeRF, NeRFConfig
+from dream3d.representations.gaussians import Gaussians, GaussiansConfig
+from dream3d.representations.nerf import NeRF, NeRFConfig
 
 MODEL = "random:sd-2.1-base"
 PROMPT = "a corgi astronaut"
@@ -181,9 +181,9 @@ def guidance_steps(prior: Any, rule: str, batch: int, device: torch.device, out:
 def gpu_check(out: Path, device: str = "cuda", model: str = MODEL, toy_steps: int | None = None,
               batches: tuple[int, ...] = (1, 4), dtypes: tuple[str, ...] = ("float16", "bfloat16")) -> dict[str, Any]:
     """Runs every check on ``device`` and writes out/gpu-check.json and out/gpu-check.md; returns the results."""
-    from guidance.priors.diffusers_prior import DiffusersConfig
-    from guidance.priors.sd import StableDiffusionPrior
-    from guidance.prompts import PromptConfig
+    from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+    from dream3d.guidance.priors.sd import StableDiffusionPrior
+    from dream3d.guidance.prompts import PromptConfig
 
     where = resolve_device(device)
     name = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"

@@ -28,11 +28,11 @@ from dream3d.config import RunConfig
 from dream3d.device import resolve_device
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
-from guidance.base import NoiseSource
-from guidance.priors.base import Prior
-from guidance.repulsion import build_features, repulsion_loss
-from guidance.schedule import evaluate
-from representations.cameras import Cameras, RenderOutput
+from dream3d.guidance.base import NoiseSource
+from dream3d.guidance.priors.base import Prior
+from dream3d.guidance.repulsion import build_features, repulsion_loss
+from dream3d.guidance.schedule import evaluate
+from dream3d.representations.cameras import Cameras, RenderOutput
 
 
 class RunError(UserError, RuntimeError):

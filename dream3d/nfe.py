@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from guidance.priors.base import Prior
+from dream3d.guidance.priors.base import Prior
 
 
 class NFECounter:

@@ -19,10 +19,10 @@ from torch import Tensor
 from dream3d.components import build_prior
 from dream3d.config import build_config
 from dream3d.sampling import CameraConfig, sample_cameras
-from guidance.priors import toy_world
-from guidance.priors.ddim import ddim_sample
-from guidance.priors.diffusers_prior import DiffusersPrior
-from representations.cameras import Cameras, look_at_cameras
+from dream3d.guidance.priors import toy_world
+from dream3d.guidance.priors.ddim import ddim_sample
+from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
+from dream3d.representations.cameras import Cameras, look_at_cameras
 
 # sampling-convention CFG (eps_u + s (eps_c - eps_u)) for the toy model, from a sweep of the shipped model
 # (eval-prior --views 2): toy-unet-mv class accuracy 0.847 at 3, 0.889 at 6, 0.917 at 9 (docs/benchmarks.md)

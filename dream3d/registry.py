@@ -102,20 +102,20 @@ LORA_ON_UNET2D = ("trains a LoRA on a diffusers UNet2DConditionModel and draws a
                   "UNet is neither")
 
 RULES: Registry[RuleSpec] = Registry("guidance")
-RULES.add(RuleSpec("sds", "guidance.sds:SDSConfig", "guidance.sds:SDSGuidance",
+RULES.add(RuleSpec("sds", "dream3d.guidance.sds:SDSConfig", "dream3d.guidance.sds:SDSGuidance",
                    "Score Distillation Sampling (DreamFusion)", takes_noise=True))
-RULES.add(RuleSpec("csd", "guidance.csd:CSDConfig", "guidance.csd:CSDGuidance", "Classifier Score Distillation",
+RULES.add(RuleSpec("csd", "dream3d.guidance.csd:CSDConfig", "dream3d.guidance.csd:CSDGuidance", "Classifier Score Distillation",
                    multiview_refusal=PER_IMAGE_T))
-RULES.add(RuleSpec("ism", "guidance.ism:ISMConfig", "guidance.ism:ISMGuidance",
+RULES.add(RuleSpec("ism", "dream3d.guidance.ism:ISMConfig", "dream3d.guidance.ism:ISMGuidance",
                    "Interval Score Matching (LucidDreamer)", takes_noise=True))
-RULES.add(RuleSpec("vsd", "guidance.vsd:VSDConfig", "guidance.vsd:VSDGuidance",
+RULES.add(RuleSpec("vsd", "dream3d.guidance.vsd:VSDConfig", "dream3d.guidance.vsd:VSDGuidance",
                    "Variational Score Distillation (ProlificDreamer)", needs_unet=True, multiview_refusal=LORA_ON_UNET2D))
-RULES.add(RuleSpec("esd", "guidance.vsd:ESDConfig", "guidance.vsd:VSDGuidance",
+RULES.add(RuleSpec("esd", "dream3d.guidance.vsd:ESDConfig", "dream3d.guidance.vsd:VSDGuidance",
                    "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True,
                    multiview_refusal=LORA_ON_UNET2D))
-RULES.add(RuleSpec("cfd", "guidance.sds:CFDConfig", "guidance.sds:SDSGuidance",
+RULES.add(RuleSpec("cfd", "dream3d.guidance.sds:CFDConfig", "dream3d.guidance.sds:SDSGuidance",
                    "Consistent Flow Distillation", takes_noise=True, always_consistent_noise=True))
-RULES.add(RuleSpec("nfsd", "guidance.nfsd:NFSDConfig", "guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation",
+RULES.add(RuleSpec("nfsd", "dream3d.guidance.nfsd:NFSDConfig", "dream3d.guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation",
                    multiview_refusal=PER_IMAGE_T))
 
 PRIORS: Registry[PriorSpec] = Registry("prior")
@@ -139,7 +139,7 @@ PRIORS.add(PriorSpec("toy-mvdream", "dream3d.components:toy_mvdream_prior",
                      loads_model=True, views=4))
 
 REPRESENTATIONS: Registry[RepresentationSpec] = Registry("representation")
-REPRESENTATIONS.add(RepresentationSpec("nerf", "representations.nerf:NeRFConfig", "representations.nerf:NeRF",
+REPRESENTATIONS.add(RepresentationSpec("nerf", "dream3d.representations.nerf:NeRFConfig", "dream3d.representations.nerf:NeRF",
                                        "an Instant-NGP-style NeRF (hash grid, density blob)"))
-REPRESENTATIONS.add(RepresentationSpec("gaussians", "representations.gaussians:GaussiansConfig",
-                                       "representations.gaussians:Gaussians", "3D Gaussian splats"))
+REPRESENTATIONS.add(RepresentationSpec("gaussians", "dream3d.representations.gaussians:GaussiansConfig",
+                                       "dream3d.representations.gaussians:Gaussians", "3D Gaussian splats"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from representations.cameras import Cameras, look_at_cameras, view_group_azimuths
+from dream3d.representations.cameras import Cameras, look_at_cameras, view_group_azimuths
 
 
 class CameraConfig(BaseModel):

@@ -23,12 +23,12 @@ from torch import Tensor
 
 from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.train_prior import PriorTrainer, TrainStep, ViewPool, train_prior
-from guidance.priors import toy_unet, toy_world
-from guidance.priors.cache import cache_root, load_cached, save_cached
-from guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
-from guidance.priors.mvdream_unet import MultiViewUNet
-from guidance.priors.toy_mvdream import ToyMVDreamArch
-from representations.cameras import Cameras
+from dream3d.guidance.priors import toy_unet, toy_world
+from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
+from dream3d.guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
+from dream3d.guidance.priors.mvdream_unet import MultiViewUNet
+from dream3d.guidance.priors.toy_mvdream import ToyMVDreamArch
+from dream3d.representations.cameras import Cameras
 
 VIEWS = 4
 

@@ -28,10 +28,10 @@ from torch import Tensor
 from dream3d.config import ConfigError
 from dream3d.rundir import apply_checkpoint, read_latest_checkpoint
 from dream3d.sampling import CameraConfig, sample_cameras
-from guidance.priors import toy_unet, toy_world
-from guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
-from guidance.prompts import view_index
-from representations.cameras import Cameras
+from dream3d.guidance.priors import toy_unet, toy_world
+from dream3d.guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
+from dream3d.guidance.prompts import view_index
+from dream3d.representations.cameras import Cameras
 
 CHECKPOINT_GLOB = "step-*.pt"
 
@@ -90,7 +90,7 @@ def render_pool(cfg: TrainPriorConfig) -> ViewPool:
 
 def camera_features(cameras: Cameras) -> Tensor:
     """[B, 3] the features the shipped model declares (elevation in radians, sin/cos azimuth)."""
-    from guidance.priors.diffusers_prior import CAMERA_FEATURES
+    from dream3d.guidance.priors.diffusers_prior import CAMERA_FEATURES
 
     return torch.stack([CAMERA_FEATURES[name](cameras).float() for name in toy_unet.CAMERA_FEATURES], dim=-1)
 

@@ -9,9 +9,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from guidance.priors.base import Embeddings, Prior
-from guidance.schedule import evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.schedule import evaluate
+from dream3d.representations.cameras import Cameras
 
 # Consistent forward noise, asked for once the prior's input x [B,C,h,w] exists: x.shape -> eps [B,C,h,w]
 NoiseSource = Callable[[torch.Size], Tensor]

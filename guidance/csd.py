@@ -24,12 +24,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from guidance.base import DistillationRule, GuidanceError, RuleContext
-from guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
-from guidance.perp_neg import perp_neg_embeddings, perp_neg_term
-from guidance.priors.base import Embeddings, Prior
-from guidance.schedule import CheckedSchedule, evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext
+from dream3d.guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
+from dream3d.guidance.perp_neg import perp_neg_embeddings, perp_neg_term
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.schedule import CheckedSchedule, evaluate
+from dream3d.representations.cameras import Cameras
 
 
 TEXT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"  # csd-if.yaml

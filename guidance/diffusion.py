@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from guidance.priors.base import Prior
-from guidance.schedule import Schedule, evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.priors.base import Prior
+from dream3d.guidance.schedule import Schedule, evaluate
+from dream3d.representations.cameras import Cameras
 
 
 def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: int) -> tuple[int, int]:

@@ -24,11 +24,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from guidance.base import DistillationRule, RuleContext
-from guidance.diffusion import add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each
-from guidance.priors.base import Embeddings, Prior
-from guidance.schedule import CheckedSchedule, evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.base import DistillationRule, RuleContext
+from dream3d.guidance.diffusion import add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.schedule import CheckedSchedule, evaluate
+from dream3d.representations.cameras import Cameras
 
 
 # LucidDreamer's configs

@@ -21,11 +21,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from guidance.base import DistillationRule, RuleContext
-from guidance.diffusion import add_noise, alpha_bar, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
-from guidance.priors.base import Embeddings, Prior
-from guidance.schedule import CheckedSchedule, evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.base import DistillationRule, RuleContext
+from dream3d.guidance.diffusion import add_noise, alpha_bar, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.schedule import CheckedSchedule, evaluate
+from dream3d.representations.cameras import Cameras
 
 
 TEXT_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance.base import GuidanceError
-from guidance.diffusion import batch_of, predict_each
-from guidance.priors.base import Embeddings, Prior
-from guidance.prompts import FRONT, OVERHEAD, SIDE, interpolate_views, shift_azimuth, view_index
-from representations.cameras import Cameras
+from dream3d.guidance.base import GuidanceError
+from dream3d.guidance.diffusion import batch_of, predict_each
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.prompts import FRONT, OVERHEAD, SIDE, interpolate_views, shift_azimuth, view_index
+from dream3d.representations.cameras import Cameras
 
 # f(r) = a exp(-b r) + c: the weight of each negative as a function of the interpolation ratio
 F_FS = (4.0, 0.5, -2.426)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from guidance.base import GuidanceError
+from dream3d.guidance.base import GuidanceError
 
 FeatureFn = Callable[[Tensor], Tensor]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

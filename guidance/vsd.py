@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from guidance.base import DistillationRule, GuidanceError, RuleContext
-from guidance.diffusion import (
+from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext
+from dream3d.guidance.diffusion import (
     add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight, to_epsilon,
 )
-from guidance.priors.base import Embeddings, Prior
-from guidance.schedule import CheckedSchedule, evaluate
-from representations.cameras import Cameras
+from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.schedule import CheckedSchedule, evaluate
+from dream3d.representations.cameras import Cameras
 
 ADAPTER = "dream3d_vsd"
 # the attention projections (self and cross) that diffusers' LoRAAttnProcessor adapts

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from representations.cameras import Cameras, RenderOutput
+from dream3d.representations.cameras import Cameras, RenderOutput
 
 
 class Representation(torch.nn.Module):

@@ -26,11 +26,11 @@ from torch import Tensor
 from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import remove, reset_opa
 
-from representations.base import Representation
-from representations.cameras import Cameras, RenderOutput
-from representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
-from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
-from representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
+from dream3d.representations.base import Representation
+from dream3d.representations.cameras import Cameras, RenderOutput
+from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
+from dream3d.representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
+from dream3d.representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
 
 
 class GaussiansConfig(BaseModel):

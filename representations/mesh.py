@@ -20,7 +20,7 @@ import trimesh
 from scipy import ndimage
 from torch import Tensor
 
-from representations.cameras import Cameras, look_at_cameras
+from dream3d.representations.cameras import Cameras, look_at_cameras
 
 log = logging.getLogger(__name__)
 

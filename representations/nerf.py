@@ -28,9 +28,9 @@ from nerfacc import accumulate_along_rays, render_weight_from_density
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from representations.base import Representation
-from representations.cameras import Cameras, RenderOutput, ray_aabb
-from representations.noise import NoiseFieldConfig, background, check_shape, refreshed
+from dream3d.representations.base import Representation
+from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb
+from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, refreshed
 
 # a prior-input pixel whose (resized) opacity is below this takes the background noise
 SURFACE_ALPHA = 0.5

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from representations.base import Representation
-from representations.cameras import Cameras, RenderOutput
+from dream3d.representations.base import Representation
+from dream3d.representations.cameras import Cameras, RenderOutput
 
 
 class Particles(Representation):

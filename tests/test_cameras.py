@@ -5,7 +5,7 @@ import math
 import torch
 
 from dream3d.sampling import CameraConfig, orbit_cameras, sample_cameras
-from representations.cameras import Cameras, look_at_cameras, ray_aabb
+from dream3d.representations.cameras import Cameras, look_at_cameras, ray_aabb
 
 
 def project(cams: Cameras, points: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ import torch
 from dream3d import api
 from dream3d.config import ConfigError, build_config
 from dream3d.loop import RunInterrupted
-from guidance.ism import ISMConfig, ISMGuidance
-from guidance.base import RuleContext
-from guidance.sds import CFDConfig, SDSConfig, SDSGuidance
-from representations.cameras import RenderOutput, look_at_cameras
-from representations.gaussians import Gaussians, GaussiansConfig
-from representations.nerf import NeRF, NeRFConfig
-from representations.noise import NoiseFieldConfig
+from dream3d.guidance.ism import ISMConfig, ISMGuidance
+from dream3d.guidance.base import RuleContext
+from dream3d.guidance.sds import CFDConfig, SDSConfig, SDSGuidance
+from dream3d.representations.cameras import RenderOutput, look_at_cameras
+from dream3d.representations.gaussians import Gaussians, GaussiansConfig
+from dream3d.representations.nerf import NeRF, NeRFConfig
+from dream3d.representations.noise import NoiseFieldConfig
 from tests.test_guidance_rules import AnalyticPrior, as_image_gradient, cameras, run_cli
 from tests.test_run import assert_same, final_params, metrics
 
@@ -199,8 +199,8 @@ def test_ism_uses_the_supplied_noise_in_place_of_its_draw(monkeypatch):
 
 
 def test_a_rule_that_draws_its_own_noise_refuses_supplied_noise():
-    from guidance.base import GuidanceError
-    from guidance.csd import CSDConfig, CSDGuidance
+    from dream3d.guidance.base import GuidanceError
+    from dream3d.guidance.csd import CSDConfig, CSDGuidance
 
     with pytest.raises(GuidanceError, match="CSDGuidance draws its own noise"):
         CSDGuidance(AnalyticPrior(), CSDConfig())(torch.rand(1, 8, 8, 3), "a prompt", cameras(1), 0,

@@ -95,9 +95,9 @@ def test_a_repulsion_step_creates_no_tensor_off_the_run_device(representation, t
 def test_vae_posterior_sample_draws_from_the_run_generator(tiny_sd):
     """The posterior eps comes from the generator the run hands the prior, not the device's global RNG
     (on CUDA that global RNG is not in the checkpoint, so a resumed run would draw other latents)."""
-    from guidance.priors.diffusers_prior import DiffusersConfig
-    from guidance.priors.sd import StableDiffusionPrior
-    from guidance.prompts import PromptConfig
+    from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+    from dream3d.guidance.priors.sd import StableDiffusionPrior
+    from dream3d.guidance.prompts import PromptConfig
 
     prior = StableDiffusionPrior(tiny_sd, DiffusersConfig(device="cpu"), PromptConfig())
     rgb = torch.rand(2, 3, 16, 16)

@@ -8,11 +8,11 @@ import torch
 
 from dream3d.components import build_prior
 from dream3d.config import build_config
-from guidance.priors.base import PriorError
-from guidance.prompts import VIEWS
-from guidance.base import RuleContext
-from guidance.sds import SDSConfig, SDSGuidance
-from representations.cameras import look_at_cameras
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.prompts import VIEWS
+from dream3d.guidance.base import RuleContext
+from dream3d.guidance.sds import SDSConfig, SDSGuidance
+from dream3d.representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
 from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 

@@ -14,8 +14,8 @@ import torch
 import trimesh
 
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
-from representations.cameras import Cameras, RenderOutput, look_at_cameras
-from representations.mesh import MeshError, extract_mesh, mesh_silhouettes
+from dream3d.representations.cameras import Cameras, RenderOutput, look_at_cameras
+from dream3d.representations.mesh import MeshError, extract_mesh, mesh_silhouettes
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (0.85, 0.15, 0.15)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import trimesh
 
-from representations.cameras import look_at_cameras
-from representations.gaussians import Gaussians, GaussiansConfig
-from representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
-from representations.splat_raster import ALPHA_MAX, ALPHA_THRESHOLD, T_MIN, project, rasterize
+from dream3d.representations.cameras import look_at_cameras
+from dream3d.representations.gaussians import Gaussians, GaussiansConfig
+from dream3d.representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
+from dream3d.representations.splat_raster import ALPHA_MAX, ALPHA_THRESHOLD, T_MIN, project, rasterize
 
 
 def _scene(n: int, seed: int, spread: float = 0.6, scale: tuple[float, float] = (0.05, 0.25)):
@@ -267,7 +267,7 @@ def _noise_scene(n=12, seed=0):
 
 
 def test_consistent_noise_is_unit_variance_per_pixel():
-    from representations.splat_raster import rasterize_noise
+    from dream3d.representations.splat_raster import rasterize_noise
 
     means, quats, scales, opacities = _noise_scene()
     cams = look_at_cameras(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 120.0]), torch.full((2,), 2.5), 45.0, 16, 16)
@@ -298,7 +298,7 @@ def test_consistent_noise_agrees_across_views():
 def test_splats_ply_has_the_standard_layout_and_round_trips(tmp_path):
     from plyfile import PlyData
 
-    from representations.cameras import look_at_cameras as cams_at
+    from dream3d.representations.cameras import look_at_cameras as cams_at
 
     rep = Gaussians(GaussiansConfig(num_points=200), generator=torch.Generator().manual_seed(3))
     path = tmp_path / "splats.ply"
@@ -355,7 +355,7 @@ def test_density_does_not_depend_on_the_order_of_points():
 def test_field_filter_keeps_the_mesh_of_thin_splats_at_the_rendered_surface(tmp_path):
     """Splats thinner than the mesh grid's spacing (a converged shell) still mesh to what they render."""
     from dream3d.evaluate import mesh_iou
-    from representations.mesh import extract_mesh
+    from dream3d.representations.mesh import extract_mesh
 
     n = 3000
     k = torch.arange(n) + 0.5

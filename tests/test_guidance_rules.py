@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from dream3d.config import ConfigError, build_config
-from guidance.base import GuidanceError, RuleContext
-from guidance.csd import CSDConfig, CSDGuidance
-from guidance.ism import ISMConfig, ISMGuidance
-from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
-from guidance.prompts import view_index
-from guidance.schedule import evaluate
-from representations.cameras import look_at_cameras
+from dream3d.guidance.base import GuidanceError, RuleContext
+from dream3d.guidance.csd import CSDConfig, CSDGuidance
+from dream3d.guidance.ism import ISMConfig, ISMGuidance
+from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from dream3d.guidance.prompts import view_index
+from dream3d.guidance.schedule import evaluate
+from dream3d.representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
 
 
@@ -107,7 +107,7 @@ def blended_view(azimuth):
 
 def test_csd_perp_neg_term_equals_formula():
     """g = w omega [(eps_y - eps_0) - beta (eps_neg - eps_0)] + w s_pn sum_i w_i perp(e_i, e_pos), y the azimuth blend."""
-    from guidance.perp_neg import perp_neg_embeddings, perpendicular_component
+    from dream3d.guidance.perp_neg import perp_neg_embeddings, perpendicular_component
 
     prior, B, step = ViewPrior(), 2, 2500
     cfg = CSDConfig(guidance_scale=2.0, negative_prompt="ugly", weighting="sds", grad_normalize=False, perp_neg_scale=3.0)
@@ -152,7 +152,7 @@ def test_open_vocabulary_priors_get_the_references_negative_prompts_and_perp_neg
 @pytest.mark.parametrize("negative", [None, "ugly"])
 def test_nfsd_gradient_equals_formula(negative):
     """g = w(t) (delta_D + s (eps_y - eps_0)), delta_D = eps_0 below small_t, else eps_0 - eps_neg (eps_0 without one)."""
-    from guidance.nfsd import NFSDConfig, NFSDGuidance
+    from dream3d.guidance.nfsd import NFSDConfig, NFSDGuidance
 
     prior, B, s = AnalyticPrior(), 4, 7.5
     cfg = NFSDConfig(negative_prompt=negative, small_t=500)
@@ -243,7 +243,7 @@ def test_ism_interval_anneals():
 
 
 def test_ism_runs_on_the_closed_form_toy_prior():
-    from guidance.priors.toy import build_toy_prior
+    from dream3d.guidance.priors.toy import build_toy_prior
 
     guidance = ISMGuidance(build_toy_prior("toy"), ISMConfig(inversion_stride=400, inversion_steps=2))
     grad, out = image_gradient(guidance, torch.rand(1, 16, 16, 3), 0, seed=0, prompt="a red cube")
@@ -272,7 +272,7 @@ def test_negative_prompt_the_prior_cannot_take_fails_before_the_run_folder(rule,
 
 
 def test_vsd_refused_by_the_rule_itself_without_a_unet():
-    from guidance.vsd import VSDConfig, VSDGuidance
+    from dream3d.guidance.vsd import VSDConfig, VSDGuidance
 
     with pytest.raises(GuidanceError, match="prior analytic has none"):
         VSDGuidance(AnalyticPrior(), VSDConfig())

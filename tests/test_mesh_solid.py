@@ -12,9 +12,9 @@ import trimesh
 from dream3d.config import ConfigError, build_config
 from dream3d.evaluate import evaluate_mesh_3d
 from dream3d.export import export_representation
-from guidance.priors.toy_world import SDFS, SHAPES, render_shapes
-from representations.cameras import Cameras
-from representations.mesh import extract_mesh, mesh_occupancy
+from dream3d.guidance.priors.toy_world import SDFS, SHAPES, render_shapes
+from dream3d.representations.cameras import Cameras
+from dream3d.representations.mesh import extract_mesh, mesh_occupancy
 
 RES = 64
 WALL = 0.12  # thickness of the density's wall, under the surface

@@ -10,12 +10,12 @@ import torch
 from dream3d.components import build_guidance, build_prior
 from dream3d.config import ConfigError, build_config
 from dream3d.sampling import CameraConfig, sample_cameras
-from guidance.base import RuleContext
-from guidance.priors.base import PriorError
-from guidance.priors.mvdream import mvdream_camera
-from guidance.priors.mvdream_unet import BasicTransformerBlock3D, MultiViewUNet, MVDreamUNetConfig
-from guidance.sds import SDSConfig, SDSGuidance
-from representations.cameras import look_at_cameras
+from dream3d.guidance.base import RuleContext
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.priors.mvdream import mvdream_camera
+from dream3d.guidance.priors.mvdream_unet import BasicTransformerBlock3D, MultiViewUNet, MVDreamUNetConfig
+from dream3d.guidance.sds import SDSConfig, SDSGuidance
+from dream3d.representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
 from tests.test_guidance_rules import run_cli
 from tests.test_run import metrics
@@ -421,7 +421,7 @@ def test_our_unet_equals_diffusers_sd_unet_with_joint_view_attention(num_frames)
 @pytest.fixture(scope="module")
 def toy_training():
     from dream3d.train_mvdream import TrainMVDreamConfig
-    from guidance.priors.toy_mvdream import ToyMVDreamArch
+    from dream3d.guidance.priors.toy_mvdream import ToyMVDreamArch
 
     return TrainMVDreamConfig(steps=4, batch_size=2, warmup_steps=0, pool_groups=2, supersample=1, checkpoint_every=2,
                               arch=ToyMVDreamArch(resolution=16, channel_mult=(1, 2), attention_resolutions=(1, 2),
@@ -440,7 +440,7 @@ def toy_model(toy_training, tmp_path_factory):
 
 
 def test_trained_toy_mvdream_loads_through_the_mvdream_code_path(toy_model):
-    from guidance.priors.toy_mvdream import ToyMVDreamPrior
+    from dream3d.guidance.priors.toy_mvdream import ToyMVDreamPrior
 
     prior = build_prior(build_config({"prompt": "a red cube", "prior": "toy-mvdream", "model": str(toy_model)}))
     assert isinstance(prior, ToyMVDreamPrior) and isinstance(prior.unet, MultiViewUNet)
@@ -493,7 +493,7 @@ def test_eval_prior_scores_toy_mvdream_sets(toy_model, monkeypatch, capsys, tmp_
 
 
 def test_toy_mvdream_without_weights_says_how_to_train_them(monkeypatch, capsys, tmp_path):
-    from guidance.priors import toy_mvdream
+    from dream3d.guidance.priors import toy_mvdream
 
     monkeypatch.setattr(toy_mvdream, "SHIPPED_MODEL", tmp_path / "absent")
     status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--prior", "toy-mvdream", "--out", tmp_path / "runs")

@@ -10,9 +10,9 @@ from dream3d import api
 from dream3d.components import build_representation
 from dream3d.config import ConfigError, build_config
 from dream3d.loop import RunInterrupted, Trainer
-from guidance.base import GuidanceError, GuidanceOutput, surrogate_loss
-from guidance.repulsion import DinoFeatures, RepulsionConfig, build_features, pixel_features, repulsion_loss
-from representations.particles import Particles
+from dream3d.guidance.base import GuidanceError, GuidanceOutput, surrogate_loss
+from dream3d.guidance.repulsion import DinoFeatures, RepulsionConfig, build_features, pixel_features, repulsion_loss
+from dream3d.representations.particles import Particles
 from tests.test_run import assert_same, final_params, metrics
 
 

@@ -8,10 +8,10 @@ SDS-sized gradients flush to zero in float16).
 import pytest
 import torch
 
-from guidance.priors.diffusers_prior import DiffusersConfig
-from guidance.priors.precision import LossScale
-from guidance.priors.sd import StableDiffusionPrior
-from guidance.prompts import PromptConfig
+from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+from dream3d.guidance.priors.precision import LossScale
+from dream3d.guidance.priors.sd import StableDiffusionPrior
+from dream3d.guidance.prompts import PromptConfig
 from tests.tiny_diffusers import build_tiny_sd
 
 GRAD_SIZE = 1e-6  # per-latent gradient: SDS's w(t) (eps_hat - eps) / B is of this order late in a run

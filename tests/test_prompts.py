@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from guidance.base import GuidanceError, RuleContext
-from guidance.perp_neg import perp_neg_embeddings, perpendicular_component
-from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
-from guidance.prompts import VIEWS, view_index, view_prompts
-from guidance.sds import SDSConfig, SDSGuidance
-from representations.cameras import look_at_cameras
+from dream3d.guidance.base import GuidanceError, RuleContext
+from dream3d.guidance.perp_neg import perp_neg_embeddings, perpendicular_component
+from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from dream3d.guidance.prompts import VIEWS, view_index, view_prompts
+from dream3d.guidance.sds import SDSConfig, SDSGuidance
+from dream3d.representations.cameras import look_at_cameras
 
 
 def f(a, b, c, r):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from guidance.priors.base import PriorError
-from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 
 # parameter counts of the published Stable Diffusion 2.1-base components
 SD21_PARAMETERS = {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}

@@ -42,7 +42,7 @@ def test_capabilities_drive_the_refusals():
 
 def test_a_name_registers_once():
     rules = registry.Registry("guidance")
-    spec = registry.RuleSpec("x", "guidance.sds:SDSConfig", "guidance.sds:SDSGuidance", "x")
+    spec = registry.RuleSpec("x", "dream3d.guidance.sds:SDSConfig", "dream3d.guidance.sds:SDSGuidance", "x")
     rules.add(spec)
     with pytest.raises(ValueError, match="registered twice"):
         rules.add(spec)
@@ -51,7 +51,7 @@ def test_a_name_registers_once():
 def test_unknown_weighting_is_an_error_not_fantasia3d():
     import torch
 
-    from guidance.diffusion import sds_weight
+    from dream3d.guidance.diffusion import sds_weight
 
     with pytest.raises(ValueError, match="unknown weighting 'sdss'"):
         sds_weight(torch.tensor([0.5]), "sdss")

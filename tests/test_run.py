@@ -115,7 +115,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny, tmp_path, monkeypat
 
 
 def test_gaussians_run_exports_splats_and_resumes_exactly(tiny, tmp_path):
-    from representations.splat_ply import read_splat_ply, write_splat_ply
+    from dream3d.representations.splat_ply import read_splat_ply, write_splat_ply
 
     points = tmp_path / "points.ply"
     write_splat_ply(points, torch.rand(64, 3) - 0.5, torch.full((64, 3), -3.0), torch.tensor([[1.0, 0, 0, 0]]).repeat(64, 1),

@@ -372,8 +372,8 @@ def test_a_failed_atomic_write_keeps_the_previous_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "pickle"])
 def test_an_unloadable_prior_cache_file_is_rebuilt(tmp_path, monkeypatch, caplog, damage):
-    from guidance.priors import toy, toy_world
-    from guidance.priors.cache import load_cached
+    from dream3d.guidance.priors import toy, toy_world
+    from dream3d.guidance.priors.cache import load_cached
 
     path = tmp_path / "toy-prior" / toy._dataset_key() / "shapes.pt"
     path.parent.mkdir(parents=True)
@@ -388,7 +388,7 @@ def test_an_unloadable_prior_cache_file_is_rebuilt(tmp_path, monkeypatch, caplog
 
 
 def test_an_unwritable_cache_is_a_warning(tmp_path, caplog):
-    from guidance.priors.cache import save_cached
+    from dream3d.guidance.priors.cache import save_cached
 
     (tmp_path / "file").write_text("")
     save_cached(torch.zeros(2), tmp_path / "file" / "x.pt")  # its folder cannot be made

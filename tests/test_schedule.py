@@ -1,6 +1,6 @@
 import pytest
 
-from guidance.schedule import check_schedule, evaluate
+from dream3d.guidance.schedule import check_schedule, evaluate
 
 
 def test_constant_and_ramps():

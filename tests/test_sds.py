@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from guidance.base import RuleContext, surrogate_loss
-from guidance.priors.base import Embeddings, ddpm_alphas_cumprod
-from guidance.sds import SDSConfig, SDSGuidance, sds_weight, timestep_range
-from representations.cameras import look_at_cameras
+from dream3d.guidance.base import RuleContext, surrogate_loss
+from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from dream3d.guidance.sds import SDSConfig, SDSGuidance, sds_weight, timestep_range
+from dream3d.representations.cameras import look_at_cameras
 
 
 class LinearPrior:

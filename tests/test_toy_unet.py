@@ -11,10 +11,10 @@ from dream3d import api
 from dream3d.components import build_prior
 from dream3d.config import build_config
 from dream3d.train_prior import PriorTrainer, TrainPriorConfig, train_prior
-from guidance.priors.base import PriorError
-from guidance.priors.ddim import ddim_sample
-from guidance.priors.toy_unet import SHIPPED_MODEL, ToyUNetArch
-from representations.cameras import look_at_cameras
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.priors.ddim import ddim_sample
+from dream3d.guidance.priors.toy_unet import SHIPPED_MODEL, ToyUNetArch
+from dream3d.representations.cameras import look_at_cameras
 from tests.test_cli import dream3d
 
 TINY_ARCH = ToyUNetArch(resolution=16, block_out_channels=(8, 16), norm_num_groups=4, attention_heads=2, text_dim=16,

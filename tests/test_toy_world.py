@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidance.priors.base import PriorError
-from guidance.priors.toy_world import (
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.priors.toy_world import (
     ALBEDOS, CLASSES, COLOURS, SDFS, SHAPES, class_index, parse_prompt, render_classes, render_shapes,
 )
-from representations.cameras import Cameras, look_at_cameras
+from dream3d.representations.cameras import Cameras, look_at_cameras
 
 DIST, FOVY = 2.5, 45.0
 

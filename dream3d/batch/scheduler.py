@@ -21,7 +21,7 @@ from dream3d.batch import BatchError
 from dream3d.batch.jobs import Job
 from dream3d.batch.manifest import JobRecord, Manifest
 from dream3d.config import ConfigError, build_config, merge
-from guidance.prompts import clip
+from dream3d.guidance.prompts import clip
 
 STOP_FILE = ".stop"
 LOCK_FILE = ".batch.lock"

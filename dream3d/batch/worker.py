@@ -20,9 +20,9 @@ from dream3d import api
 from dream3d.config import ConfigError, build_config
 from dream3d.errors import one_line, user_errors
 from dream3d.loop import Progress, RunInterrupted
-from guidance.base import GuidanceError
-from guidance.priors.base import PriorError
-from representations.splat_ply import PLYError
+from dream3d.guidance.base import GuidanceError
+from dream3d.guidance.priors.base import PriorError
+from dream3d.representations.splat_ply import PLYError
 
 # errors of the job's own input: the same job fails the same way however often it is retried
 INPUT_ERRORS = (ConfigError, PriorError, GuidanceError, PLYError)

@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from guidance.prompts import interpolate_views, view_index
-from representations.cameras import Cameras
+from dream3d.guidance.prompts import interpolate_views, view_index
+from dream3d.representations.cameras import Cameras
 
 
 class PriorError(ValueError):

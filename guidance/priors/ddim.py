@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance.priors.diffusers_prior import DiffusersPrior
-from representations.cameras import Cameras
+from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
+from dream3d.representations.cameras import Cameras
 
 
 @torch.no_grad()

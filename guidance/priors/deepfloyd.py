@@ -7,7 +7,7 @@ the model's page and log in (`hf auth login`) before the first download.
 
 from __future__ import annotations
 
-from guidance.priors.pixel import PixelPrior
+from dream3d.guidance.priors.pixel import PixelPrior
 
 
 class DeepFloydIFPrior(PixelPrior):

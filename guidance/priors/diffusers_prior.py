@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from guidance.diffusion import to_epsilon
-from guidance.priors.base import Embeddings, PriorError
-from guidance.priors.cache import cache_root, load_cached, save_cached
-from guidance.priors.precision import LossScale
-from guidance.priors.random_models import ByteTokenizer, build_component, random_spec
-from guidance.prompts import PromptConfig, clip, view_prompts
-from representations.cameras import Cameras
+from dream3d.guidance.diffusion import to_epsilon
+from dream3d.guidance.priors.base import Embeddings, PriorError
+from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
+from dream3d.guidance.priors.precision import LossScale
+from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
+from dream3d.guidance.prompts import PromptConfig, clip, view_prompts
+from dream3d.representations.cameras import Cameras
 
 # Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")

@@ -15,18 +15,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from guidance.priors.base import Embeddings, PriorError
-from guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior, read_config, to_epsilon
-from guidance.priors.mvdream_unet import (
+from dream3d.guidance.priors.base import Embeddings, PriorError
+from dream3d.guidance.diffusion import to_epsilon
+from dream3d.guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior, read_config
+from dream3d.guidance.priors.mvdream_unet import (
     IGNORED_CONFIG_KEYS, CheckpointMismatch, MultiViewUNet, MVDreamUNetConfig, load_unet,
 )
-from guidance.priors.sd import StableDiffusionPrior
-from guidance.prompts import PromptConfig
-from representations.cameras import Cameras
+from dream3d.guidance.priors.sd import StableDiffusionPrior
+from dream3d.guidance.prompts import PromptConfig
+from dream3d.representations.cameras import Cameras
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from guidance.priors.base import PriorError
-from guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, resize_square
-from guidance.prompts import PromptConfig
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, resize_square
+from dream3d.guidance.prompts import PromptConfig
 
 
 class PixelPrior(DiffusersPrior):

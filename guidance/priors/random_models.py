@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from guidance.priors.base import PriorError
+from dream3d.guidance.priors.base import PriorError
 
 PREFIX = "random:"
 CONFIGS = Path(__file__).with_name("random_configs")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from guidance.priors import toy_world
-from guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
-from guidance.priors.cache import cache_root, load_cached, save_cached
-from representations.cameras import Cameras, degrees_between, look_at_cameras
+from dream3d.guidance.priors import toy_world
+from dream3d.guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
+from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
+from dream3d.representations.cameras import Cameras, degrees_between, look_at_cameras
 
 RESOLUTION = 64
 SUPERSAMPLE = 2

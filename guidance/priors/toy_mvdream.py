@@ -12,14 +12,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from guidance.priors.base import Embeddings, PriorError
-from guidance.priors.diffusers_prior import DiffusersConfig
-from guidance.priors.mvdream import MVDreamPrior, unet_config
-from guidance.priors.mvdream_unet import MVDreamUNetConfig
-from guidance.priors.pixel import PixelPrior
-from guidance.priors.toy_unet import VIEW_WORDS
-from guidance.priors.toy_world import parse_prompt
-from guidance.prompts import PromptConfig
+from dream3d.guidance.priors.base import Embeddings, PriorError
+from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
+from dream3d.guidance.priors.mvdream import MVDreamPrior, unet_config
+from dream3d.guidance.priors.mvdream_unet import MVDreamUNetConfig
+from dream3d.guidance.priors.pixel import PixelPrior
+from dream3d.guidance.priors.toy_unet import VIEW_WORDS
+from dream3d.guidance.priors.toy_world import parse_prompt
+from dream3d.guidance.prompts import PromptConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-mvdream"
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from guidance.priors.pixel import PixelPrior
-from guidance.priors.base import Embeddings
-from guidance.priors.toy_world import CLASSES, COLOURS, SHAPES, parse_prompt
-from guidance.prompts import VIEWS
+from dream3d.guidance.priors.pixel import PixelPrior
+from dream3d.guidance.priors.base import Embeddings
+from dream3d.guidance.priors.toy_world import CLASSES, COLOURS, SHAPES, parse_prompt
+from dream3d.guidance.prompts import VIEWS
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-unet"
 CAMERA_FEATURES = ("elevation_rad", "sin_azimuth", "cos_azimuth")

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from guidance.priors.base import PriorError
-from guidance.prompts import clip
-from representations.cameras import Cameras, ray_aabb
+from dream3d.guidance.priors.base import PriorError
+from dream3d.guidance.prompts import clip
+from dream3d.representations.cameras import Cameras, ray_aabb
 
 # Bump when anything below changes how the world looks: it keys the prior's dataset cache.
 WORLD_VERSION = "toy-world-1"
