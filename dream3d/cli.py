@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dream3d.errors import UserError, one_line, user_errors
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES
+from dream3d.stop import SignalStop
 
 if TYPE_CHECKING:
     from dream3d import api
@@ -32,21 +32,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 # train-prior's checkpoints are step-XXXXXXX.pt and found by sorting names: 7 digits sort right
 MAX_PRIOR_STEPS = 9_999_999
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (it then checkpoints)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
 
 
 def _train(start: Any) -> api.Result:
@@ -69,7 +54,7 @@ def _train(start: Any) -> api.Result:
             bar.update(task, description="done")
 
     try:
-        return start(on_event, _StopFlag())
+        return start(on_event, SignalStop())
     finally:
         if bar.live.is_started:
             bar.stop()
@@ -386,7 +371,7 @@ def train_prior(
         bar.update(task, completed=event.step, loss=f"{event.loss:.4f}", rate=f"{event.it_per_s:.2f}")
 
     try:
-        train(cfg, out, work, resume, command, on_step, _StopFlag())
+        train(cfg, out, work, resume, command, on_step, SignalStop())
     finally:
         if bar.live.is_started:
             bar.stop()

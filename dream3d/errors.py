@@ -8,7 +8,7 @@ so their error classes join the family here, imported only when an error is bein
 
 from __future__ import annotations
 
-MAX_MESSAGE_CHARS = 300
+MAX_MESSAGE_CHARS = 1000  # paths can be long; a 5 MB prompt must not come back whole
 
 
 class UserError(Exception):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.train_prior import PriorTrainer, TrainStep, ViewPool, train_prior
+from dream3d.train_prior import (
+    PriorTrainer, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
+)
 from dream3d.guidance.priors import toy_unet, toy_world
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
@@ -127,28 +127,19 @@ class MVDreamTrainer(PriorTrainer):
 
 
 def export_mvdream(trainer: MVDreamTrainer, out: Path, command: str) -> None:
-    """Writes the EMA weights as a toy-mvdream folder at ``out`` (built beside it, then renamed into place)."""
-    import diffusers
+    """Writes the EMA weights as a toy-mvdream folder at ``out`` (our UNet: safetensors and its config)."""
     from safetensors.torch import save_file
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet, text_encoder = trainer.ema_models()
-    (tmp / "unet").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet" / UNET_WEIGHTS))
-    config = {"_class_name": "MultiViewUNet", **trainer.cfg.arch.unet().model_dump(mode="json")}
-    (tmp / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    trainer.tokenizer.save_pretrained(tmp / "tokenizer")
-    trainer.scheduler.save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "ToyMVDreamPipeline", "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "unet": ["dream3d", "MultiViewUNet"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(trainer, command))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    def write(folder: Path) -> None:
+        unet, text_encoder = trainer.ema_models()
+        (folder / "unet").mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(folder / "unet" / UNET_WEIGHTS))
+        config = {"_class_name": "MultiViewUNet", **trainer.cfg.arch.unet().model_dump(mode="json")}
+        (folder / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        index = {"_class_name": "ToyMVDreamPipeline", "unet": ["dream3d", "MultiViewUNet"]}
+        write_pipeline_parts(trainer, folder, text_encoder, index, model_card(trainer, command))
+
+    write_model_folder(out, write)
 
 
 def model_card(trainer: MVDreamTrainer, command: str) -> str:

@@ -191,26 +191,42 @@ def save_checkpoint(trainer: PriorTrainer, folder: Path, keep: int) -> Path:
     return path
 
 
-def export_model(trainer: PriorTrainer, out: Path, command: str) -> None:
-    """Writes the EMA weights as a diffusers folder at ``out`` (built beside it, then renamed into place)."""
-    import diffusers
-
+def write_model_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Builds a model folder with ``write(folder)`` beside ``out``, then renames it into place (no half folder)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet, text_encoder = trainer.ema_models()
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    trainer.tokenizer.save_pretrained(tmp / "tokenizer")
-    trainer.scheduler.save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "ToyUNetPipeline", "_diffusers_version": diffusers.__version__,
-             "_camera_features": list(toy_unet.CAMERA_FEATURES),
-             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "unet": ["diffusers", "UNet2DConditionModel"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "README.md").write_text(model_card(trainer, command))
+    write(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def write_pipeline_parts(trainer: PriorTrainer, folder: Path, text_encoder: torch.nn.Module, index: dict[str, Any],
+                         card: str) -> None:
+    """What every toy model folder holds beside its UNet: the text encoder, tokenizer, scheduler,
+    ``model_index.json`` (``index`` plus the shared entries) and the model card."""
+    import diffusers
+
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    trainer.tokenizer.save_pretrained(folder / "tokenizer")
+    trainer.scheduler.save_pretrained(folder / "scheduler")
+    index = {**index, "_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", "DDPMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "README.md").write_text(card)
+
+
+def export_model(trainer: PriorTrainer, out: Path, command: str) -> None:
+    """Writes the EMA weights as a diffusers folder at ``out``."""
+
+    def write(folder: Path) -> None:
+        unet, text_encoder = trainer.ema_models()
+        unet.save_pretrained(folder / "unet", safe_serialization=True)
+        index = {"_class_name": "ToyUNetPipeline", "_camera_features": list(toy_unet.CAMERA_FEATURES),
+                 "unet": ["diffusers", "UNet2DConditionModel"]}
+        write_pipeline_parts(trainer, folder, text_encoder, index, model_card(trainer, command))
+
+    write_model_folder(out, write)
 
 
 def model_card(trainer: PriorTrainer, command: str) -> str:

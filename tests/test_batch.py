@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 import dream3d
-from dream3d.batch.jobs import BatchFileError, read_jobs
+from dream3d.batch.jobs import read_jobs
 from dream3d.batch.manifest import Manifest
 from dream3d.batch.scheduler import Batch, Coordinator, _resumable
 from dream3d.rundir import checkpoint_paths
-from tests.conftest import TINY
-from tests.test_cli import dream3d as dream3d_cli
+from tests.support import TINY
+from tests.support import dream3d as dream3d_cli
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,12 +14,12 @@ from dream3d.loop import RunInterrupted
 from dream3d.guidance.ism import ISMConfig, ISMGuidance
 from dream3d.guidance.base import RuleContext
 from dream3d.guidance.sds import CFDConfig, SDSConfig, SDSGuidance
-from dream3d.representations.cameras import RenderOutput, look_at_cameras
+from dream3d.representations.cameras import look_at_cameras
 from dream3d.representations.gaussians import Gaussians, GaussiansConfig
 from dream3d.representations.nerf import NeRF, NeRFConfig
 from dream3d.representations.noise import NoiseFieldConfig
-from tests.test_guidance_rules import AnalyticPrior, as_image_gradient, cameras, run_cli
-from tests.test_run import assert_same, final_params, metrics
+from tests.support import AnalyticPrior, as_image_gradient, cameras, run_cli
+from tests.support import assert_same, final_params, metrics
 
 
 def two_cameras(size):

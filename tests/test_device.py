@@ -11,7 +11,7 @@ import torch
 from dream3d import api, registry
 from dream3d.config import build_config
 from dream3d.device import DeviceError, resolve_device
-from tests.test_cli import dream3d
+from tests.support import dream3d
 from tests.tiny_diffusers import build_tiny_sd
 
 TINY = {

@@ -13,7 +13,7 @@ from dream3d.guidance.prompts import VIEWS
 from dream3d.guidance.base import RuleContext
 from dream3d.guidance.sds import SDSConfig, SDSGuidance
 from dream3d.representations.cameras import look_at_cameras
-from tests.test_cli import dream3d
+from tests.support import dream3d
 from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")

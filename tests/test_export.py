@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -16,6 +13,7 @@ import trimesh
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
 from dream3d.representations.cameras import Cameras, RenderOutput, look_at_cameras
 from dream3d.representations.mesh import MeshError, extract_mesh, mesh_silhouettes
+from tests.support import validate_glb
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (0.85, 0.15, 0.15)
@@ -178,24 +176,6 @@ def test_unknown_format_raises(mesh: trimesh.Trimesh, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="valid: glb, obj, ply"):
         export_mesh(mesh, tmp_path, formats=("glb", "fbx"))
     assert list(tmp_path.iterdir()) == []
-
-
-def validate_glb(path: Path) -> None:
-    """Runs the Khronos glTF validator on a GLB and asserts it reports no errors (skips without it)."""
-    node = shutil.which("node")
-    module = REPO / ".cache" / "node" / "node_modules" / "gltf-validator"
-    if node is None:
-        pytest.skip("node is not installed")
-    if not module.is_dir():
-        pytest.skip(f"gltf-validator not installed at {module} (npm install --prefix .cache/node gltf-validator@2.0.0-dev.3.10)")
-    done = subprocess.run(
-        [node, str(REPO / "tests" / "gltf_validate.mjs"), str(path)], capture_output=True, text=True, timeout=120
-    )
-    report = json.loads(done.stdout)
-    issues = report["issues"]
-    assert issues["numErrors"] == 0, json.dumps(issues["messages"], indent=1)
-    assert done.returncode == 0, done.stderr
-    assert report["info"]["totalTriangleCount"] > 0
 
 
 def test_glb_passes_khronos_validator(exported: dict[str, Path]) -> None:

@@ -2,7 +2,6 @@
 brute-force compositor (values and gradients), PLY round trips, and the density field."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,7 +229,7 @@ def test_opacity_reset_fires_on_our_schedule_and_not_on_gsplats(tmp_path):
 
     from dream3d.config import build_config
     from dream3d.loop import Trainer
-    from tests.conftest import TINY
+    from tests.support import TINY
 
     gaussians = {"num_points": 128, "refine_start": 100, "reset_every": 4, "refine_stop": 10}
     cfg = build_config(TINY, {"prompt": "a red cube", "representation": "gaussians", "gaussians": gaussians})
@@ -332,7 +331,7 @@ def test_mesh_from_splats_matches_their_renders(tmp_path):
     """The exported mesh of a splat object passes the glTF validator and covers what the splats render."""
     from dream3d.evaluate import mesh_iou
     from dream3d.export import export_representation
-    from tests.test_export import validate_glb
+    from tests.support import validate_glb
 
     model = _solid_cube_splats()
     files = export_representation(model, tmp_path, formats=["glb", "ply"], resolution=64, video=False)

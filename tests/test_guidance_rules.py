@@ -2,8 +2,6 @@
 (sections 4-7) on priors with known outputs; VSD's fake score learns and checkpoints; rules
 that need a UNet are refused with closed-form priors; every rule runs end to end."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,50 +9,10 @@ from dream3d.config import ConfigError, build_config
 from dream3d.guidance.base import GuidanceError, RuleContext
 from dream3d.guidance.csd import CSDConfig, CSDGuidance
 from dream3d.guidance.ism import ISMConfig, ISMGuidance
-from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
+from dream3d.guidance.priors.base import Embeddings
 from dream3d.guidance.prompts import view_index
-from dream3d.guidance.schedule import evaluate
 from dream3d.representations.cameras import look_at_cameras
-from tests.test_cli import dream3d
-
-
-class AnalyticPrior:
-    """A prior whose epsilon is a known function: 0.5 x_t + e + t / 1000, e = len(prompt) / 10 (uncond -0.2)."""
-
-    name, resolution, num_train_timesteps, unet = "analytic", 8, 1000, None
-
-    def __init__(self):
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-
-    def encode(self, rgb):
-        return 2 * rgb - 1
-
-    def embed(self, prompt):
-        return Embeddings(prompt, torch.tensor([len(prompt) / 10]), torch.tensor([-0.2]))
-
-    def predict_noise(self, x_t, t, embeddings, cameras=None):
-        return 0.5 * x_t + embeddings.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
-
-    def eps(self, x_t, t, prompt_value):
-        return 0.5 * x_t + prompt_value + torch.as_tensor(t).view(-1, 1, 1, 1) / 1000
-
-
-def cameras(batch, size=8):
-    az = torch.linspace(0, 270, batch)
-    return look_at_cameras(torch.full((batch,), 15.0), az, torch.full((batch,), 2.5), 45.0, size, size)
-
-
-def image_gradient(guidance, rgb, step, seed, prompt="a prompt"):
-    """d loss / d rgb and the output of one guidance call."""
-    rgb = rgb.clone().requires_grad_()
-    out = guidance(rgb, prompt, cameras(len(rgb)), step=step, generator=torch.Generator().manual_seed(seed))
-    out.loss.backward()
-    return rgb.grad, out
-
-
-def as_image_gradient(g, batch):
-    """x = 2 rgb - 1 and d loss / d x = g / B (the one surrogate convention)."""
-    return (2 * g / batch).permute(0, 2, 3, 1)
+from tests.support import AnalyticPrior, as_image_gradient, cameras, dream3d, image_gradient, run_cli
 
 
 # -- CSD ----------------------------------------------------------------------------
@@ -286,20 +244,6 @@ def test_esd_is_vsd_with_half_camera_guidance():
 
 
 # -- end to end ---------------------------------------------------------------------
-
-TINY_FLAGS = ["--steps", 6, "--resolution", 16, "checkpoint_every=3", "preview_every=3", "nerf.grid_resolutions=[8,16]",
-              "nerf.num_samples=24", "nerf.occupancy_resolution=16", "gaussians.num_points=256",
-              "export.mesh_resolution=32", "export.video_frames=4", "export.video_resolution=32"]
-
-
-def run_cli(monkeypatch, capsys, out, *args, check_export=True):
-    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--out", out, *args, *TINY_FLAGS)
-    assert status == 0, err
-    (run_dir,) = out.iterdir()
-    if check_export:
-        assert (run_dir / "export" / "model.glb").stat().st_size > 0 and (run_dir / "export" / "orbit.mp4").is_file()
-    return run_dir
-
 
 @pytest.mark.parametrize("representation", ["nerf", "gaussians"])
 @pytest.mark.parametrize("rule", ["csd", "ism"])

@@ -7,7 +7,6 @@ refused before any training starts, so the whole table takes seconds.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from dream3d import api, cli
 from dream3d.config import build_config
-from tests.conftest import TINY
+from tests.support import TINY
 
 HUGE = str(10**26)
 BINARY = bytes(range(256)) * 4  # not UTF-8, NUL bytes

@@ -16,9 +16,9 @@ from dream3d.guidance.priors.mvdream import mvdream_camera
 from dream3d.guidance.priors.mvdream_unet import BasicTransformerBlock3D, MultiViewUNet, MVDreamUNetConfig
 from dream3d.guidance.sds import SDSConfig, SDSGuidance
 from dream3d.representations.cameras import look_at_cameras
-from tests.test_cli import dream3d
-from tests.test_guidance_rules import run_cli
-from tests.test_run import metrics
+from tests.support import dream3d
+from tests.support import run_cli
+from tests.support import metrics
 from tests.tiny_diffusers import TEXT_DIM, clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")

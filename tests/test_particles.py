@@ -13,7 +13,7 @@ from dream3d.loop import RunInterrupted, Trainer
 from dream3d.guidance.base import GuidanceError, GuidanceOutput, surrogate_loss
 from dream3d.guidance.repulsion import DinoFeatures, RepulsionConfig, build_features, pixel_features, repulsion_loss
 from dream3d.representations.particles import Particles
-from tests.test_run import assert_same, final_params, metrics
+from tests.support import assert_same, final_params, metrics
 
 
 def test_particle_i_is_the_single_representation_of_seed_plus_i(tiny):

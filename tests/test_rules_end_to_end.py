@@ -4,7 +4,7 @@ with the NeRF and with Gaussians, and exports (issue 6's acceptance matrix)."""
 import pytest
 
 from dream3d.config import GUIDANCES
-from tests.test_guidance_rules import run_cli
+from tests.support import run_cli
 from tests.tiny_diffusers import build_tiny_sd
 
 pytest.importorskip("diffusers")

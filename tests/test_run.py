@@ -12,28 +12,7 @@ from dream3d import api
 from dream3d.config import build_config
 from dream3d.loop import RunError, RunInterrupted, Trainer
 from dream3d.rundir import checkpoint_paths
-
-
-def metrics(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in lines]
-
-
-def final_params(run_dir):
-    _, rep = api.load_representation(run_dir)
-    return rep.state_dict()
-
-
-def assert_same(a, b):
-    """Equal checkpointed state: tensors bit for bit, through nested dicts (e.g. strategy state)."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same(a[k], b[k])
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
+from tests.support import assert_same, final_params, metrics
 
 
 def test_run_writes_the_run_folder(tiny):

@@ -23,8 +23,8 @@ import yaml
 from dream3d import api, rundir
 from dream3d.config import build_config
 from dream3d.loop import RunError, RunInterrupted, Trainer
-from tests.conftest import TINY
-from tests.test_cli import dream3d
+from tests.support import TINY
+from tests.support import dream3d
 
 QUICK_EXPORT = {"export": {**TINY["export"], "formats": ["ply"], "video": False}}
 

@@ -15,7 +15,7 @@ from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.priors.ddim import ddim_sample
 from dream3d.guidance.priors.toy_unet import SHIPPED_MODEL, ToyUNetArch
 from dream3d.representations.cameras import look_at_cameras
-from tests.test_cli import dream3d
+from tests.support import dream3d
 
 TINY_ARCH = ToyUNetArch(resolution=16, block_out_channels=(8, 16), norm_num_groups=4, attention_heads=2, text_dim=16,
                         text_layers=1)

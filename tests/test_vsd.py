@@ -13,8 +13,8 @@ from dream3d.components import build_prior
 from dream3d.config import build_config
 from dream3d.loop import RunInterrupted
 from dream3d.guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
-from tests.test_guidance_rules import TINY_FLAGS, cameras
-from tests.test_run import metrics
+from tests.support import cameras
+from tests.support import metrics
 from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")

@@ -18,7 +18,7 @@ import pytest
 import trimesh
 import yaml
 
-from tests.conftest import TINY
+from tests.support import TINY
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -193,7 +193,8 @@ def test_stop_on_a_waiting_job_takes_it_out_of_the_line_at_once():
         return api.Result(Path(cfg.prompt))
 
     jobs = JobQueue(runner)
-    first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
+    jobs.submit(build_config({"prompt": "first"}))
+    second = jobs.submit(build_config({"prompt": "second"}))
     third = jobs.submit(build_config({"prompt": "third"}))
     assert jobs.stop(second.id)
     assert second.finished.is_set() and jobs.snapshot(second).state == "stopped" and second.result is None

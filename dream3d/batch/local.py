@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 from dream3d.batch.worker import describe_worker, run_job, use_threads
+from dream3d.stop import SignalStop
 
 DEAD_WORKER_GRACE_S = 1.0
 
@@ -95,19 +96,14 @@ class LocalExecutor:
 FINAL = ("done", "failed", "stopped")
 
 
-class _StopRequest:
+class _StopRequest(SignalStop):
     """True once SIGINT/SIGTERM arrived, or once the batch that started this worker is gone
     (killed): the loop then checkpoints, so a re-run resumes instead of two processes sharing
     a run folder."""
 
     def __init__(self, batch_alive: Any) -> None:
-        self.requested = False
+        super().__init__()
         self._batch_alive = batch_alive
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
 
     def __call__(self) -> bool:
         # poll() is true at EOF, which is the only thing this pipe ever says
