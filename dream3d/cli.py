@@ -418,7 +418,7 @@ def eval_prior(
     from dream3d.atomic import write_text
     from dream3d.config import SampleOptions, check_options
     from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
-    from dream3d.guidance.priors.toy_world import CLASSES
+    from dream3d.guidance.toy_world import CLASSES
 
     if prior not in ("toy-unet", "toy-mvdream"):
         raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")

@@ -28,8 +28,10 @@ import torch
 import trimesh
 from torch import Tensor
 
-from dream3d.guidance.priors.toy_world import ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, parse_prompt, render_shapes
-from dream3d.representations.cameras import Cameras, look_at_cameras
+from dream3d.guidance.toy_world import (
+    ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, mask_iou, parse_prompt, render_shapes, world_cameras,
+)
+from dream3d.representations.cameras import Cameras
 from dream3d.representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
 
 EVAL_AZIMUTHS = 8
@@ -45,7 +47,12 @@ def eval_cameras(azimuth_offset: float = 0.0, resolution: int = EVAL_RESOLUTION)
     azimuth = torch.arange(EVAL_AZIMUTHS, dtype=torch.float32) * 360 / EVAL_AZIMUTHS + azimuth_offset
     elevation = torch.tensor(EVAL_ELEVATIONS).repeat_interleave(EVAL_AZIMUTHS)
     azimuth = azimuth.repeat(len(EVAL_ELEVATIONS))
-    return look_at_cameras(elevation, azimuth, torch.full_like(azimuth, 2.5), 45.0, resolution, resolution)
+    return world_cameras(elevation, azimuth, resolution)
+
+
+def pooled_iou(a: Tensor, b: Tensor) -> float:
+    """IoU of two bool masks of any shape, pooled over every element (all views or cells together)."""
+    return float(mask_iou(a.unsqueeze(0), b.unsqueeze(0))[0])
 
 
 def _shift_views(x: Tensor, shift: int) -> Tensor:
@@ -70,7 +77,7 @@ def evaluate_renders(rgb: Tensor, alpha: Tensor, prompt: str) -> dict[str, float
         for i, shape in enumerate(target_shapes):
             for shift in range(EVAL_AZIMUTHS):
                 true_mask = _shift_views(masks[i], shift)
-                iou = float((pred_mask & true_mask).sum() / (pred_mask | true_mask).sum().clamp_min(1))
+                iou = pooled_iou(pred_mask, true_mask)
                 if iou > best[0]:
                     best = (iou, shape, offset, shift)
     iou, shape, offset, shift = best
@@ -119,7 +126,7 @@ def mesh_iou(mesh: trimesh.Trimesh, representation: torch.nn.Module, background:
     cameras = eval_cameras()
     rendered = representation.render(cameras, background).alpha[..., 0] > 0.5
     meshed = mesh_silhouettes(mesh, cameras)
-    return float((rendered & meshed).sum() / (rendered | meshed).sum().clamp_min(1))
+    return pooled_iou(rendered, meshed)
 
 
 def _shape_sdf(shape: int, rotation_deg: float, resolution: int, bound: float) -> Tensor:
@@ -169,7 +176,7 @@ def evaluate_mesh_3d(mesh: trimesh.Trimesh, prompt: str, resolution: int = VOLUM
     for shape in sorted({int(CLASS_SHAPE[c]) for c in parse_prompt(prompt)}):
         for rotation in np.arange(0.0, 360.0, ROTATION_STEP).tolist():
             truth = solid_occupancy(shape, rotation, resolution)
-            iou = float((inside & truth).sum() / (inside | truth).sum().clamp_min(1))
+            iou = pooled_iou(inside, truth)
             if iou > best[0]:
                 best = (iou, shape)
     iou, shape = best

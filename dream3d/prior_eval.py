@@ -19,10 +19,9 @@ from torch import Tensor
 from dream3d.components import build_prior
 from dream3d.config import build_config
 from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.guidance.priors import toy_world
+from dream3d.guidance import toy_world
 from dream3d.guidance.priors.ddim import ddim_sample
 from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
-from dream3d.representations.cameras import Cameras, look_at_cameras
 
 # sampling-convention CFG (eps_u + s (eps_c - eps_u)) for the toy model, from a sweep of the shipped model
 # (eval-prior --views 2): toy-unet-mv class accuracy 0.847 at 3, 0.889 at 6, 0.917 at 9 (docs/benchmarks.md)
@@ -44,7 +43,7 @@ def sample_views(prior: str, model: str | None, prompt: str, n: int, elevation: 
     loaded = load_pixel_prior(prior, model)
     azimuths = torch.full((n,), azimuth) if azimuth is not None else torch.arange(n) * 360.0 / n
     r = loaded.resolution
-    cams = look_at_cameras(torch.full((n,), elevation), azimuths, torch.full((n,), 2.5), 45.0, r, r)
+    cams = toy_world.world_cameras(torch.full((n,), elevation), azimuths.float(), r)
     scale = SAMPLE_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     return ddim_sample(loaded, [prompt] * n, cams, steps, scale, torch.Generator().manual_seed(seed))
 
@@ -65,21 +64,6 @@ def silhouette(rgb: Tensor) -> Tensor:
     return (rgb < 1 - BACKGROUND_TOLERANCE).any(dim=1)
 
 
-def iou(a: Tensor, b: Tensor) -> Tensor:
-    """[B,h,w] bool masks -> [B] intersection over union."""
-    inter = (a & b).flatten(1).sum(1).float()
-    union = (a | b).flatten(1).sum(1).float().clamp_min(1)
-    return inter / union
-
-
-def ground_truth(cameras: Cameras) -> Tensor:
-    """[36, V, 3, r, r] every class rendered at every camera (shapes once each, colour applied after)."""
-    shapes = [toy_world.render_shapes(cameras, [s] * len(cameras)) for s in range(len(toy_world.SHAPES))]
-    rgb = [toy_world.composite(shapes[s]["mask"], shapes[s]["shade"], toy_world.ALBEDOS[c].view(1, 1, 1, 3))
-           for c, s in enumerate(toy_world.CLASS_SHAPE.tolist())]
-    return torch.stack(rgb).permute(0, 1, 4, 2, 3)
-
-
 def evaluate_prior(model: str | None = None, views: int = 4, steps: int = 50,
                    guidance_scale: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Classification accuracy of toy-unet-mv (at the camera) and toy-unet (camera-free), and the
@@ -93,7 +77,7 @@ def evaluate_prior(model: str | None = None, views: int = 4, steps: int = 50,
     for name in ("toy-unet-mv", "toy-unet"):
         prior = load_pixel_prior(name, model)
         cams = sample_cameras(CameraConfig(batch_size=len(classes)), prior.resolution, torch.Generator().manual_seed(seed))
-        truth = ground_truth(cams) if truth is None else truth  # [36, N, 3, r, r]
+        truth = toy_world.class_images(cams) if truth is None else truth  # [36, N, 3, r, r]
         images = ddim_sample(prior, prompts, cams, steps, guidance_scale, torch.Generator().manual_seed(seed))
         if prior.use_cameras:
             err = (truth - images).square().flatten(2).mean(-1)  # [36, N] at the requested camera
@@ -103,7 +87,7 @@ def evaluate_prior(model: str | None = None, views: int = 4, steps: int = 50,
         results[name] = {"accuracy": sum(correct) / len(correct), "correct": correct}
         if prior.use_cameras:  # a camera-free sample was asked for no particular view
             gt_masks = truth[classes, torch.arange(len(classes))].lt(1 - BACKGROUND_TOLERANCE).any(1)
-            ious = iou(silhouette(images), gt_masks).tolist()
+            ious = toy_world.mask_iou(silhouette(images), gt_masks).tolist()
             results[name] |= {"median_iou": statistics.median(ious), "mean_iou": sum(ious) / len(ious)}
     return results
 
@@ -121,13 +105,13 @@ def evaluate_multiview_prior(model: str | None = None, groups: int = 1, steps: i
     classes = torch.arange(len(toy_world.CLASSES)).repeat_interleave(groups * views)  # each set's views contiguous
     camera_cfg = CameraConfig(batch_size=len(classes), group_views=views)
     cams = sample_cameras(camera_cfg, prior.resolution, torch.Generator().manual_seed(seed))
-    truth = ground_truth(cams)  # [36, N, 3, r, r]
+    truth = toy_world.class_images(cams)  # [36, N, 3, r, r]
     prompts = [f"a {toy_world.CLASSES[c].name}" for c in classes]
     images = ddim_sample(prior, prompts, cams, steps, guidance_scale, torch.Generator().manual_seed(seed))
     predicted = (truth - images).square().flatten(2).mean(-1).argmin(0)  # [N] nearest class at the camera
     correct = (predicted == classes).tolist()
     gt_masks = truth[classes, torch.arange(len(classes))].lt(1 - BACKGROUND_TOLERANCE).any(1)
-    ious = iou(silhouette(images), gt_masks).tolist()
+    ious = toy_world.mask_iou(silhouette(images), gt_masks).tolist()
     per_set = predicted.view(-1, views)
     agreement = (per_set == per_set[:, :1]).all(dim=1).float().mean().item()
     return {"sets_per_class": groups, "views_per_set": views, "ddim_steps": steps, "guidance_scale": guidance_scale,

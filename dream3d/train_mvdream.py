@@ -23,7 +23,8 @@ from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.train_prior import (
     PriorTrainer, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
 )
-from dream3d.guidance.priors import toy_unet, toy_world
+from dream3d.guidance import toy_world
+from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
 from dream3d.guidance.priors.mvdream_unet import MultiViewUNet

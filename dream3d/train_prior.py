@@ -28,7 +28,8 @@ from torch import Tensor
 from dream3d.config import ConfigError
 from dream3d.rundir import apply_checkpoint, read_latest_checkpoint
 from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.guidance.priors import toy_unet, toy_world
+from dream3d.guidance import toy_world
+from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
 from dream3d.guidance.prompts import view_index
 from dream3d.representations.cameras import Cameras

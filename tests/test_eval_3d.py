@@ -9,7 +9,7 @@ import trimesh
 
 from dream3d.bench import markdown_table
 from dream3d.evaluate import _shape_sdf, evaluate_mesh_3d, solid_volume
-from dream3d.guidance.priors.toy_world import SHAPES
+from dream3d.guidance.toy_world import SHAPES
 from dream3d.representations.mesh import grid_centres, mesh_occupancy
 
 RES = 96

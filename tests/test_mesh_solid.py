@@ -11,7 +11,7 @@ import trimesh
 from dream3d.config import ConfigError, build_config
 from dream3d.evaluate import evaluate_mesh_3d
 from dream3d.export import export_representation
-from dream3d.guidance.priors.toy_world import SDFS, SHAPES, render_shapes
+from dream3d.guidance.toy_world import SDFS, SHAPES, render_shapes
 from dream3d.representations.cameras import Cameras
 from dream3d.representations.mesh import extract_mesh, mesh_occupancy
 

@@ -372,7 +372,8 @@ def test_a_failed_atomic_write_keeps_the_previous_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "pickle"])
 def test_an_unloadable_prior_cache_file_is_rebuilt(tmp_path, monkeypatch, caplog, damage):
-    from dream3d.guidance.priors import toy, toy_world
+    from dream3d.guidance import toy_world
+    from dream3d.guidance.priors import toy
     from dream3d.guidance.priors.cache import load_cached
 
     path = tmp_path / "toy-prior" / toy._dataset_key() / "shapes.pt"

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dream3d.guidance.priors import toy_world
+from dream3d.guidance import toy_world
 from dream3d.guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.representations.cameras import Cameras, degrees_between, look_at_cameras
 
 RESOLUTION = 64
 SUPERSAMPLE = 2
-DISTANCE = 2.5
-FOVY_DEG = 45.0
+DISTANCE = toy_world.CAMERA_DISTANCE
+FOVY_DEG = toy_world.CAMERA_FOVY_DEG
 # The world's camera range: elevation [-10, 45] in 11 degree steps, azimuth every 15 degrees (6 x 24 = 144 views).
 ELEVATIONS: tuple[float, ...] = (-10.0, 1.0, 12.0, 23.0, 34.0, 45.0)
 AZIMUTHS: tuple[float, ...] = tuple(15.0 * k for k in range(24))

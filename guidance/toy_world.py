@@ -18,10 +18,14 @@ from torch import Tensor
 
 from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.prompts import clip
-from dream3d.representations.cameras import Cameras, ray_aabb
+from dream3d.representations.cameras import Cameras, look_at_cameras, ray_aabb
 
 # Bump when anything below changes how the world looks: it keys the prior's dataset cache.
 WORLD_VERSION = "toy-world-1"
+# Where the world's cameras sit: every view of it (the priors' datasets, the evaluation, the prior
+# training and sampling) looks at the origin from this distance with this vertical field of view.
+CAMERA_DISTANCE = 2.5
+CAMERA_FOVY_DEG = 45.0
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.15, 0.15),
@@ -232,6 +236,27 @@ def render_classes(cameras: Cameras, class_ids: Sequence[int] | Tensor, supersam
             "mask": shapes["mask"], "depth": shapes["depth"]}
 
 
+def world_cameras(elevation: Tensor, azimuth: Tensor, resolution: int) -> Cameras:
+    """The world's cameras at elevation, azimuth [B] (degrees), ``resolution`` pixels square."""
+    return look_at_cameras(elevation, azimuth, torch.full_like(azimuth, CAMERA_DISTANCE), CAMERA_FOVY_DEG,
+                           resolution, resolution)
+
+
+def class_images(cameras: Cameras) -> Tensor:
+    """[36, V, 3, r, r]: every class at every one of the V cameras (each shape traced once, coloured after)."""
+    shapes = [render_shapes(cameras, [s] * len(cameras)) for s in range(len(SHAPES))]
+    rgb = [composite(shapes[s]["mask"], shapes[s]["shade"], ALBEDOS[c].view(1, 1, 1, 3))
+           for c, s in enumerate(CLASS_SHAPE.tolist())]
+    return torch.stack(rgb).permute(0, 1, 4, 2, 3)
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """[B, ...] bool masks -> [B] intersection over union (an empty union counts as 0)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float().clamp_min(1)
+    return inter / union
+
+
 def composite(mask: Tensor, shade: Tensor, albedo: Tensor) -> Tensor:
     """rgb [...,3] over white from coverage [...,1], mean covered shade [...,1] and albedo [...,3] (broadcast)."""
     # mask * shade is the shade summed over covered subsamples / all subsamples, so edges blend by coverage.
@@ -239,7 +264,7 @@ def composite(mask: Tensor, shade: Tensor, albedo: Tensor) -> Tensor:
 
 
 __all__ = [
-    "WORLD_VERSION", "COLOURS", "SHAPES", "CLASSES", "ALBEDOS", "CLASS_SHAPE", "ToyClass", "SDFS",
+    "WORLD_VERSION", "CAMERA_DISTANCE", "CAMERA_FOVY_DEG", "world_cameras", "class_images", "mask_iou", "COLOURS", "SHAPES", "CLASSES", "ALBEDOS", "CLASS_SHAPE", "ToyClass", "SDFS",
     "class_index", "vocabulary", "parse_prompt", "render_shapes", "render_classes", "composite",
     "sdf_sphere", "sdf_cube", "sdf_cylinder", "sdf_cone", "sdf_torus", "sdf_pyramid",
 ]
