@@ -20,15 +20,13 @@ from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, RuleContext
 from dream3d.guidance.diffusion import (
-    add_noise, alpha_bar, batch_of, cfg_df, forward_noise, predict_each, sample_timesteps, sds_weight, timestep_range,
+    add_noise, alpha_bar, batch_of, cfg_df, forward_noise, predict_each, sample_timesteps, sds_weight,
 )
 from dream3d.guidance.perp_neg import perp_neg_noise
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
 
-# sds_weight and timestep_range now live in guidance.diffusion (shared by every rule); re-exported here
-__all__ = ["CFDConfig", "SDSConfig", "SDSGuidance", "sds_weight", "timestep_range"]
 
 
 class SDSConfig(BaseModel):

@@ -5,7 +5,8 @@ import torch
 
 from dream3d.guidance.base import RuleContext, surrogate_loss
 from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
-from dream3d.guidance.sds import SDSConfig, SDSGuidance, sds_weight, timestep_range
+from dream3d.guidance.diffusion import sds_weight, timestep_range
+from dream3d.guidance.sds import SDSConfig, SDSGuidance
 from dream3d.representations.cameras import look_at_cameras
 
 

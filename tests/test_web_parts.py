@@ -40,7 +40,7 @@ def test_form_keeps_runs_in_the_app_folder(tmp_path):
         (dict(prompt="a red cube " * 5), "the prompt is 54 characters long; the limit is 20"),
         (dict(steps=0), "steps: Input should be greater than 0"),
         (dict(resolution="[16"), "resolution '[16' is neither a number nor a list of numbers"),
-        (dict(particles=4), "guidance 'sds' takes no particles"),
+        (dict(particles=0), "particles: Input should be greater than or equal to 1"),
         (dict(overrides="sds.nope=1"), "sds.nope: unknown key"),
     ],
 )
@@ -50,9 +50,15 @@ def test_bad_form_is_one_line(tmp_path, values, message):
     assert str(error.value) == message
 
 
+def test_the_particles_field_sets_the_runs_particles(tmp_path):
+    """It used to look for particles inside the rule's section, where no rule has them: the field never showed."""
+    cfg = config_from_form(_form(particles=3, guidance="vsd", prior="toy-unet-mv"), {}, str(tmp_path), max_prompt_chars=20)
+    assert cfg.particles == 3
+
+
 def test_advanced_fields_come_from_the_guidance_section():
     assert guidance_setting("sds", ("guidance_scale",)) == "sds.guidance_scale"
-    assert guidance_setting("sds", ("particles", "num_particles")) is None
+    assert guidance_setting("sds", ("no_such_field",)) is None
     assert resolution_text(defaults({})) == "[32, 64]"
     assert resolution_text(defaults({"resolution": 48})) == "48"
 

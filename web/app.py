@@ -26,7 +26,7 @@ from starlette.routing import Route
 from dream3d import rundir
 from dream3d.errors import user_errors
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
-from dream3d.web.form import PARTICLE_NAMES, FormValues, any_guidance_has, config_from_form, defaults, resolution_text
+from dream3d.web.form import FormValues, config_from_form, defaults, resolution_text
 from dream3d.web.jobs import JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView, latest_preview
 
@@ -124,7 +124,8 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
                         label="Learning-rate scale (multiplies every parameter group's rate)", elem_id="lr-scale",
                     )
                     particles = gr.Number(
-                        None, label="Particles", precision=0, visible=any_guidance_has(PARTICLE_NAMES), elem_id="particles"
+                        None, label="Particles (representations optimised together, one export each)", precision=0,
+                        elem_id="particles",
                     )
                     overrides = gr.Textbox(
                         label="More settings: key=value per line (as on the command line)", lines=2, elem_id="overrides"

@@ -1,8 +1,8 @@
 """The page's form as config: its choices and defaults come from dream3d.config, and its
 values become a RunConfig through the same ``build_config`` the CLI uses.
 
-Advanced settings are found in the chosen guidance rule's config section by name, so a
-rule that adds e.g. ``particles`` gets the field without a change here.
+The guidance-scale field is found in the chosen rule's config section by name, so a rule
+whose scale has that name gets the field without a change here; particles are a run setting.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Any
 
 import yaml
 
-from dream3d.config import GUIDANCES, ConfigError, RunConfig, build_config, parse_overrides
+from dream3d.config import ConfigError, RunConfig, build_config, parse_overrides
 
 GUIDANCE_SCALE_NAMES = ("guidance_scale",)
-PARTICLE_NAMES = ("particles", "num_particles", "n_particles")
 
 
 @dataclass
@@ -41,10 +40,6 @@ def guidance_setting(guidance: str, names: tuple[str, ...]) -> str | None:
     section = RunConfig.model_fields.get(guidance)
     fields = getattr(section.annotation, "model_fields", {}) if section else {}
     return next((f"{guidance}.{name}" for name in names if name in fields), None)
-
-
-def any_guidance_has(names: tuple[str, ...]) -> bool:
-    return any(guidance_setting(g, names) for g in GUIDANCES)
 
 
 def defaults(base: dict[str, Any]) -> RunConfig:
@@ -80,7 +75,7 @@ def config_from_form(
     if values.guidance_scale is not None:
         layer = _set(layer, _guidance_path(values.guidance, GUIDANCE_SCALE_NAMES, "guidance scale"), values.guidance_scale)
     if values.particles is not None:
-        layer = _set(layer, _guidance_path(values.guidance, PARTICLE_NAMES, "particles"), _integer("particles", values.particles))
+        layer["particles"] = _integer("particles", values.particles)
     overrides = parse_overrides([line.strip() for line in (values.overrides or "").splitlines() if line.strip()])
     # the run folder is the app's: downloads are served from it and from nowhere else
     cfg = build_config(base, layer, overrides, {"out": out})
