@@ -228,7 +228,7 @@ def test_two_runs_submitted_at_once_run_one_after_the_other(browser, server):
     before = set(server.runs.glob("*")) if server.runs.exists() else set()
     _submit(pages[0], "a blue sphere", steps=8)
     _submit(pages[1], "a green cone", steps=8)
-    pages[1].wait_for_function("() => document.querySelector('#progress').innerText.includes('waiting: position 2')")
+    pages[1].wait_for_function("() => document.querySelector('#progress').innerText.includes('queued: position 2')")
     finished = [_watch_until_finished(p)[-1]["state"] for p in pages]
     assert finished == ["done", "done"]
     first, second = sorted(set(server.runs.glob("*")) - before, key=lambda p: p.name.startswith("a-green"))

@@ -98,7 +98,7 @@ def test_two_jobs_run_one_after_the_other():
 
     jobs = JobQueue(runner)
     first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
-    assert jobs.snapshot(second).state == "waiting" and jobs.snapshot(second).position == 1
+    assert jobs.snapshot(second).state == "queued" and jobs.snapshot(second).position == 1
     release.set()
     assert first.finished.wait(5) and second.finished.wait(5)
     assert (first.state, second.state) == ("done", "done")
@@ -190,7 +190,7 @@ def test_download_of_a_hostile_path_is_refused_not_an_error(tmp_path, path):
     assert asyncio.run(route.endpoint(request)).status_code in (403, 404)
 
 
-def test_stop_on_a_waiting_job_takes_it_out_of_the_line_at_once():
+def test_stop_on_a_queued_job_takes_it_out_of_the_line_at_once():
     release, ran = threading.Event(), []
 
     def runner(cfg, on_event, should_stop):

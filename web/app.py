@@ -27,6 +27,7 @@ from dream3d import rundir
 from dream3d.errors import user_errors
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
 from dream3d.web.form import FormValues, config_from_form, defaults, resolution_text
+from dream3d.jobs import QUEUED
 from dream3d.web.jobs import JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView, latest_preview
 
@@ -62,10 +63,10 @@ def settings_from_files(out: str, config: Path | None, max_prompt_chars: int, ma
 
 
 def progress_html(snap: Snapshot) -> str:
-    """The progress bar: a <progress> element and one line (waiting position, or step, loss, speed, ETA)."""
-    if snap.state == "waiting":
+    """The progress bar: a <progress> element and one line (queue position, or step, loss, speed, ETA)."""
+    if snap.state == QUEUED:
         ahead = "run" if snap.position == 1 else "runs"
-        line = f"waiting: position {snap.position + 1} in the queue ({snap.position} {ahead} ahead)"
+        line = f"queued: position {snap.position + 1} in the queue ({snap.position} {ahead} ahead)"
     else:
         loss = "-" if snap.loss is None else f"{snap.loss:.4g}"
         eta = int(round(snap.eta_s)) if snap.state == "running" else 0

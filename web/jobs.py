@@ -8,7 +8,6 @@ records the loop's progress events; the page polls a job's ``snapshot`` to draw 
 from __future__ import annotations
 
 import itertools
-import logging
 import queue
 import threading
 import time
@@ -18,10 +17,8 @@ from typing import Callable
 
 from dream3d import api
 from dream3d.config import RunConfig
-from dream3d.errors import one_line, user_errors
+from dream3d.jobs import QUEUED, RUNNING, STOPPED, run_job
 from dream3d.loop import Progress
-
-log = logging.getLogger(__name__)
 
 Runner = Callable[[RunConfig, api.EventHandler, api.StopCheck], api.Result]
 
@@ -35,7 +32,7 @@ def run_and_export(cfg: RunConfig, on_event: api.EventHandler, should_stop: api.
 class Snapshot:
     """What the page shows of a job at one moment. position: runs ahead of it (0 once it runs)."""
 
-    state: str  # waiting | running | done | stopped | failed
+    state: str  # queued | running | done | stopped | failed (dream3d.jobs)
     position: int
     step: int = 0
     total: int = 0
@@ -51,7 +48,7 @@ class Snapshot:
 class Job:
     id: str
     cfg: RunConfig
-    state: str = "waiting"
+    state: str = QUEUED
     last_step: Progress | None = None
     preview: Path | None = None
     result: api.Result | None = None
@@ -76,7 +73,7 @@ class JobQueue:
         self._runner = runner
         self._pending: queue.Queue[Job] = queue.Queue()
         self._jobs: dict[str, Job] = {}
-        self._order: list[str] = []  # waiting and running job ids, oldest first
+        self._order: list[str] = []  # queued and running job ids, oldest first
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._worker = threading.Thread(target=self._work, name="dream3d-jobs", daemon=True)
@@ -94,16 +91,16 @@ class JobQueue:
         return self._jobs.get(job_id)
 
     def stop(self, job_id: str) -> bool:
-        """Asks a running job to stop, and drops a waiting one from the line at once (state
+        """Asks a running job to stop, and drops a queued one from the line at once (state
         "stopped", no result); False if there is no such unfinished job."""
         job = self._jobs.get(job_id)
         if job is None or job.finished.is_set():
             return False
         job.stop_requested.set()
         with self._lock:
-            waiting = job.state == "waiting"
-        if waiting:
-            self._finish(job, "stopped")
+            queued = job.state == QUEUED
+        if queued:
+            self._finish(job, STOPPED)
         return True
 
     def position(self, job: Job) -> int:
@@ -125,20 +122,14 @@ class JobQueue:
         while True:
             job = self._pending.get()
             with self._lock:
-                if job.stop_requested.is_set():  # stopped while waiting: already finished
+                if job.stop_requested.is_set():  # stopped while queued: already finished
                     continue
-                job.state, job.started_at = "running", time.monotonic()
-            try:
-                job.result = self._runner(job.cfg, job.record, job.stop_requested.is_set)
-            except user_errors() as e:
-                job.error = one_line(e)
-                self._finish(job, "failed")
-            except Exception as e:  # a bug: the page gets one line, the server log the traceback
-                log.exception("run %s failed", job.id)
-                job.error = f"internal error ({type(e).__name__}); see the server log"
-                self._finish(job, "failed")
-            else:
-                self._finish(job, "stopped" if job.result.summary.get("stopped") else "done")
+                job.state, job.started_at = RUNNING, time.monotonic()
+            # a bug's details stay in the server log: the page is public
+            outcome = run_job(lambda on_event, stop: self._runner(job.cfg, on_event, stop), job.record,
+                              job.stop_requested.is_set, bug_details=False)
+            job.result, job.error = outcome.result, outcome.error
+            self._finish(job, outcome.state)
 
     def _finish(self, job: Job, state: str) -> None:
         with self._lock:
