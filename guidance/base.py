@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from dream3d.guidance.priors.base import Embeddings, Prior
-from dream3d.guidance.schedule import evaluate
+from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
 
 # Consistent forward noise, asked for once the prior's input x [B,C,h,w] exists: x.shape -> eps [B,C,h,w]
@@ -28,6 +28,23 @@ class GuidanceOutput:
 
 class GuidanceError(ValueError):
     """A rule cannot run with this prior or configuration; the message is one line for the user."""
+
+
+Weighting = Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"]
+
+
+class TimestepConfig(BaseModel):
+    """What every rule that draws t ~ U[min%, max%] per item and weights its gradient by w(t) is set by
+    (SDS, CFD, CSD, VSD/ESD, NFSD): one set of names, types and allowed values; a rule's config derives
+    from it and changes only the defaults. ISM draws one interval for the whole batch from its own
+    warm-up schedule instead (``ISMConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weighting: Weighting = "sds"
+    min_step_percent: CheckedSchedule = 0.02
+    max_step_percent: CheckedSchedule = 0.98
+    grad_clip: CheckedSchedule | None = None
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,10 @@ those words, so there they are off.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext
+from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext, TimestepConfig, Weighting
 from dream3d.guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
 from dream3d.guidance.perp_neg import perp_neg_embeddings, perp_neg_term
 from dream3d.guidance.priors.base import Embeddings, Prior
@@ -36,21 +33,17 @@ TEXT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"  
 TEXT_PERP_NEG_SCALE = 3.0  # csd-if.yaml, stage 1
 
 
-class CSDConfig(BaseModel):
+class CSDConfig(TimestepConfig):
     """CSD settings; the defaults are csd-if.yaml's stage 1 (uniform weight, normalised gradient,
     t up to 0.98 until step 5000 then 0.5, beta 0 -> 1 over 5000 steps)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     guidance_scale: CheckedSchedule = 1.0
     negative_prompt: str | None = None  # None: the prior's default (the shipped one on sd/if); "": none
     negative_weight: CheckedSchedule = [0.0, 1.0, 5000.0]
     perp_neg_scale: CheckedSchedule | None = None  # None: the prior's default (3 on sd/if, off on toy priors)
-    weighting: Literal["sds", "uniform", "fantasia3d"] = "uniform"
-    min_step_percent: CheckedSchedule = 0.02
+    weighting: Weighting = "uniform"
     max_step_percent: CheckedSchedule = [5000.0, 0.98, 0.5, 5001.0]
     grad_normalize: bool = True
-    grad_clip: CheckedSchedule | None = None
 
 
 class CSDGuidance(DistillationRule):

@@ -15,13 +15,11 @@ this follows the paper (3 prior evaluations per view, 2 without a negative promp
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
-from dream3d.guidance.base import DistillationRule, RuleContext
+from dream3d.guidance.base import DistillationRule, RuleContext, TimestepConfig
 from dream3d.guidance.diffusion import add_noise, alpha_bar, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
@@ -32,18 +30,12 @@ TEXT_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, l
                         "low-resolution, gloomy")  # the paper's
 
 
-class NFSDConfig(BaseModel):
+class NFSDConfig(TimestepConfig):
     """NFSD settings (the paper's: s = 7.5, t < 200 counts as small)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     guidance_scale: CheckedSchedule = 7.5
     negative_prompt: str | None = None  # None: the prior's default (the paper's on sd/if); "": none
     small_t: int = Field(200, ge=0)
-    weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sds"
-    min_step_percent: CheckedSchedule = 0.02
-    max_step_percent: CheckedSchedule = 0.98
-    grad_clip: CheckedSchedule | None = None
 
 
 class NFSDGuidance(DistillationRule):

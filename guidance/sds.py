@@ -12,13 +12,11 @@ w = sigma_t / alpha_t, a deterministic descending t, and (the loop's part) consi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 from torch import Tensor
 
-from dream3d.guidance.base import DistillationRule, RuleContext
+from dream3d.guidance.base import DistillationRule, RuleContext, TimestepConfig, Weighting
 from dream3d.guidance.diffusion import (
     add_noise, alpha_bar, batch_of, cfg_df, forward_noise, predict_each, sample_timesteps, sds_weight,
 )
@@ -29,21 +27,15 @@ from dream3d.representations.cameras import Cameras
 
 
 
-class SDSConfig(BaseModel):
+class SDSConfig(TimestepConfig):
     """SDS settings. ``guidance_scale`` None means the prior's recommended scale (100 for SD, 20 for IF).
 
     ``descending_t``: a deterministic t for the whole batch (CFD), t = round(T (min% + (max% - min%)(1 - p)))
     with p a schedule over the run's progress (step / steps in [0, 1]), e.g. ``[[0, 0], [1, 0.8]]``."""
 
-    model_config = ConfigDict(extra="forbid")
-
     guidance_scale: CheckedSchedule | None = None
-    weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sds"
-    min_step_percent: CheckedSchedule = 0.02
-    max_step_percent: CheckedSchedule = 0.98
     sqrt_anneal: bool = False
     descending_t: CheckedSchedule | None = None
-    grad_clip: CheckedSchedule | None = None
     perp_neg: bool = False
     # MVDream's x0-reconstruction form (docs/mvdream.md): g = x - x0_hat, x0_hat the CFG estimate of x0, with
     # recon_std_rescale pulling its spread toward the conditional estimate's; without the rescale this is SDS with
@@ -68,7 +60,7 @@ class CFDConfig(SDSConfig):
     of ``steps``.
     The CFG stays DreamFusion's convention (omega 70 for SD in the reference)."""
 
-    weighting: Literal["sds", "uniform", "fantasia3d", "sigma_over_alpha"] = "sigma_over_alpha"
+    weighting: Weighting = "sigma_over_alpha"
     descending_t: CheckedSchedule | None = [[0.0, 0.0], [0.1, 0.3], [0.5, 0.6], [1.0, 0.8]]
 
 

@@ -23,14 +23,14 @@ logged as ``lora_skipped_steps``).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext
+from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext, TimestepConfig
 from dream3d.guidance.diffusion import (
     add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight, to_epsilon,
 )
@@ -44,18 +44,13 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CAMERA_DIM = 16
 
 
-class VSDConfig(BaseModel):
+class VSDConfig(TimestepConfig):
     """VSD settings (threestudio's prolificdreamer.yaml). ``camera_guidance_scale`` is lambda:
     1 for VSD, < 1 for ESD, which needs ``camera_dropout`` > 0 to train the camera-free branch."""
 
-    model_config = ConfigDict(extra="forbid")
-
     guidance_scale: CheckedSchedule = 7.5
     camera_guidance_scale: CheckedSchedule = 1.0
-    weighting: Literal["sds", "uniform", "fantasia3d"] = "sds"
-    min_step_percent: CheckedSchedule = 0.02
     max_step_percent: CheckedSchedule = [5000.0, 0.98, 0.5, 5001.0]
-    grad_clip: CheckedSchedule | None = None
     lora_rank: int = Field(4, gt=0)
     lora_lr: float = Field(1e-4, gt=0)
     lora_betas: tuple[float, float] = (0.9, 0.99)
