@@ -8,15 +8,17 @@ a process start per run). The table (markdown and JSON) has one row per run and 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from dream3d.errors import UserError
 from dream3d import api
 from dream3d.atomic import write_text
+from dream3d.errors import UserError
 
 # Twelve classes: every shape and every colour twice.
 BENCH_PROMPTS = (
@@ -92,26 +94,33 @@ def markdown_table(rows: list[dict]) -> str:
     """One line per run and a median line; a Gaussian count column when the runs logged one."""
     counts = all("num_gaussians" in r for r in rows)
     extra = [f"gaussians at steps {'/'.join(map(str, COUNT_STEPS))}"] if counts else []
-    header = "| prompt | seed | matched | " + " | ".join([*COLUMNS, *extra]) + " |\n"
-    header += "|---" * (3 + len(COLUMNS) + len(extra)) + "|\n"
     lines = []
     for r in rows:
-        cells = [_fmt(r[c]) for c in COLUMNS]
+        cells = [fmt(r[c]) for c in COLUMNS]
         if counts:
             cells.append(" / ".join(str(r["num_gaussians"].get(s, "-")) for s in COUNT_STEPS))
-        lines.append(f"| {r['prompt']} | {r['seed']} | {r['matched_class']} | " + " | ".join(cells) + " |")
+        lines.append([r["prompt"], str(r["seed"]), r["matched_class"], *cells])
     medians = [_summary(c, [r[c] for r in rows]) for c in COLUMNS] + [""] * len(extra)
-    return header + "\n".join(lines) + f"\n| **median** | | | {' | '.join(medians)} |\n"
+    return markdown(["prompt", "seed", "matched", *COLUMNS, *extra], [*lines, ["**median**", "", "", *medians]])
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of string cells: the header line, its rule, one line per row (both benchmarks)."""
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)]) + "\n"
 
 
 def _summary(column: str, values: list) -> str:
     """The median row's cell: how many meshes are watertight ("k/n"), the median otherwise."""
     if column == "watertight":
         return f"{sum(v is True for v in values)}/{len(values)}"
-    return _fmt(statistics.median(values))
+    return fmt(statistics.median(values))
 
 
-def _fmt(value: float) -> str:
+def fmt(value: object) -> str:
+    """A table cell: floats to 3 decimals (1 from 10 up), NaN as "-", anything else as is."""
     if not isinstance(value, float):
         return f"{value}"
+    if math.isnan(value):
+        return "-"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"

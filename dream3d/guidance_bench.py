@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dream3d.atomic import write_text
-from dream3d.bench import BenchError, run_and_eval
+from dream3d.bench import BenchError, fmt, run_and_eval
+from dream3d.bench import markdown as bench_markdown
 from dream3d import registry
 from dream3d.config import ConfigError, REPRESENTATIONS
 
@@ -177,11 +178,9 @@ def table(matrix: Matrix, rows: list[dict]) -> list[dict]:
 
 def markdown(entries: list[dict]) -> str:
     """The table as markdown: one line per (rule, representation)."""
-    header = "| rule | representation | runs | failed | " + " | ".join(HEADERS) + " |\n"
-    header += "|---" * (4 + len(HEADERS)) + "|\n"
-    lines = [f"| {e['rule']} | {e['representation']} | {e['runs']} | {e['failed']} | "
-             + " | ".join(_fmt(e[c]) for c in TABLE_COLUMNS) + " |" for e in entries]
-    return header + "\n".join(lines) + "\n"
+    rows = [[e["rule"], e["representation"], str(e["runs"]), str(e["failed"]), *(fmt(e[c]) for c in TABLE_COLUMNS)]
+            for e in entries]
+    return bench_markdown(["rule", "representation", "runs", "failed", *HEADERS], rows)
 
 
 def write(out: Path, matrix: Matrix, overrides: list[str], rows: list[dict]) -> list[dict]:
@@ -206,8 +205,3 @@ def _median(values: list[float]) -> float:
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
-
-def _fmt(value: float) -> str:
-    if math.isnan(value):
-        return "-"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
