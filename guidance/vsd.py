@@ -83,7 +83,6 @@ class VSDGuidance(DistillationRule):
     def __init__(self, prior: Prior, cfg: VSDConfig, context: RuleContext = RuleContext(name="vsd")) -> None:
         super().__init__(prior, cfg)
         unet = prior.unet
-        seed = context.seed
         if unet is None or not hasattr(unet, "class_embedding"):
             raise GuidanceError(f"guidance {context.name} trains a LoRA on the prior's diffusion UNet; prior {prior.name} "
                                 f"has none (use a UNet prior such as sd or if)")
@@ -92,7 +91,7 @@ class VSDGuidance(DistillationRule):
 
         reference = next(unet.parameters())
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(context.seed)
             # "gaussian": A ~ N(0, 1/r^2), B = 0, as diffusers' LoRALinearLayer that threestudio trains
             unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
                                         init_lora_weights="gaussian"), adapter_name=ADAPTER)
