@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from dream3d.guidance.diffusion import add_noise, alpha_bar, forward_noise, sample_timesteps
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
@@ -96,6 +97,14 @@ class DistillationRule(torch.nn.Module):
                  ) -> tuple[Tensor, dict[str, float]]:
         """g [B,C,h,w] for prior inputs x [B,C,h,w] (before nan/clip handling), and the floats to log."""
         raise NotImplementedError
+
+    def noised(self, x: Tensor, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """t [B] ~ U[min%, max%] per item (a ``TimestepConfig`` rule), abar_t [B,1,1,1] and x_t [B,C,h,w]
+        from fresh noise, drawn in that order from ``generator``."""
+        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                             x.shape[0], step, generator)
+        abar = alpha_bar(self.prior, t, x.device)
+        return t, abar, add_noise(x, forward_noise(x, generator), abar)
 
     def finish(self, grad: Tensor) -> Tensor:
         """The cleaned g, rescaled as the rule needs (CSD's normalisation); identity by default."""

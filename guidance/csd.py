@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext, TimestepConfig, Weighting
-from dream3d.guidance.diffusion import alpha_bar, add_noise, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
+from dream3d.guidance.diffusion import batch_of, predict_each, sds_weight
 from dream3d.guidance.perp_neg import perp_neg_embeddings, perp_neg_term
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
@@ -61,11 +61,8 @@ class CSDGuidance(DistillationRule):
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, float]]:
         B = x.shape[0]
-        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                             B, step, generator)
-        abar = alpha_bar(self.prior, t, x.device)
         # the noise cancels in g, but it still picks the point x_t where the scores are compared
-        x_t = add_noise(x, forward_noise(x, generator), abar)
+        t, abar, x_t = self.noised(x, step, generator)
         s_pn = evaluate(self.perp_neg_scale, step)
         if s_pn > 0 and embeddings.views is None:
             raise GuidanceError(f"csd.perp_neg_scale needs a prior with view-dependent prompts; {self.prior.name} "

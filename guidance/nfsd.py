@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, RuleContext, TimestepConfig
-from dream3d.guidance.diffusion import add_noise, alpha_bar, batch_of, forward_noise, predict_each, sample_timesteps, sds_weight
+from dream3d.guidance.diffusion import batch_of, predict_each, sds_weight
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
@@ -51,10 +51,7 @@ class NFSDGuidance(DistillationRule):
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, float]]:
         B = x.shape[0]
-        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                             B, step, generator)
-        abar = alpha_bar(self.prior, t, x.device)
-        x_t = add_noise(x, forward_noise(x, generator), abar)
+        t, abar, x_t = self.noised(x, step, generator)
         prompts = [embeddings.conditional(cameras), batch_of(embeddings.uncond, B)]
         if self.negative is not None:
             prompts.append(batch_of(self.negative, B))

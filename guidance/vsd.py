@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext, TimestepConfig
 from dream3d.guidance.diffusion import (
-    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sample_timesteps, sds_weight, to_epsilon,
+    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sds_weight, to_epsilon,
 )
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
@@ -186,11 +186,7 @@ class VSDGuidance(DistillationRule):
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
                  ) -> tuple[Tensor, dict[str, float]]:
         B = x.shape[0]
-        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                             B, step, generator)
-        noise = forward_noise(x, generator)
-        abar = alpha_bar(self.prior, t, x.device)
-        x_t = add_noise(x, noise, abar)
+        t, abar, x_t = self.noised(x, step, generator)
         with torch.no_grad():
             cond, uncond = predict_each(self.prior, x_t, t, [embeddings.conditional(cameras),
                                                            batch_of(embeddings.uncond, B)], cameras)
