@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dream3d.errors import UserError
 from dream3d import rundir
 from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
 from dream3d.device import resolve_device
+from dream3d.errors import UserError
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
 from dream3d.guidance.base import NoiseSource

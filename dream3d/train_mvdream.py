@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.train_prior import (
-    PriorTrainer, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
+    PriorTrainer, TrainingSettings, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
 )
 from dream3d.guidance import toy_world
 from dream3d.guidance.priors import toy_unet
@@ -34,21 +34,12 @@ from dream3d.representations.cameras import Cameras
 VIEWS = 4
 
 
-class TrainMVDreamConfig(BaseModel):
-    """Everything that decides the trained weights. batch_size counts objects (4 views each)."""
-
-    model_config = ConfigDict(extra="forbid")
+class TrainMVDreamConfig(TrainingSettings):
+    """Everything that decides toy-mvdream's trained weights. batch_size counts objects (4 views each)."""
 
     steps: int = Field(3000, gt=0)
     batch_size: int = Field(8, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    ema_max_decay: float = 0.999
     pool_groups: int = Field(256, gt=0)
-    supersample: int = Field(2, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    seed: int = 0
     arch: ToyMVDreamArch = ToyMVDreamArch()
 
 

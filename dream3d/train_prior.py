@@ -37,8 +37,9 @@ from dream3d.representations.cameras import Cameras
 CHECKPOINT_GLOB = "step-*.pt"
 
 
-class TrainPriorConfig(BaseModel):
-    """Everything that decides the trained weights (with the seed, it makes them reproducible)."""
+class TrainingSettings(BaseModel):
+    """What every toy model's training loop is set by (with the seed, it makes the weights reproducible);
+    each model's config adds its data and architecture and sets its own defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,12 +48,17 @@ class TrainPriorConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     ema_max_decay: float = 0.999
-    camera_dropout: float = Field(0.25, ge=0, le=1)
-    pool_views: int = Field(1024, gt=0)
     supersample: int = Field(2, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     seed: int = 0
+
+
+class TrainPriorConfig(TrainingSettings):
+    """Everything that decides toy-unet's trained weights."""
+
+    camera_dropout: float = Field(0.25, ge=0, le=1)
+    pool_views: int = Field(1024, gt=0)
     arch: toy_unet.ToyUNetArch = toy_unet.ToyUNetArch()
 
 

@@ -96,7 +96,7 @@ def test_relative_markdown_links_resolve():
 
 
 @pytest.mark.parametrize(("line", "outside"), [
-    ("see ../shared/ARCHITECTURE.md", True),
+    ("see ../" + "shared/notes.md", True),  # split so that this file itself points nowhere
     ("flock /work/bench/cpu.lock", True),
     ("runs under /tmp/work/x and network/work/y", False),
     ("docs/architecture.md#seams", False),
