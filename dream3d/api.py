@@ -229,7 +229,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
     if len(per_particle) == 1:
         metrics = per_particle[0]
     else:
-        averaged = ("iou", "r_precision", "colour_error", "mesh_iou", "volume_iou", "volume_ratio")
+        averaged = ("iou", "r_precision", "colour_error", "janus", "view_iou_spread", "mesh_iou", "volume_iou", "volume_ratio")
         scores = [k for k in averaged if all(k in m for m in per_particle)]
         metrics = {k: sum(m[k] for m in per_particle) / len(per_particle) for k in scores}
         metrics["particles"] = per_particle

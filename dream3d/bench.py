@@ -27,7 +27,7 @@ BENCH_PROMPTS = (
 )
 QUICK_PROMPTS = ("a red sphere", "a green cube")
 COLUMNS = (
-    "iou", "r_precision", "colour_error", "mesh_iou", "volume_iou", "volume_ratio", "watertight", "components",
+    "iou", "r_precision", "colour_error", "janus", "view_iou_spread", "mesh_iou", "volume_iou", "volume_ratio", "watertight", "components",
     "seconds_per_step", "wall_seconds", "peak_memory_mb",
 )
 MESH_3D = ("volume_iou", "volume_ratio", "watertight", "components")  # evaluate_mesh_3d's, absent without a GLB
@@ -64,7 +64,7 @@ def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
     run_dir, summary, wall = run_and_eval(prompt, seed, out, options)
     row = {
         "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
-        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error")},
+        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error", "janus", "view_iou_spread")},
         "mesh_iou": summary["eval"].get("mesh_iou", float("nan")),  # nan when the run exported no GLB
         **{k: summary["eval"].get(k, float("nan")) for k in MESH_3D},
         "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),

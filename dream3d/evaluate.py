@@ -7,7 +7,11 @@ world rendered from the same cameras:
   does not fix the azimuth), searched in 5 degree steps;
 - colour error: mean absolute RGB difference on pixels that both masks cover;
 - R-precision: the fraction of views whose nearest (L2 over RGB) ground-truth class,
-  among all 36 at the same camera and rotation, is one the prompt names.
+  among all 36 at the same camera and rotation, is one the prompt names;
+- two view-consistency (Janus) measures: ``janus``, the fraction of opposite view pairs
+  (azimuths 180 degrees apart, same elevation) whose nearest classes differ, and
+  ``view_iou_spread``, the best view's silhouette IoU minus the worst's. An object that is
+  the prompt from the front and something else from the back scores high on both.
 
 ``mesh_iou`` checks the export instead: the exported mesh's silhouettes against the
 representation's own renders (alpha > 0.5) from the same 16 views. Silhouettes cannot
@@ -91,13 +95,24 @@ def evaluate_renders(rgb: Tensor, alpha: Tensor, prompt: str) -> dict[str, float
     target = min(errors, key=errors.get)
     nearest = ((truth_rgb - rgb.unsqueeze(0)) ** 2).flatten(2).sum(-1).argmin(0)  # [16]
     r_precision = sum(int(c) in targets for c in nearest) / views
+    per_view_iou = mask_iou(pred_mask, mask[shape, ..., 0] > 0.5)  # [16]
     return {
         "iou": iou,
         "r_precision": r_precision,
         "colour_error": errors[target],
         "matched_class": CLASSES[target].name,
         "rotation_deg": (offset + shift * 360 / EVAL_AZIMUTHS) % 360,
+        "janus": janus_rate(nearest),
+        "view_iou_spread": float(per_view_iou.max() - per_view_iou.min()),
     }
+
+
+def janus_rate(nearest: Tensor) -> float:
+    """Fraction of opposite view pairs whose nearest classes differ: nearest [16] class indices of the
+    evaluation views (elevation-major). Each of the 8 pairs is azimuth k and k + 180 degrees at one elevation."""
+    by_view = nearest.view(len(EVAL_ELEVATIONS), EVAL_AZIMUTHS)
+    half = EVAL_AZIMUTHS // 2
+    return float((by_view[:, :half] != by_view[:, half:]).float().mean())
 
 
 @functools.lru_cache(maxsize=32)
