@@ -28,6 +28,16 @@ def test_if_stage_one_is_a_learned_variance_pixel_unet_with_t5_xxl():
     assert type(text).__name__ == "T5EncoderModel" and text.config.d_model == 4096 and text.config.num_layers == 24
 
 
+def test_mvdream_is_sd21_plus_the_camera_mlp():
+    """MVDream's UNet: SD 2.1's weights plus the camera MLP (Linear(16, 1280), Linear(1280, 1280))."""
+    spec = random_spec("random:mvdream-sd2.1")
+    unet = build_component(spec, "unet", device="meta")
+    camera_mlp = 16 * 1280 + 1280 + 1280 * 1280 + 1280
+    assert type(unet).__name__ == "MultiViewUNet"
+    assert count(unet) == SD21_PARAMETERS["unet"] + camera_mlp == 867_572_164
+    assert count(build_component(spec, "text_encoder", device="meta")) == SD21_PARAMETERS["text_encoder"]
+
+
 def test_weights_are_seeded():
     spec = random_spec("random:sd-2.1-base")
     spec["vae"] = {**spec["vae"], "block_out_channels": [32, 32, 32, 32]}  # the published layout is slow to build twice
@@ -36,7 +46,8 @@ def test_weights_are_seeded():
 
 
 def test_unknown_random_model_is_one_line():
-    with pytest.raises(PriorError, match=r"no random model 'sd-9'; available: random:if-i-xl, random:sd-2.1-base"):
+    with pytest.raises(PriorError, match=r"no random model 'sd-9'; available: random:if-i-xl, random:mvdream-sd2.1, "
+                       r"random:sd-2.1-base"):
         random_spec("random:sd-9")
     assert random_spec("stabilityai/stable-diffusion-2-1-base") is None
 

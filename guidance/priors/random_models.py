@@ -1,7 +1,7 @@
 """Architecture-true models with random weights: ``--model random:NAME``, no download.
 
-``random:sd-2.1-base`` and ``random:if-i-xl`` build the published model's components at their real
-sizes from its config.json values (kept as data in ``random_configs/NAME.json``) with seeded random
+``random:sd-2.1-base``, ``random:if-i-xl`` and ``random:mvdream-sd2.1`` build the published model's
+components at their real sizes from its config.json values (kept as data in ``random_configs/NAME.json``) with seeded random
 weights, so time and memory can be measured at real size on any machine. What they compute is
 noise: they are for cost measurements and plumbing tests, never for results.
 
@@ -56,6 +56,10 @@ def build_component(spec: dict[str, Any], component: str, device: torch.device |
         torch.manual_seed(SEEDS[component])
         if library == "diffusers":
             return getattr(diffusers, class_name).from_config(config)
+        if library == "dream3d":  # MVDream's UNet is our own module (mvdream_unet.py)
+            from dream3d.guidance.priors.mvdream_unet import MultiViewUNet, MVDreamUNetConfig
+
+            return MultiViewUNet(MVDreamUNetConfig(**config))
         model_class = getattr(transformers, class_name)
         return model_class(model_class.config_class(**config))
 
