@@ -500,3 +500,19 @@ def test_toy_mvdream_without_weights_says_how_to_train_them(monkeypatch, capsys,
     assert status == 1 and len(err.splitlines()) == 1
     assert "toy-mvdream has no shipped weights yet: train them with `dream3d train-prior --arch mvdream`" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_toy_mvdream_runs_and_is_scored(monkeypatch, capsys, tmp_path):
+    """Acceptance: `dream3d run "a red cube" --prior toy-mvdream` on the shipped weights, then `dream3d eval`."""
+    from dream3d.guidance.priors.mvdream import MVDreamPrior
+    from dream3d.guidance.priors.toy_mvdream import SHIPPED_MODEL
+
+    size = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
+    assert (SHIPPED_MODEL / "README.md").is_file() and size < 20 * 2**20
+    prior = build_prior(build_config({"prompt": "a red cube", "prior": "toy-mvdream"}))
+    assert isinstance(prior, MVDreamPrior) and isinstance(prior.unet, MultiViewUNet) and prior.resolution == 32
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--prior", "toy-mvdream")
+    status, err = dream3d(monkeypatch, capsys, "eval", run_dir)
+    assert status == 0, err
+    scores = json.loads((run_dir / "summary.json").read_text())["eval"]
+    assert 0 <= scores["iou"] <= 1 and scores["matched_class"] == "red cube"
