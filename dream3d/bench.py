@@ -87,6 +87,8 @@ TOY_COLUMNS = (
     Column("iou"),
     Column("r_precision"),
     Column("colour_error"),
+    Column("janus"),  # view consistency (dream3d/evaluate.py)
+    Column("view_iou_spread"),
     Column("mesh_iou"),  # NaN when the run exported no GLB, as the 3D ones below
     Column("volume_iou"),
     Column("volume_ratio"),
