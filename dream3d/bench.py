@@ -206,13 +206,11 @@ def cells(matrix: Matrix, out: Path, overrides: list[str]) -> Iterator[tuple[dic
             for kind, prompts, seeds in (("faithful", matrix.faithful, matrix.seeds),
                                          ("ambiguous", matrix.ambiguous, matrix.ambiguous_seeds)):
                 options = matrix.options(rule, representation, kind == "ambiguous") + overrides
-                chosen = {"rule": rule, "representation": representation}
-                labels = {**{k: v for k, v in chosen.items() if v is not None}, "set": kind}
+                chosen = {k: v for k, v in (("rule", rule), ("representation", representation)) if v is not None}
                 for prompt in prompts:
                     for seed in seeds:
-                        folder = out.joinpath("runs", *(v for v in chosen.values() if v is not None),
-                                              f"{'-'.join(prompt.split())}-seed{seed}")
-                        yield labels, prompt, seed, folder, options
+                        folder = out.joinpath("runs", *chosen.values(), f"{'-'.join(prompt.split())}-seed{seed}")
+                        yield {**chosen, "set": kind}, prompt, seed, folder, options
 
 
 def run_matrix(matrix: Matrix, out: Path, overrides: list[str], on_row: Callable[[dict], None] = lambda row: None
