@@ -23,15 +23,15 @@ class Result:
     @classmethod
     def load(cls, run_dir: Path) -> Result:
         """The run folder's record. The export's files are the ones summary.json lists that are there,
-        inside the folder (a crafted summary cannot name a file elsewhere); a summary that cannot be
-        read counts as empty, so one damaged folder does not hide the others."""
+        in the folder's export/ (symlinks resolved: a crafted summary cannot name a file elsewhere); a
+        summary that cannot be read counts as empty, so one damaged folder does not hide the others."""
         run_dir = Path(run_dir)
         summary = _summary(run_dir / "summary.json")
         listed = summary.get("files")
         files = {}
         for kind, relative in (listed.items() if isinstance(listed, dict) else ()):
             path = run_dir / str(relative)
-            if path.is_file() and _inside(path, run_dir):
+            if path.is_file() and _inside(path, run_dir / "export"):
                 files[str(kind)] = path
         return cls(run_dir, files, summary, latest_preview(run_dir))
 

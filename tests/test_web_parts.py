@@ -169,7 +169,8 @@ def test_a_run_folder_names_no_file_outside_itself_and_a_damaged_one_hides_no_ot
     (tmp_path / "secret.glb").write_bytes(b"no")
     (runs_dir / "crafted" / "export" / "model.glb").write_bytes(b"glb")
     (runs_dir / "crafted" / "export" / "link.ply").symlink_to(tmp_path / "secret.glb")
-    files = {"glb": "export/model.glb", "obj": "../../secret.glb", "ply": "export/link.ply", "video": "a\u0000b"}
+    files = {"glb": "export/model.glb", "obj": "../../secret.glb", "ply": "export/link.ply", "video": "a\u0000b",
+             "splats": "config.yaml"}
     (runs_dir / "crafted" / "summary.json").write_text(json.dumps({"files": files}))
     (runs_dir / "damaged" / "summary.json").write_text("{not json")
     by_name = {r.run_dir.name: r for r in RunsFolder(runs_dir).runs()}
