@@ -10,7 +10,6 @@ from __future__ import annotations
 import platform
 import resource
 import time
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,16 +26,10 @@ from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.representations.particles import Particles
+from dream3d.result import Result
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
-
-
-@dataclass
-class Result:
-    run_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
 
 
 def generate(
@@ -125,10 +118,10 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
         train_seconds=round(trainer.elapsed, 2), seconds_per_step=round(trainer.elapsed / max(trainer.step, 1), 4),
         peak_memory_mb=_peak_memory_mb(), versions=_versions(),
     )
-    files = export(run_dir, representation=trainer.representation)
+    export(run_dir, representation=trainer.representation)
     if on_event:
         on_event(Progress("done", trainer.step, cfg.steps))
-    return Result(run_dir, files, rundir.update_summary(run_dir))
+    return Result.load(run_dir)
 
 
 def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:

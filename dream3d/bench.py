@@ -1,8 +1,19 @@
-"""The toy benchmark: run a set of toy prompts, evaluate each against the toy world, tabulate.
+"""The benchmarks: one runner, and presets that say what it runs (``dream3d bench``, ``dream3d bench-guidance``).
 
-Each run is a separate ``dream3d run`` process (so peak memory is per run), followed
-by its evaluation (``api.evaluate``, what ``dream3d eval`` calls, in this process: it saves
-a process start per run). The table (markdown and JSON) has one row per run and a median row.
+A preset (``Matrix``) is data: rules x representations x prompts x seeds, the settings of every
+run, and the columns each run's row keeps. Every run is its own ``dream3d run`` process (so peak
+memory is per run), then evaluated as ``dream3d eval`` does (``api.evaluate``, in this process: it
+saves a process start per run). A run is the list of its particles (``eval["particles"]``, or the
+run's eval itself when it optimised one). Two tables:
+
+- per run (``TOY``, the 12-prompt toy benchmark): one line per run and a median line;
+- per (rule, representation) (``RULES_FULL``, the guidance-rule comparison). Faithful prompts name
+  one class: a cell's IoU, R-precision and colour error are medians over every particle of every
+  faithful run. Ambiguous prompts ("a cube": any colour) allow several classes and run with
+  ``particles`` particles; diversity is the number of distinct matched classes over every particle
+  and seed of a prompt, and the entropy (bits) of that class distribution, averaged over prompts.
+  Cost columns (seconds, network evaluations and peak memory per step) are medians over the
+  faithful runs, which optimise one particle unless the rule itself asks for more.
 """
 
 from __future__ import annotations
@@ -13,29 +24,204 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
-from dream3d import api
+from dream3d import api, registry
 from dream3d.atomic import write_text
+from dream3d.config import REPRESENTATIONS, ConfigError
 from dream3d.errors import UserError
 
-# Twelve classes: every shape and every colour twice.
-BENCH_PROMPTS = (
-    "a red sphere", "a green cube", "a blue cylinder", "a yellow cone", "an orange torus", "a purple pyramid",
-    "a green sphere", "a blue cube", "a yellow cylinder", "an orange cone", "a purple torus", "a red pyramid",
-)
-QUICK_PROMPTS = ("a red sphere", "a green cube")
-COLUMNS = (
-    "iou", "r_precision", "colour_error", "janus", "view_iou_spread", "mesh_iou", "volume_iou", "volume_ratio", "watertight", "components",
-    "seconds_per_step", "wall_seconds", "peak_memory_mb",
-)
-MESH_3D = ("volume_iou", "volume_ratio", "watertight", "components")  # evaluate_mesh_3d's, absent without a GLB
-COUNT_STEPS = (1, 100, 200, 300, 400, 600)  # where the Gaussian count is reported
+# Where a column's figure comes from: the run's eval scores (a particle's, for a run of several),
+# summary.json, the wall seconds of the run's process, the logged Gaussian count at COUNT_STEPS,
+# or the list of the particles' eval scores.
+EVAL, SUMMARY, WALL, GAUSSIANS, PARTICLES = "eval", "summary", "wall", "gaussians", "particles"
+COUNT_STEPS = (1, 100, 200, 300, 400, 600)
 
 
 class BenchError(UserError, RuntimeError):
     """A benchmark run or its evaluation failed; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One figure of a run's row. header: the per-run table's (default: the name); total: that table's
+    median line, "median", "count" (how many are true: "k/n") or "" (blank). A figure a run lacks is
+    NaN ("-" in the table); a Gaussian count column is left out unless every run logged one."""
+
+    name: str
+    source: str = EVAL
+    header: str = ""
+    total: str = "median"
+
+    def read(self, run_dir: Path, summary: dict, wall: float) -> object:
+        """This column's figure of a finished, evaluated run (None: the run has none to show)."""
+        if self.source == WALL:
+            return round(wall, 1)
+        if self.source == GAUSSIANS:
+            return _gaussian_counts(run_dir) or None
+        if self.source == PARTICLES:
+            return summary["eval"].get("particles", [summary["eval"]])
+        return (summary["eval"] if self.source == EVAL else summary).get(self.name, math.nan)
+
+    def cell(self, value: object) -> str:
+        if self.source == GAUSSIANS:
+            return " / ".join(str(value.get(s, "-")) for s in COUNT_STEPS)
+        return fmt(value)
+
+    def summary_cell(self, values: list) -> str:
+        if self.total == "count":
+            return f"{sum(v is True for v in values)}/{len(values)}"
+        return fmt(statistics.median(values)) if self.total == "median" else ""
+
+    @property
+    def title(self) -> str:
+        return self.header or self.name
+
+
+# The toy benchmark's row: its scores against the toy world (dream3d/evaluate.py) and its cost.
+TOY_COLUMNS = (
+    Column("matched_class", header="matched", total=""),
+    Column("iou"),
+    Column("r_precision"),
+    Column("colour_error"),
+    Column("janus"),  # view consistency (dream3d/evaluate.py)
+    Column("view_iou_spread"),
+    Column("mesh_iou"),  # NaN when the run exported no GLB, as the 3D ones below
+    Column("volume_iou"),
+    Column("volume_ratio"),
+    Column("watertight", total="count"),
+    Column("components"),
+    Column("seconds_per_step", SUMMARY),
+    Column("wall_seconds", WALL),
+    Column("peak_memory_mb", SUMMARY),
+    Column("num_gaussians", GAUSSIANS, header=f"gaussians at steps {'/'.join(map(str, COUNT_STEPS))}", total=""),
+)
+# The rule matrix's row: every particle's scores (pooled per cell) and the run's cost.
+RULE_COLUMNS = (
+    Column("particles", PARTICLES),
+    Column("seconds_per_step", SUMMARY),
+    Column("nfe_per_step", SUMMARY),
+    Column("peak_memory_mb", SUMMARY),
+    Column("wall_seconds", WALL),
+)
+
+# A rule is a named preset: the key=value run overrides that select it. Every registered rule, plus
+# SDS + kernel repulsion, which needs at least 3 particles; weight from a probe of 0 / 100 / 1000 on
+# "a red shape" (docs/benchmarks.md): 100 found more classes at some cost in IoU, 1000 broke the shapes.
+RULES: dict[str, tuple[str, ...]] = {
+    **{name: (f"guidance={name}",) for name in registry.RULES.names},
+    "rsd": ("particles=4", "repulsion.weight=100"),
+}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A benchmark preset: every rule x representation x (faithful prompt x seed + ambiguous prompt x
+    seed), the key=value settings of every run, and the columns of each run's row. A rule,
+    representation or prior of None leaves the choice to the run's config (defaults, overrides)."""
+
+    faithful: tuple[str, ...]
+    seeds: tuple[int, ...]  # of the faithful prompts
+    columns: tuple[Column, ...]
+    settings: tuple[str, ...] = ()
+    rules: tuple[str | None, ...] = (None,)
+    representations: tuple[str | None, ...] = (None,)
+    prior: str | None = None
+    ambiguous: tuple[str, ...] = ()
+    ambiguous_seeds: tuple[int, ...] = ()
+    particles: int = 1  # per ambiguous run
+
+    def options(self, rule: str | None, representation: str | None, ambiguous: bool) -> list[str]:
+        """The run options of one cell's run; the rule's overrides win over the shared settings."""
+        chosen = [*(["--prior", self.prior] if self.prior else []),
+                  *(["--representation", representation] if representation else [])]
+        particles = [f"particles={self.particles}"] if ambiguous and self.particles > 1 else []
+        return [*chosen, *self.settings, *particles, *(RULES[rule] if rule else ())]
+
+
+# Twelve classes: every shape and every colour twice; every setting at its default.
+TOY = Matrix(
+    faithful=("a red sphere", "a green cube", "a blue cylinder", "a yellow cone", "an orange torus", "a purple pyramid",
+              "a green sphere", "a blue cube", "a yellow cylinder", "an orange cone", "a purple torus", "a red pyramid"),
+    seeds=(0,), columns=TOY_COLUMNS,
+)
+TOY_QUICK = replace(TOY, faithful=("a red sphere", "a green cube"))
+
+# 100 steps at 32x32: the shapes have formed (IoU ~0.86 on "a green cube", docs/benchmarks.md) at a
+# cost the matrix can afford; the export is one GLB on a 32^3 grid (the Gaussians' at 64^3 cost 12 s a run).
+RULES_FULL = Matrix(
+    faithful=("a red sphere", "a green cube", "a blue cylinder", "a yellow cone"), seeds=(0,), columns=RULE_COLUMNS,
+    settings=("steps=100", "resolution=32", "checkpoint_every=100", "preview_every=100",
+              "export.formats=[glb]", "export.video=false", "export.mesh_resolution=32"),
+    rules=tuple(RULES), representations=REPRESENTATIONS, prior="toy-unet-mv",
+    ambiguous=("a red shape", "a cube"), ambiguous_seeds=(0, 1, 2), particles=4,
+)
+# What CI runs: 4 runs of a few steps on tiny grids (the numbers mean nothing, the plumbing is exercised),
+# on the closed-form prior (no UNet to load: a run's process starts in half the time). The ambiguous
+# prompt runs 3 particles, so the diversity columns count 3 shapes, not always 1.
+RULES_QUICK = replace(
+    RULES_FULL, rules=("sds", "csd"), representations=("nerf",), faithful=("a red sphere",), ambiguous=("a cube",),
+    ambiguous_seeds=(0,), particles=3, prior="toy-mv",
+    settings=("steps=6", "resolution=16", "checkpoint_every=6", "preview_every=6",
+              "nerf.grid_resolutions=[8,16]", "nerf.num_samples=24", "nerf.occupancy_resolution=16",
+              "gaussians.num_points=256", "export.formats=[glb]", "export.video=false", "export.mesh_resolution=16"),
+)
+
+CELL_COLUMNS = (
+    "iou", "r_precision", "colour_error", "distinct_classes", "entropy_bits",
+    "seconds_per_step", "nfe_per_step", "peak_memory_mb",
+)
+CELL_HEADERS = ("IoU", "R-precision", "colour error", "distinct classes", "entropy (bits)", "s/step", "NFE/step", "peak MB")
+
+
+def check(matrix: Matrix) -> Matrix:
+    """The matrix, or ConfigError naming the first unknown rule or representation."""
+    for kind, names, valid in (("rule", matrix.rules, tuple(RULES)),
+                               ("representation", matrix.representations, REPRESENTATIONS)):
+        unknown = [n for n in names if n is not None and n not in valid]
+        if unknown or not names:
+            raise ConfigError(f"unknown {kind} {unknown[0]!r}; valid: {', '.join(valid)}" if unknown
+                              else f"no {kind} to run; valid: {', '.join(valid)}")
+    if matrix.particles < 1:
+        raise ConfigError(f"particles must be at least 1, got {matrix.particles}")
+    return matrix
+
+
+def with_choices(matrix: Matrix, **choices: object) -> Matrix:
+    """The matrix with the given fields replaced (None: keep the preset's)."""
+    return check(replace(matrix, **{k: v for k, v in choices.items() if v is not None}))
+
+
+# -- the runner -----------------------------------------------------------------------
+
+
+def cells(matrix: Matrix, out: Path, overrides: list[str]) -> Iterator[tuple[dict, str, int, Path, list[str]]]:
+    """(labels, prompt, seed, run folder, run options) of every run, in run order. labels: the run's
+    rule and representation (when the matrix chooses them) and prompt set."""
+    for rule in matrix.rules:
+        for representation in matrix.representations:
+            for kind, prompts, seeds in (("faithful", matrix.faithful, matrix.seeds),
+                                         ("ambiguous", matrix.ambiguous, matrix.ambiguous_seeds)):
+                options = matrix.options(rule, representation, kind == "ambiguous") + overrides
+                chosen = {k: v for k, v in (("rule", rule), ("representation", representation)) if v is not None}
+                for prompt in prompts:
+                    for seed in seeds:
+                        folder = out.joinpath("runs", *chosen.values(), f"{'-'.join(prompt.split())}-seed{seed}")
+                        yield {**chosen, "set": kind}, prompt, seed, folder, options
+
+
+def run_matrix(matrix: Matrix, out: Path, overrides: list[str], on_row: Callable[[dict], None] = lambda row: None
+               ) -> list[dict]:
+    """Runs every cell of the matrix under ``out/runs``; returns one row per run (``error`` set when it failed)."""
+    rows = []
+    for labels, prompt, seed, folder, options in cells(matrix, out, overrides):
+        row = {**labels, "prompt": prompt, "seed": seed, **_run_row(matrix.columns, prompt, seed, folder, options)}
+        on_row(row)
+        rows.append(row)
+    return rows
 
 
 def run_and_eval(prompt: str, seed: int, out: Path, options: list[str]) -> tuple[Path, dict, float]:
@@ -59,21 +245,14 @@ def _call(command: list[str]) -> None:
         raise BenchError(f"`dream3d run {command[4]!r}` failed: {last}")
 
 
-def run_one(prompt: str, seed: int, out: Path, options: list[str]) -> dict:
-    """Runs and evaluates one prompt in subprocesses; returns its table row."""
-    run_dir, summary, wall = run_and_eval(prompt, seed, out, options)
-    row = {
-        "prompt": prompt, "seed": seed, "run_dir": str(run_dir), "matched_class": summary["eval"]["matched_class"],
-        **{k: summary["eval"][k] for k in ("iou", "r_precision", "colour_error", "janus", "view_iou_spread")},
-        "mesh_iou": summary["eval"].get("mesh_iou", float("nan")),  # nan when the run exported no GLB
-        **{k: summary["eval"].get(k, float("nan")) for k in MESH_3D},
-        "seconds_per_step": summary["seconds_per_step"], "wall_seconds": round(wall, 1),
-        "peak_memory_mb": summary["peak_memory_mb"],
-    }
-    counts = _gaussian_counts(run_dir)
-    if counts:
-        row["num_gaussians"] = counts
-    return row
+def _run_row(columns: Sequence[Column], prompt: str, seed: int, folder: Path, options: list[str]) -> dict:
+    """One run's figures, one per column (a column the run has no figure for is left out); or its error."""
+    try:
+        run_dir, summary, wall = run_and_eval(prompt, seed, folder, options)
+    except BenchError as e:
+        return {"error": str(e)}
+    figures = ((c.name, c.read(run_dir, summary, wall)) for c in columns)
+    return {"run_dir": str(run_dir), **{name: value for name, value in figures if value is not None}}
 
 
 def _gaussian_counts(run_dir: Path) -> dict[int, int]:
@@ -82,39 +261,91 @@ def _gaussian_counts(run_dir: Path) -> dict[int, int]:
     return {r["step"]: r["num_gaussians"] for r in records if r["step"] in COUNT_STEPS and "num_gaussians" in r}
 
 
-def bench(prompts: tuple[str, ...], seeds: list[int], out: Path, options: list[str]) -> list[dict]:
-    """Runs every prompt x seed; writes bench.json and bench.md under ``out``; returns the rows."""
-    rows = [run_one(p, s, out / "runs", options) for p in prompts for s in seeds]
-    write_text(out / "bench.json", json.dumps({"options": options, "rows": rows}, indent=2) + "\n")
-    write_text(out / "bench.md", markdown_table(rows))
-    return rows
+def stop_at_failure(row: dict) -> None:
+    """An ``on_row`` that ends the benchmark at the first failed run, with that run's one-line error."""
+    if "error" in row:
+        raise BenchError(row["error"])
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """One line per run and a median line; a Gaussian count column when the runs logged one."""
-    counts = all("num_gaussians" in r for r in rows)
-    extra = [f"gaussians at steps {'/'.join(map(str, COUNT_STEPS))}"] if counts else []
-    lines = []
-    for r in rows:
-        cells = [fmt(r[c]) for c in COLUMNS]
-        if counts:
-            cells.append(" / ".join(str(r["num_gaussians"].get(s, "-")) for s in COUNT_STEPS))
-        lines.append([r["prompt"], str(r["seed"]), r["matched_class"], *cells])
-    medians = [_summary(c, [r[c] for r in rows]) for c in COLUMNS] + [""] * len(extra)
-    return markdown(["prompt", "seed", "matched", *COLUMNS, *extra], [*lines, ["**median**", "", "", *medians]])
+# -- the per-run table (the toy benchmark) -----------------------------------------------
+
+
+def markdown_table(rows: list[dict], columns: Sequence[Column] = TOY_COLUMNS) -> str:
+    """One line per run and a median line (columns a run has no figure for are left out of the table)."""
+    shown = [c for c in columns if all(c.name in r for r in rows)]
+    lines = [[r["prompt"], str(r["seed"]), *(c.cell(r[c.name]) for c in shown)] for r in rows]
+    medians = [c.summary_cell([r[c.name] for r in rows]) for c in shown]
+    return markdown(["prompt", "seed", *(c.title for c in shown)], [*lines, ["**median**", "", *medians]])
+
+
+def write_runs(out: Path, overrides: list[str], rows: list[dict]) -> str:
+    """Writes bench.json (the overrides and every row) and bench.md under ``out``; returns the table."""
+    write_text(out / "bench.json", json.dumps({"options": overrides, "rows": rows}, indent=2) + "\n")
+    text = markdown_table(rows)
+    write_text(out / "bench.md", text)
+    return text
+
+
+# -- the per-cell table (the rule matrix) ------------------------------------------------
+
+
+def diversity(classes: list[str]) -> tuple[int, float]:
+    """(number of distinct classes, entropy in bits of their empirical distribution) of matched classes."""
+    counts = Counter(classes).values()
+    total = sum(counts)
+    return len(counts), max(0.0, -sum(c / total * math.log2(c / total) for c in counts))
+
+
+def cell(rows: list[dict]) -> dict:
+    """One (rule, representation)'s table entry from its runs (failed runs are counted, not scored)."""
+    done = [r for r in rows if "error" not in r]
+    faithful = [r for r in done if r["set"] == "faithful"]
+    particles = [p for r in faithful for p in r["particles"]]
+    entry = {"runs": len(done), "failed": len(rows) - len(done)}
+    for key in ("iou", "r_precision", "colour_error"):
+        entry[key] = _median([p[key] for p in particles])
+    for key in ("seconds_per_step", "nfe_per_step", "peak_memory_mb"):
+        entry[key] = _median([r[key] for r in faithful])
+    prompts = sorted({r["prompt"] for r in done if r["set"] == "ambiguous"})
+    per_prompt = [diversity([p["matched_class"] for r in done if r["prompt"] == prompt and r["set"] == "ambiguous"
+                             for p in r["particles"]]) for prompt in prompts]
+    entry["distinct_classes"] = _mean([float(d[0]) for d in per_prompt])
+    entry["entropy_bits"] = _mean([d[1] for d in per_prompt])
+    entry["diversity_by_prompt"] = {p: {"distinct_classes": d[0], "entropy_bits": d[1]} for p, d in zip(prompts, per_prompt)}
+    return entry
+
+
+def table(matrix: Matrix, rows: list[dict]) -> list[dict]:
+    """One entry per (rule, representation), in the matrix's order."""
+    return [{"rule": rule, "representation": rep,
+             **cell([r for r in rows if r["rule"] == rule and r["representation"] == rep])}
+            for rule in matrix.rules for rep in matrix.representations]
+
+
+def cells_markdown(entries: list[dict]) -> str:
+    """The table as markdown: one line per (rule, representation)."""
+    rows = [[e["rule"], e["representation"], str(e["runs"]), str(e["failed"]), *(fmt(e[c]) for c in CELL_COLUMNS)]
+            for e in entries]
+    return markdown(["rule", "representation", "runs", "failed", *CELL_HEADERS], rows)
+
+
+def write_cells(out: Path, matrix: Matrix, overrides: list[str], rows: list[dict]) -> str:
+    """Writes bench.json (the matrix, the table and every raw row) and bench.md under ``out``; returns the table."""
+    entries = table(matrix, rows)
+    document = {"matrix": asdict(matrix), "overrides": overrides, "table": entries, "rows": rows}
+    write_text(out / "bench.json", json.dumps(document, indent=2) + "\n")
+    text = cells_markdown(entries)
+    write_text(out / "bench.md", text)
+    return text
+
+
+# -- cells and tables ------------------------------------------------------------------------
 
 
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table of string cells: the header line, its rule, one line per row (both benchmarks)."""
+    """A markdown table of string cells: the header line, its rule, one line per row."""
     lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)]) + "\n"
-
-
-def _summary(column: str, values: list) -> str:
-    """The median row's cell: how many meshes are watertight ("k/n"), the median otherwise."""
-    if column == "watertight":
-        return f"{sum(v is True for v in values)}/{len(values)}"
-    return fmt(statistics.median(values))
 
 
 def fmt(value: object) -> str:
@@ -124,3 +355,12 @@ def fmt(value: object) -> str:
     if math.isnan(value):
         return "-"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else math.nan

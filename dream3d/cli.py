@@ -12,7 +12,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import click
 import typer
@@ -241,14 +241,12 @@ def benchmark(
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
 ) -> None:
     """Run the toy benchmark and write bench.md / bench.json."""
-    from dream3d.bench import BENCH_PROMPTS, QUICK_PROMPTS, bench, markdown_table
+    from dream3d import bench
 
-    prompts, seed_list = QUICK_PROMPTS if quick else BENCH_PROMPTS, list(_seeds(seeds))
-    for prompt in prompts:
-        for seed in seed_list:
-            check_run_args([prompt, "--seed", str(seed), "--out", str(out / "runs"), *(overrides or [])])
-    rows = bench(prompts, seed_list, out, list(overrides or []))
-    typer.echo(markdown_table(rows))
+    matrix = bench.with_choices(bench.TOY_QUICK if quick else bench.TOY, seeds=_seeds(seeds))
+    _check_runs(bench.cells(matrix, out, list(overrides or [])))
+    rows = bench.run_matrix(matrix, out, list(overrides or []), bench.stop_at_failure)
+    typer.echo(bench.write_runs(out, list(overrides or []), rows))
 
 
 @app.command("bench-guidance")
@@ -267,23 +265,27 @@ def bench_guidance(
     steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 100)."),
 ) -> None:
     """Compare the guidance rules: fidelity, diversity and cost per step; writes bench.md / bench.json."""
-    from dream3d import guidance_bench as gb
+    from dream3d import bench
 
-    matrix = gb.with_choices(
-        gb.QUICK if quick else gb.FULL, rules=_names(rules), representations=_names(representations), prior=prior,
-        faithful=_prompts(faithful), ambiguous=_prompts(ambiguous), seeds=_seeds(seeds),
+    matrix = bench.with_choices(
+        bench.RULES_QUICK if quick else bench.RULES_FULL, rules=_names(rules), representations=_names(representations),
+        prior=prior, faithful=_prompts(faithful), ambiguous=_prompts(ambiguous), seeds=_seeds(seeds),
         ambiguous_seeds=_seeds(diversity_seeds), particles=particles,
     )
     extra = [*([f"steps={steps}"] if steps is not None else []), *(overrides or [])]
-    for *_, prompt, seed, folder, options in gb.cells(matrix, out, extra):
-        check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
+    _check_runs(bench.cells(matrix, out, extra))
 
     def on_row(row: dict) -> None:
         outcome = row.get("error") or f"{row['wall_seconds']} s"
         console.print(f"{row['rule']} {row['representation']} {row['prompt']!r} seed {row['seed']}: {outcome}")
 
-    rows = gb.run_matrix(matrix, out, extra, on_row)
-    typer.echo(gb.markdown(gb.write(out, matrix, extra, rows)))
+    typer.echo(bench.write_cells(out, matrix, extra, bench.run_matrix(matrix, out, extra, on_row)))
+
+
+def _check_runs(runs: Iterable[tuple[dict, str, int, Path, list[str]]]) -> None:
+    """Checks every run of a benchmark (``bench.cells``) before the first starts: bad input fails at once."""
+    for _, prompt, seed, folder, options in runs:
+        check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:

@@ -1,5 +1,6 @@
-"""Running one job, the same way for every front end: the CLI's runs, the web app's queue and the
-batch runner's workers start a run through ``run_job`` and get one ``Outcome`` back.
+"""One job, the same way for every front end: the web app's queue and the batch manifest keep the same
+``Job`` record, and the web app's queue and the batch runner's workers start a run through
+``run_job`` and get one ``Outcome`` back.
 
 A job's states, in every front end: queued -> running -> done | stopped | failed. A user error
 (``dream3d.errors``) fails the job with its one line; anything else is a bug, logged with its
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
 
 from dream3d.errors import one_line, user_errors
 
@@ -21,9 +22,47 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, STOPPED, FAILED = "queued", "running", "done", "stopped", "failed"
+State = Literal["queued", "running", "stopped", "done", "failed"]
+STATES: tuple[str, ...] = get_args(State)  # in the order the reports count them
+QUEUED, RUNNING, STOPPED, DONE, FAILED = STATES
+FINISHED = (STOPPED, DONE, FAILED)  # the end of an attempt (a batch resumes a stopped job)
 
 Start = Callable[["EventHandler", "StopCheck"], "Result"]
+
+
+@dataclass
+class Job:
+    """One job's record, in the web app's queue and in the batch manifest (``batch.jsonl``, a line each).
+
+    settings: the config layer it runs, prompt included (the manifest leaves it out: the batch file
+    holds it, and the job's id is its hash). line: its line in the batch file (0 for a web job).
+    Times are Unix seconds; seconds is the wall time of all its work (resumes added up); attempts
+    counts fresh starts (a new run folder each) and retries (which resume the checkpoint of a worker
+    that died), resumes the continuations of an interrupted run; where: the host and worker slot of
+    the last attempt. A stopped job may go on (the batch resumes it); the others in FINISHED are final.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # a manifest line with an unknown field is not a job record
+
+    id: str
+    prompt: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+    state: State = QUEUED
+    error: str | None = None
+    retryable: bool = True
+    run_dir: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    seconds: float = 0.0
+    train_seconds: float | None = None
+    attempts: int = 0
+    resumes: int = 0
+    where: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
 
 
 @dataclass

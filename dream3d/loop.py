@@ -98,8 +98,7 @@ class Trainer:
         # generator and is moved to the device: checkpointed, and the same draws on any device
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.prior = prior if prior is not None else build_prior(cfg)
-        if hasattr(self.prior, "use_generator"):
-            self.prior.use_generator(self.generator)
+        self.prior.use_generator(self.generator)
         self.prior.embed(cfg.prompt)  # a prompt the prior cannot take fails before any work
         self.nfe = NFECounter(self.prior)
         representation = representation if representation is not None else build_representation(cfg)

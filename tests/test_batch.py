@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ import yaml
 
 import dream3d
 from dream3d.batch.jobs import read_jobs
-from dream3d.batch.manifest import Manifest
+from dream3d.batch.manifest import Manifest, ManifestError
 from dream3d.batch.scheduler import Batch, Coordinator, _resumable
+from dream3d.jobs import DONE, STATES, Job
 from dream3d.rundir import checkpoint_paths
 from tests.support import TINY
 from tests.support import dream3d as dream3d_cli
@@ -68,7 +70,43 @@ def test_one_bad_prompt_does_not_stop_the_others(monkeypatch, capsys, tmp_path):
     # --status reads the manifest back and runs nothing
     status, err = dream3d_cli(monkeypatch, capsys, "batch", prompts, "--out", out, "--status")
     assert status == 1 and "4 jobs: 3 done, 1 failed" in err
-    assert [r.model_dump() for r in records(out)] == [r.model_dump() for r in by_prompt.values()]
+    assert records(out) == list(by_prompt.values())
+
+
+def test_a_manifest_written_before_the_record_was_one_job_type_still_loads(tmp_path):
+    # a line exactly as the pydantic JobRecord of the earlier manifest wrote it
+    old = {"id": "a-cube-1234abcd", "prompt": "a cube", "line": 2, "state": "done", "attempts": 1, "resumes": 0,
+           "run_dir": "out/a-cube", "started_at": 1.0, "finished_at": 2.5, "seconds": 1.5, "train_seconds": 1.2,
+           "error": None, "retryable": True, "where": "host:slot0:pid7"}
+    write(tmp_path / "batch.jsonl", [json.dumps(old)])
+    manifest = Manifest.load(tmp_path)
+    assert manifest.records == {old["id"]: Job(**old)}
+    manifest.save()
+    assert json.loads((tmp_path / "batch.jsonl").read_text()) == old  # and it writes it back the same way
+
+
+@pytest.mark.parametrize("line", ['{"id": "x", "prompt": "p", "state": "waiting"}', '{"id": "x", "prompt": "p", "nope": 1}'])
+def test_a_manifest_line_that_is_no_job_record_is_one_line(tmp_path, line):
+    write(tmp_path / "batch.jsonl", [line])
+    with pytest.raises(ManifestError, match=r"batch.jsonl:1: not a batch job record$"):
+        Manifest.load(tmp_path)
+
+
+def test_the_web_queue_and_the_batch_keep_the_same_job_record(tmp_path):
+    from dream3d.config import build_config
+    from dream3d.result import Result
+    from dream3d.web.jobs import JobQueue
+
+    queue = JobQueue(lambda cfg, on_event, should_stop: Result(tmp_path))
+    web_job = queue.submit(build_config({"prompt": "a cube"}))
+    (batch_job,) = read_jobs(write(tmp_path / "p.txt", ["a cube"]))
+    assert type(web_job) is type(batch_job) is Job
+    assert queue.wait(web_job, 5) and (web_job.state, web_job.run_dir) == (DONE, str(tmp_path))
+    manifest = Manifest(tmp_path / "batch.jsonl")
+    manifest.add(batch_job)
+    manifest.save()
+    assert set(STATES) == {"queued", "running", "stopped", "done", "failed"}
+    assert Manifest.load(tmp_path).records[batch_job.id] == replace(batch_job, settings={})
 
 
 class ScriptedExecutor:

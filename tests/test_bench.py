@@ -1,10 +1,12 @@
-"""The benchmark table: one line per run, medians, and the Gaussian count column only when logged."""
+"""The benchmarks: one runner, its presets, the per-run table (medians, the Gaussian count column only
+when logged) and the rule matrix's per-cell table."""
 
-from dream3d.bench import COLUMNS, markdown_table
+from dream3d.bench import TOY_COLUMNS, markdown_table
 
 
 def _row(prompt: str, iou: float, counts: dict[int, int] | None = None) -> dict:
-    row = {"prompt": prompt, "seed": 0, "matched_class": prompt[2:], **{c: 0.5 for c in COLUMNS}, "iou": iou}
+    row = {"prompt": prompt, "seed": 0, **{c.name: 0.5 for c in TOY_COLUMNS[1:-1]}, "matched_class": prompt[2:],
+           "iou": iou}
     row["wall_seconds"] = 123.456
     if counts is not None:
         row["num_gaussians"] = counts
@@ -33,15 +35,41 @@ def test_gaussian_counts_column_when_every_run_logged_them():
 import json
 import math
 import sys
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
+from pathlib import Path
 
 from dream3d import api, cli
-from dream3d.bench import BenchError, run_and_eval
+from dream3d.bench import (CELL_HEADERS, RULES, RULES_FULL, RULES_QUICK, TOY, TOY_QUICK, BenchError, Column, cell,
+                           cells, diversity, run_and_eval)
 from dream3d.config import build_config
-from dream3d.guidance_bench import FULL, HEADERS, QUICK, RULES, cell, diversity
 from dream3d.nfe import NFECounter
+
+
+def test_the_toy_benchmark_is_a_preset_of_the_runner(tmp_path):
+    runs = list(cells(TOY, tmp_path, ["steps=5"]))
+    assert [(labels, seed, options) for labels, _, seed, _, options in runs] == [({"set": "faithful"}, 0, ["steps=5"])] * 12
+    prompts = [prompt.split()[-2:] for _, prompt, *_ in runs]
+    for words in zip(*prompts):  # every colour and every shape twice
+        assert set(Counter(words).values()) == {2}
+    assert runs[0][3] == tmp_path / "runs" / "a-red-sphere-seed0"
+    assert [prompt for _, prompt, *_ in cells(TOY_QUICK, tmp_path, [])] == ["a red sphere", "a green cube"]
+
+
+def test_a_new_column_is_one_entry_of_the_presets_column_list(tmp_path):
+    preset = replace(TOY_QUICK, columns=(*TOY_QUICK.columns, Column("janus_score")))
+    summaries = [{"eval": {"matched_class": "red sphere", "janus_score": value}, "seconds_per_step": 0.1,
+                  "peak_memory_mb": 10.0} for value in (0.2, 0.4, 0.3)]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    rows = [{"prompt": "a red sphere", "seed": seed, **{c.name: v for c in preset.columns
+                                                     if (v := c.read(tmp_path, summary, 1.0)) is not None}}
+            for seed, summary in enumerate(summaries)]
+    lines = markdown_table(rows, preset.columns).strip().splitlines()
+    assert lines[0].endswith("| janus_score |") and "gaussians" not in lines[0]
+    assert lines[-1].endswith("| 0.300 |") and "| - |" in lines[2]  # median; iou absent from the eval: "-"
 
 
 @pytest.mark.parametrize("classes, distinct, bits", [
@@ -85,12 +113,12 @@ def test_cell_scores_every_particle_and_pools_seeds_per_ambiguous_prompt():
 
 
 def test_rules_are_run_overrides_that_win_over_the_shared_settings():
-    options = FULL.options("rsd", "gaussians", ambiguous=False)
+    options = RULES_FULL.options("rsd", "gaussians", ambiguous=False)
     assert options[:4] == ["--prior", "toy-unet-mv", "--representation", "gaussians"]
     assert options[-2:] == list(RULES["rsd"])
-    assert "particles=4" in FULL.options("sds", "nerf", ambiguous=True)
-    assert not any(o.startswith("particles=") for o in FULL.options("sds", "nerf", ambiguous=False))
-    assert "particles=3" in QUICK.options("sds", "nerf", ambiguous=True)  # the quick diversity counts 3 shapes
+    assert "particles=4" in RULES_FULL.options("sds", "nerf", ambiguous=True)
+    assert not any(o.startswith("particles=") for o in RULES_FULL.options("sds", "nerf", ambiguous=False))
+    assert "particles=3" in RULES_QUICK.options("sds", "nerf", ambiguous=True)  # the quick diversity counts 3 shapes
 
 
 class _ClosedForm:
@@ -149,8 +177,8 @@ def test_a_failed_run_is_one_line(tmp_path):
         run_and_eval("a red banana", 0, tmp_path, [])
 
 
-def _bench(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["dream3d", "bench-guidance", *map(str, args)])
+def _bench(monkeypatch, capsys, *args, command="bench-guidance"):
+    monkeypatch.setattr(sys, "argv", ["dream3d", command, *map(str, args)])
     try:
         cli.main()
         status = 0
@@ -172,21 +200,38 @@ def test_bad_matrix_is_one_line_and_runs_nothing(monkeypatch, capsys, tmp_path, 
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # two run processes: about a minute on a busy 2-core machine; the rule matrix's test runs the same runner
+def test_quick_toy_benchmark_end_to_end(monkeypatch, capsys, tmp_path):
+    tiny = ["steps=4", "resolution=16", "checkpoint_every=4", "preview_every=4", "nerf.grid_resolutions=[8,16]",
+            "nerf.num_samples=24", "nerf.occupancy_resolution=16", "export.formats=[glb]", "export.video=false",
+            "export.mesh_resolution=16"]
+    status, captured = _bench(monkeypatch, capsys, "--quick", "--out", tmp_path, *tiny, command="bench")
+    assert status == 0, captured.err
+    lines = (tmp_path / "bench.md").read_text().splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")][:4] == ["prompt", "seed", "matched", "iou"]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["a red sphere", "a green cube", "**median**"]
+    assert captured.out.strip() == (tmp_path / "bench.md").read_text().strip()
+    document = json.loads((tmp_path / "bench.json").read_text())
+    assert document["options"] == tiny
+    assert [Path(r["run_dir"]).parent.name for r in document["rows"]] == ["a-red-sphere-seed0", "a-green-cube-seed0"]
+    assert all(0 <= r["iou"] <= 1 and r["seconds_per_step"] > 0 for r in document["rows"])
+
+
 def test_quick_matrix_end_to_end(monkeypatch, capsys, tmp_path):
     status, captured = _bench(monkeypatch, capsys, "--quick", "--out", tmp_path)
     assert status == 0, captured.err
     lines = (tmp_path / "bench.md").read_text().splitlines()
-    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["rule", "representation", "runs", "failed", *HEADERS]
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["rule", "representation", "runs", "failed", *CELL_HEADERS]
     assert captured.out.strip() == (tmp_path / "bench.md").read_text().strip()
     document = json.loads((tmp_path / "bench.json").read_text())
     rows, table = document["rows"], document["table"]
-    assert len(rows) == len(QUICK.rules) * (len(QUICK.faithful) * len(QUICK.seeds)
-                                           + len(QUICK.ambiguous) * len(QUICK.ambiguous_seeds))
-    assert [(e["rule"], e["representation"]) for e in table] == [(r, "nerf") for r in QUICK.rules]
+    assert len(rows) == len(RULES_QUICK.rules) * (len(RULES_QUICK.faithful) * len(RULES_QUICK.seeds)
+                                           + len(RULES_QUICK.ambiguous) * len(RULES_QUICK.ambiguous_seeds))
+    assert [(e["rule"], e["representation"]) for e in table] == [(r, "nerf") for r in RULES_QUICK.rules]
     for entry in table:
         ambiguous = [p["matched_class"] for r in rows if r["rule"] == entry["rule"] and r["set"] == "ambiguous"
                      for p in r["particles"]]
-        assert len(ambiguous) == QUICK.particles * len(QUICK.ambiguous_seeds)
+        assert len(ambiguous) == RULES_QUICK.particles * len(RULES_QUICK.ambiguous_seeds)
         assert all(c.endswith("cube") for c in ambiguous)
         assert (entry["distinct_classes"], entry["entropy_bits"]) == diversity(ambiguous)
         assert entry["failed"] == 0 and entry["nfe_per_step"] == 2.0  # CFG: 2 items through the prior per step

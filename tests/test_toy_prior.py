@@ -7,7 +7,8 @@ import torch
 
 from dream3d.guidance import toy_world
 from dream3d.guidance.priors import toy
-from dream3d.guidance.priors.base import PriorError, ddpm_alphas_cumprod
+from dream3d.guidance.priors.base import Prior, PriorError, ddpm_alphas_cumprod
+from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
 from dream3d.guidance.priors.toy import AZIMUTHS, ELEVATIONS, ToyPrior, build_toy_prior, load_shape_renders, toy_dataset
 from dream3d.guidance.toy_world import class_index, render_classes
 from dream3d.representations.cameras import degrees_between, look_at_cameras
@@ -186,3 +187,12 @@ def test_disk_cache_is_reused(cache, priors, monkeypatch):
     assert [p.name for p in files] == ["shapes.pt"]  # no temp files left behind
     toy._dataset_at.cache_clear()  # a fresh process: rebuilt from disk, not rendered
     assert torch.equal(toy_dataset().images, priors[0]._data[torch.device("cpu")].images)
+
+
+def test_every_prior_takes_the_runs_generator_so_the_loop_need_not_ask():
+    """The loop calls use_generator on any prior; the toy prior, which draws nothing, inherits the base's no-op."""
+    assert Prior in ToyPrior.__mro__ and Prior in DiffusersPrior.__mro__
+    prior = ToyPrior()
+    before = torch.random.get_rng_state()
+    assert prior.use_generator(torch.Generator().manual_seed(0)) is None
+    assert torch.equal(torch.random.get_rng_state(), before)

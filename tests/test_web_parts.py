@@ -1,5 +1,6 @@
 """The web app's parts without a browser: form -> config, the runs folder, the job queue."""
 
+import json
 import sys
 import threading
 import time
@@ -10,9 +11,11 @@ import pytest
 
 from dream3d import api, cli
 from dream3d.config import ConfigError, build_config
+from dream3d.result import Result
 from dream3d.web.form import FormValues, config_from_form, defaults, guidance_setting, resolution_text
 from dream3d.web.jobs import JobQueue, run_and_export
 from dream3d.web.runs import RunsFolder, obj_zip
+from tests.support import TINY
 
 
 def _form(**values) -> FormValues:
@@ -94,13 +97,13 @@ def test_two_jobs_run_one_after_the_other():
         began = time.monotonic()
         release.wait(5)
         spans[cfg.prompt] = (began, time.monotonic())
-        return api.Result(Path(cfg.prompt))
+        return Result(Path(cfg.prompt))
 
     jobs = JobQueue(runner)
     first, second = jobs.submit(build_config({"prompt": "first"})), jobs.submit(build_config({"prompt": "second"}))
     assert jobs.snapshot(second).state == "queued" and jobs.snapshot(second).position == 1
     release.set()
-    assert first.finished.wait(5) and second.finished.wait(5)
+    assert jobs.wait(first, 5) and jobs.wait(second, 5)
     assert (first.state, second.state) == ("done", "done")
     assert spans["first"][1] <= spans["second"][0]
 
@@ -113,7 +116,7 @@ def test_user_errors_become_a_jobs_message_and_bugs_a_generic_one():
 
     jobs = JobQueue(runner)
     bad, bug = jobs.submit(build_config({"prompt": "bad"})), jobs.submit(build_config({"prompt": "bug"}))
-    assert bad.finished.wait(5) and bug.finished.wait(5)
+    assert jobs.wait(bad, 5) and jobs.wait(bug, 5)
     assert (bad.state, bad.error) == ("failed", "one line")
     assert bug.error == "internal error (KeyError); see the server log"
 
@@ -129,11 +132,13 @@ def test_stop_ends_the_run_and_exports_what_it_reached(tiny):
 
     jobs = JobQueue(runner)
     job = jobs.submit(build_config(tiny, {"prompt": "a red cube", "steps": 200}))
-    assert job.finished.wait(120)
+    assert jobs.wait(job, 120)
     assert job.state == "stopped", job.error
-    view = RunsFolder(Path(tiny["out"])).view(job.result.run_dir)
-    assert view.summary["stopped"] is True and view.summary["steps"] == 3
-    assert {"glb", "video", "obj_zip"} <= set(view.files)
+    runs = RunsFolder(Path(tiny["out"]))
+    (result,) = runs.runs()
+    assert result.run_dir == Path(job.run_dir).resolve()
+    assert result.summary["stopped"] is True and result.summary["steps"] == 3
+    assert {"glb", "video", "obj_zip"} <= set(runs.downloads(result))
 
 
 @pytest.mark.parametrize(
@@ -148,6 +153,29 @@ def test_web_with_a_bad_config_fails_in_one_line_before_serving(monkeypatch, cap
         cli.main()
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_the_web_run_list_and_the_api_give_the_same_record(tiny):
+    result = api.run(build_config(tiny, {"prompt": "a red cube", "export": {"formats": ["glb", "obj"], "video": False}}))
+    assert RunsFolder(Path(tiny["out"])).runs() == [result]
+    assert {"glb", "obj"} <= set(result.files) and result.preview is not None and result.summary["steps"] == TINY["steps"]
+
+
+def test_a_run_folder_names_no_file_outside_itself_and_a_damaged_one_hides_no_other(tmp_path):
+    runs_dir = tmp_path / "runs"
+    for name in ("crafted", "damaged"):
+        (runs_dir / name / "export").mkdir(parents=True)
+        (runs_dir / name / "config.yaml").write_text("prompt: x\n")
+    (tmp_path / "secret.glb").write_bytes(b"no")
+    (runs_dir / "crafted" / "export" / "model.glb").write_bytes(b"glb")
+    (runs_dir / "crafted" / "export" / "link.ply").symlink_to(tmp_path / "secret.glb")
+    files = {"glb": "export/model.glb", "obj": "../../secret.glb", "ply": "export/link.ply", "video": "a\u0000b",
+             "splats": "config.yaml"}
+    (runs_dir / "crafted" / "summary.json").write_text(json.dumps({"files": files}))
+    (runs_dir / "damaged" / "summary.json").write_text("{not json")
+    by_name = {r.run_dir.name: r for r in RunsFolder(runs_dir).runs()}
+    assert by_name["crafted"].files == {"glb": runs_dir.resolve() / "crafted" / "export" / "model.glb"}
+    assert (by_name["damaged"].files, by_name["damaged"].summary) == ({}, {})
 
 
 def test_obj_zip_leaves_out_files_linked_from_outside_the_export_folder(tmp_path):
@@ -170,8 +198,9 @@ def test_an_obj_linked_from_outside_gets_no_zip(tmp_path):
     (export.parent / "config.yaml").write_text("prompt: x\n")
     (tmp_path / "secret.obj").write_text("v 0 0 0\n")
     (export / "model.obj").symlink_to(tmp_path / "secret.obj")
-    view = RunsFolder(tmp_path / "runs").view(export.parent)
-    assert "obj_zip" not in view.files and not (export / "model-obj.zip").exists()
+    (export.parent / "summary.json").write_text('{"files": {"obj": "export/model.obj"}}')
+    runs = RunsFolder(tmp_path / "runs")
+    assert "obj_zip" not in runs.downloads(runs.find("a-run")) and not (export / "model-obj.zip").exists()
 
 
 @pytest.mark.parametrize("path", ["a" * 100_000, "a\x00b", "a-run/\x00", "../secret.txt", "a/" * 5000 + "x"])
@@ -196,18 +225,18 @@ def test_stop_on_a_queued_job_takes_it_out_of_the_line_at_once():
     def runner(cfg, on_event, should_stop):
         ran.append(cfg.prompt)
         release.wait(5)
-        return api.Result(Path(cfg.prompt))
+        return Result(Path(cfg.prompt))
 
     jobs = JobQueue(runner)
     jobs.submit(build_config({"prompt": "first"}))
     second = jobs.submit(build_config({"prompt": "second"}))
     third = jobs.submit(build_config({"prompt": "third"}))
     assert jobs.stop(second.id)
-    assert second.finished.is_set() and jobs.snapshot(second).state == "stopped" and second.result is None
+    assert second.finished and jobs.snapshot(second).state == "stopped" and second.run_dir is None
     assert jobs.snapshot(third).position == 1  # one run ahead of it now, not two
     assert not jobs.stop(second.id)
     release.set()
-    assert third.finished.wait(5) and ran == ["first", "third"]
+    assert jobs.wait(third, 5) and ran == ["first", "third"]
 
 
 def test_the_server_caps_a_visitors_steps(tmp_path):

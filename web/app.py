@@ -24,12 +24,13 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dream3d import rundir
-from dream3d.errors import user_errors
 from dream3d.config import GUIDANCES, PRIORS, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
+from dream3d.errors import user_errors
+from dream3d.jobs import FAILED, QUEUED, RUNNING, STOPPED
+from dream3d.result import Result
 from dream3d.web.form import FormValues, config_from_form, defaults, resolution_text
-from dream3d.jobs import QUEUED
 from dream3d.web.jobs import JobQueue, Snapshot
-from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder, RunView, latest_preview
+from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder
 
 log = logging.getLogger(__name__)
 # system fonts: the default theme fetches web fonts, and the app must work offline
@@ -69,7 +70,7 @@ def progress_html(snap: Snapshot) -> str:
         line = f"queued: position {snap.position + 1} in the queue ({snap.position} {ahead} ahead)"
     else:
         loss = "-" if snap.loss is None else f"{snap.loss:.4g}"
-        eta = int(round(snap.eta_s)) if snap.state == "running" else 0
+        eta = int(round(snap.eta_s)) if snap.state == RUNNING else 0
         line = f"{snap.state}: step {snap.step}/{snap.total} · loss {loss} · {snap.it_per_s:.1f} it/s · ETA {eta // 60}:{eta % 60:02d}"
     return (
         f'<div class="d3-progress" data-state="{snap.state}" data-step="{snap.step}" data-total="{snap.total}">'
@@ -77,11 +78,12 @@ def progress_html(snap: Snapshot) -> str:
     )
 
 
-def downloads_html(view: RunView, runs: RunsFolder) -> str:
+def downloads_html(result: Result, runs: RunsFolder) -> str:
     labels = {"glb": "GLB", "obj_zip": "OBJ (zip)", "splats": "Splats PLY", "video": "Orbit video"}
+    files = runs.downloads(result)
     links = [
-        f'<a class="d3-download" data-kind="{kind}" href="{runs.url(view.files[kind])}" download>{label}</a>'
-        for kind, label in labels.items() if kind in view.files
+        f'<a class="d3-download" data-kind="{kind}" href="{runs.url(files[kind])}" download>{label}</a>'
+        for kind, label in labels.items() if kind in files
     ]
     return '<div class="d3-downloads">' + " · ".join(links) + "</div>" if links else ""
 
@@ -150,20 +152,20 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
         form = [prompt, prior, guidance, representation, steps, seed, resolution, guidance_scale, lr_scale, particles, overrides]
         results = [model3d, video, downloads, summary]
 
-        def show(view: RunView) -> dict:
+        def show(result: Result) -> dict:
             return {
-                model3d: str(view.files["glb"]) if "glb" in view.files else None,
-                video: str(view.files["video"]) if "video" in view.files else None,
-                downloads: downloads_html(view, runs),
-                summary: view.summary or None,
-                preview: str(view.preview) if view.preview else None,
+                model3d: str(result.files["glb"]) if "glb" in result.files else None,
+                video: str(result.files["video"]) if "video" in result.files else None,
+                downloads: downloads_html(result, runs),
+                summary: result.summary or None,
+                preview: str(result.preview) if result.preview else None,
             }
 
         def refresh_gallery() -> dict:
-            listed = [(run, thumbnail) for run in runs.runs() if (thumbnail := latest_preview(run)) is not None]
+            listed = [run for run in runs.runs() if run.preview is not None]
             return {
-                gallery: [(str(thumbnail), run.name) for run, thumbnail in listed],
-                gallery_runs: [run.name for run, _ in listed],
+                gallery: [(str(run.preview), run.run_dir.name) for run in listed],
+                gallery_runs: [run.run_dir.name for run in listed],
             }
 
         def on_generate(*values: Any) -> Iterator[dict]:
@@ -181,7 +183,7 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             job = jobs.submit(cfg)
             yield {job_id: job.id, message: "", model3d: None, video: None, downloads: "", summary: None, preview: None}
             shown = None
-            while not job.finished.is_set():
+            while not job.finished:
                 snap = jobs.snapshot(job)
                 if snap.preview is not None and (shown is None or snap.preview != shown.preview):
                     yield {progress: progress_html(snap), preview: str(snap.preview)}
@@ -195,29 +197,28 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             """The results of a finished job (a separate event: Model3D renders a value set by a plain
             event, not the last one of a generator)."""
             job = jobs.get(current) if current else None
-            if job is None or not job.finished.is_set():
+            if job is None or not job.finished:
                 return gr.skip()  # the form was refused: its message is already shown
-            if job.state == "failed":
+            if job.state == FAILED:
                 return {message: f"**error:** {job.error}"}
-            if job.result is None:
+            if job.run_dir is None:
                 return {message: "stopped before it started"}
-            view = runs.view(job.result.run_dir)
-            note = "stopped early; exported what it reached" if job.state == "stopped" else "done"
-            return {message: f"{note}: `{view.run_dir.name}`", **show(view), **refresh_gallery()}
+            result = Result.load(Path(job.run_dir))
+            note = "stopped early; exported what it reached" if job.state == STOPPED else "done"
+            return {message: f"{note}: `{result.run_dir.name}`", **show(result), **refresh_gallery()}
 
         def on_stop(current: str | None) -> dict:
             job = jobs.get(current) if current else None
             if job is None or not jobs.stop(current):
                 return {message: "nothing is running"}
-            return {message: "removed from the queue" if job.finished.is_set() else "stopping after the current step..."}
+            return {message: "removed from the queue" if job.finished else "stopping after the current step..."}
 
         def on_reopen(names: list[str], evt: gr.SelectData) -> dict:
-            run_dir = runs.find(names[evt.index]) if evt.index < len(names) else None
-            if run_dir is None:
+            result = runs.find(names[evt.index]) if evt.index < len(names) else None
+            if result is None:
                 return {message: "**error:** that run is no longer in the runs folder", **refresh_gallery()}
-            view = runs.view(run_dir)
-            update = {message: f"reopened `{run_dir.name}`", progress: "", **show(view)}
-            cfg = _saved_config(run_dir)
+            update = {message: f"reopened `{result.run_dir.name}`", progress: "", **show(result)}
+            cfg = _saved_config(result.run_dir)
             if cfg is not None:
                 update.update({
                     prompt: cfg.prompt, prior: cfg.prior, guidance: cfg.guidance, representation: cfg.representation,

@@ -1,4 +1,5 @@
-"""The runs folder as the web app sees it: earlier runs, their files, and safe downloads.
+"""The runs folder as the web app sees it: earlier runs (``dream3d.result.Result``, the record the API
+returns), and safe downloads.
 
 Downloads are served from this folder only: ``RunsFolder.resolve`` turns a requested
 relative path into a file inside the folder, or refuses it (``..``, absolute paths,
@@ -7,43 +8,32 @@ symlinks that lead out, hidden temporary files of an unfinished write).
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 from dream3d.atomic import atomic_path
+from dream3d.result import Result
 
 DOWNLOAD_ROUTE = "/download"
-
-
-@dataclass
-class RunView:
-    """What the page shows of one run folder; files maps a kind (glb, video, obj_zip, splats) to a path."""
-
-    run_dir: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
-    preview: Path | None = None
 
 
 class RunsFolder:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
-    def runs(self) -> list[Path]:
-        """Run folders (those with a config.yaml), newest first."""
+    def runs(self) -> list[Result]:
+        """The runs (folders with a config.yaml), newest first."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if (p / "config.yaml").is_file()]
-        return sorted(found, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)
+        return [Result.load(p) for p in sorted(found, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)]
 
-    def find(self, name: str) -> Path | None:
-        """The run folder called ``name`` directly under the root, if there is one."""
+    def find(self, name: str) -> Result | None:
+        """The run in the folder called ``name`` directly under the root, if there is one."""
         path = self.resolve(name, want_dir=True)
-        return path if path is not None and (path / "config.yaml").is_file() else None
+        return Result.load(path) if path is not None and (path / "config.yaml").is_file() else None
 
     def resolve(self, relative: str, want_dir: bool = False) -> Path | None:
         """The file (or folder) at ``relative`` inside the root; None for anything outside or hidden."""
@@ -61,22 +51,14 @@ class RunsFolder:
         """The download URL of a file inside the root."""
         return f"{DOWNLOAD_ROUTE}/{quote(path.resolve().relative_to(self.root).as_posix())}"
 
-    def view(self, run_dir: Path) -> RunView:
-        export = run_dir / "export"
-        view = RunView(run_dir, preview=latest_preview(run_dir))
-        for kind, name in (("glb", "model.glb"), ("video", "orbit.mp4"), ("splats", "splats.ply")):
-            if (export / name).is_file():
-                view.files[kind] = export / name
-        if (export / "model.obj").is_file() and _inside(export / "model.obj", export):
-            view.files["obj_zip"] = obj_zip(export / "model.obj")
-        if (run_dir / "summary.json").is_file():
-            view.summary = json.loads((run_dir / "summary.json").read_text())
-        return view
-
-
-def latest_preview(run_dir: Path) -> Path | None:
-    previews = sorted((run_dir / "previews").glob("step_*.png"))
-    return previews[-1] if previews else None
+    def downloads(self, result: Result) -> dict[str, Path]:
+        """The files a visitor may download of a run, by kind: the export's single-asset files, and the
+        OBJ as ``obj_zip`` (with its material and textures) instead of the bare OBJ."""
+        files = {kind: result.files[kind] for kind in ("glb", "video", "splats") if kind in result.files}
+        obj = result.files.get("obj")
+        if obj is not None and _inside(obj, obj.parent):
+            files["obj_zip"] = obj_zip(obj)
+        return files
 
 
 def obj_zip(obj: Path) -> Path:

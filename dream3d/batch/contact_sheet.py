@@ -8,23 +8,19 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dream3d.atomic import atomic_path
-from dream3d.batch.manifest import JobRecord
+from dream3d.jobs import DONE, Job
+from dream3d.result import Result
 
 CAPTION_PX = 16
 COLUMNS = 3
 
 
-def latest_preview(run_dir: Path) -> Path | None:
-    previews = sorted((run_dir / "previews").glob("step_*.png"))
-    return previews[-1] if previews else None
-
-
-def contact_sheet(records: list[JobRecord], path: Path, columns: int = COLUMNS) -> Path | None:
+def contact_sheet(records: list[Job], path: Path, columns: int = COLUMNS) -> Path | None:
     """Writes a grid of (caption, preview) tiles for the done records that have a preview;
     returns the path, or None if there is none to show."""
     tiles = []
     for record in records:
-        preview = latest_preview(Path(record.run_dir)) if record.state == "done" and record.run_dir else None
+        preview = Result.load(Path(record.run_dir)).preview if record.state == DONE and record.run_dir else None
         if preview is not None:
             with Image.open(preview) as image:
                 tiles.append((record.prompt, image.convert("RGB")))

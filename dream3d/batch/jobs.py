@@ -4,39 +4,26 @@
     {"prompt": "a red cube", "seed": 3}          prompts.jsonl: any RunConfig field, nested or
     {"prompt": "a cone", "sds.weighting": "uniform"}          dotted, overrides the batch defaults
 
+Each line becomes a ``dream3d.jobs.Job`` (settings: the config layer of its line, prompt included).
 A job's id is its prompt's slug and a hash of its line's content, so re-running the same
 file (even reordered or extended) finds each job's record in the manifest again.
 """
 
 from __future__ import annotations
 
-from dream3d.batch import BatchError
-
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dream3d.batch import BatchError
 from dream3d.config import merge
+from dream3d.jobs import Job
 from dream3d.rundir import slugify
 
 
 class BatchFileError(BatchError):
     """The batch file cannot be read; the message is one line naming the file and line."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """One prompt of the batch. settings: the config layer of its line (prompt included)."""
-
-    id: str
-    line: int
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def prompt(self) -> str:
-        return str(self.settings.get("prompt", ""))
 
 
 def read_jobs(path: Path) -> list[Job]:
@@ -90,5 +77,5 @@ def _with_ids(numbered: list[tuple[int, dict[str, Any]]]) -> list[Job]:
         base = f"{slugify(str(settings['prompt']))}-{digest}"
         seen[base] = seen.get(base, 0) + 1
         job_id = base if seen[base] == 1 else f"{base}-{seen[base]}"  # the same line twice: two jobs
-        jobs.append(Job(job_id, number, settings))
+        jobs.append(Job(job_id, str(settings["prompt"]), settings, line=number))
     return jobs

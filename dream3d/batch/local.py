@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 from dream3d.batch.worker import describe_worker, run_job, use_threads
+from dream3d.jobs import FAILED, FINISHED
 from dream3d.stop import SignalStop
 
 DEAD_WORKER_GRACE_S = 1.0
@@ -56,13 +57,13 @@ class LocalExecutor:
         event (killed, out of memory) yields a failed event for its job."""
         events = self._drain(timeout)
         for job_id, (process, _) in list(self._running.items()):
-            if process.exitcode is not None and not any(e["job"] == job_id and e["kind"] in FINAL for e in events):
+            if process.exitcode is not None and not any(e["job"] == job_id and e["kind"] in FINISHED for e in events):
                 events += self._drain(DEAD_WORKER_GRACE_S)  # its last words may still be in the pipe
-                if not any(e["job"] == job_id and e["kind"] in FINAL for e in events):
-                    events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True, "died": True,
+                if not any(e["job"] == job_id and e["kind"] in FINISHED for e in events):
+                    events.append({"job": job_id, "kind": FAILED, "seconds": 0.0, "retryable": True, "died": True,
                                    "error": f"the worker process exited with status {process.exitcode}"})
         for event in events:
-            if event["kind"] in FINAL and event["job"] in self._running:
+            if event["kind"] in FINISHED and event["job"] in self._running:
                 self._running.pop(event["job"])[0].join()
         return events
 
@@ -91,9 +92,6 @@ class LocalExecutor:
                 events.append(self._events.get_nowait())
         except queue.Empty:
             return events
-
-
-FINAL = ("done", "failed", "stopped")
 
 
 class _StopRequest(SignalStop):

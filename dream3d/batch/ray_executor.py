@@ -9,13 +9,13 @@ steps: it reaches the workers on any node through the same shared storage.
 
 from __future__ import annotations
 
-from dream3d.batch import BatchError
-
 import time
 from pathlib import Path
 from typing import Any
 
+from dream3d.batch import BatchError
 from dream3d.batch.worker import describe_worker, run_job, use_threads
+from dream3d.jobs import FAILED
 
 # the local instance of `--ray auto` holds only small job specs and events
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
@@ -74,7 +74,7 @@ class RayExecutor:
                 events.append(self._ray.get(ref))
             except self._ray.exceptions.RayError as e:  # the worker died or the node was lost
                 message = " ".join(str(e).split())[:300]
-                events.append({"job": job_id, "kind": "failed", "seconds": 0.0, "retryable": True, "died": True,
+                events.append({"job": job_id, "kind": FAILED, "seconds": 0.0, "retryable": True, "died": True,
                                "error": f"{type(e).__name__}: {message}"})
         return events
 

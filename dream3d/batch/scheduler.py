@@ -18,10 +18,9 @@ from typing import Any, Callable, Protocol
 
 from dream3d import rundir
 from dream3d.batch import BatchError
-from dream3d.batch.jobs import Job
-from dream3d.batch.manifest import JobRecord, Manifest
+from dream3d.batch.manifest import Manifest
 from dream3d.config import ConfigError, build_config, merge
-from dream3d.guidance.prompts import clip
+from dream3d.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
 
 STOP_FILE = ".stop"
 LOCK_FILE = ".batch.lock"
@@ -69,20 +68,20 @@ class Coordinator:
         """Adds new jobs to the manifest, records those whose config is invalid as failed, and
         queues the rest: new, retryable failures, and interrupted runs (to resume)."""
         for job in self.batch.jobs:
-            self.manifest.add(JobRecord(id=job.id, prompt=clip(job.prompt), line=job.line))
+            self.manifest.add(job)
         for job in self.batch.jobs:
             record = self.manifest.records[job.id]
-            if record.state == "done":
+            if record.state == DONE:
                 continue
             try:
                 build_config(self.batch.job_config(job))
             except ConfigError as e:
-                record.state, record.error, record.retryable = "failed", f"line {job.line}: {e}", False
+                record.state, record.error, record.retryable = FAILED, f"line {job.line}: {e}", False
                 continue
-            if record.state in ("running", "stopped"):
+            if record.state in (RUNNING, STOPPED):
                 failed_run = Path(record.run_dir) if record.error and record.run_dir else None
                 self._queue.append(self._spec(job, _resumable(self.batch.out / job.id, failed_run)))
-            elif record.state == "queued" or self._may_retry(record):
+            elif record.state == QUEUED or self._may_retry(record):
                 self._queue.append(self._spec(job, None))
         self.manifest.save()
 
@@ -110,13 +109,13 @@ class Coordinator:
         return {"id": job.id, "config": self.batch.job_config(job), "resume": str(resume) if resume else None,
                 "retry": retry}
 
-    def _may_retry(self, record: JobRecord) -> bool:
-        return record.state == "failed" and record.retryable and record.attempts <= self.batch.retries
+    def _may_retry(self, record: Job) -> bool:
+        return record.state == FAILED and record.retryable and record.attempts <= self.batch.retries
 
     def _submit(self, spec: dict[str, Any]) -> None:
         self._specs[spec["id"]] = spec
         self.executor.submit(spec)
-        self.manifest.update(spec["id"], state="running")
+        self.manifest.update(spec["id"], state=RUNNING)
 
     def _handle(self, event: dict[str, Any], stopping: bool) -> None:
         job_id, kind = event["job"], event["kind"]
@@ -140,24 +139,24 @@ class Coordinator:
         self.progress.pop(job_id, None)
         fields: dict[str, Any] = {"seconds": round(record.seconds + event["seconds"], 2)}
         resume: Path | None = None
-        if kind == "done":
-            fields.update(state="done", run_dir=event["run_dir"], train_seconds=event["train_seconds"],
+        if kind == DONE:
+            fields.update(state=DONE, run_dir=event["run_dir"], train_seconds=event["train_seconds"],
                           finished_at=time.time(), error=None)
             self.finished.append(job_id)
-        elif kind == "stopped":
-            fields.update(state="stopped")
+        elif kind == STOPPED:
+            fields.update(state=STOPPED)
         else:
             spec = self._specs[job_id]
             if job_id not in self._started and (spec["resume"] is None or spec["retry"]):
                 fields["attempts"] = record.attempts + 1  # died before it could say it started
             resume = self._checkpointed_run(job_id, record) if event.get("died") else None
-            fields.update(state="failed", error=event["error"], retryable=event["retryable"], finished_at=time.time())
+            fields.update(state=FAILED, error=event["error"], retryable=event["retryable"], finished_at=time.time())
         self._started.discard(job_id)
         record = self.manifest.update(job_id, **fields)
         if not stopping and self._may_retry(record):
             self._queue.append(self._spec(self._jobs[job_id], resume, retry=True))
 
-    def _checkpointed_run(self, job_id: str, record: JobRecord) -> Path | None:
+    def _checkpointed_run(self, job_id: str, record: Job) -> Path | None:
         """The run folder of the attempt that just died, if it said it started and has a checkpoint:
         its retry resumes there (a worker killed mid-run) instead of starting from step 0."""
         run_dir = Path(record.run_dir) if job_id in self._started and record.run_dir else None

@@ -52,7 +52,8 @@ def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.0
 
 
 class Prior(Protocol):
-    """A frozen noise predictor.
+    """A frozen noise predictor. The priors derive from it (``ToyPrior``, ``DiffusersPrior``), so they
+    inherit its hooks' defaults; a stand-in that only predicts noise (a test's) may match it structurally.
 
     ``x`` is what the diffusion model sees: VAE latents or pixels scaled to [-1, 1],
     [B, C, r, r] with r = ``resolution`` (for pixel priors; latents are smaller).
@@ -71,6 +72,10 @@ class Prior(Protocol):
     def decode(self, x: Tensor) -> Tensor:
         """x -> rgb [B,3,r,r] in [0,1]."""
         ...
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Draws the prior's own randomness (a VAE posterior sample) from ``generator``, the run's
+        checkpointed one; the loop calls it for every prior, and a prior that draws nothing keeps this no-op."""
 
     def embed(self, prompt: str) -> Embeddings:
         """Embeds (and caches) a prompt; raises PriorError with a one-line message on a prompt it cannot take."""

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.guidance.diffusion import to_epsilon
-from dream3d.guidance.priors.base import Embeddings, PriorError
+from dream3d.guidance.priors.base import Embeddings, Prior, PriorError
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.precision import LossScale
 from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
@@ -190,7 +190,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-class DiffusersPrior:
+class DiffusersPrior(Prior):
     """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
 
     Subclasses set ``name``, ``default_model``, ``components`` (the model_index entries they need),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dream3d.guidance import toy_world
-from dream3d.guidance.priors.base import Embeddings, PriorError, ddpm_alphas_cumprod
+from dream3d.guidance.priors.base import Embeddings, Prior, PriorError, ddpm_alphas_cumprod
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.representations.cameras import Cameras, degrees_between, look_at_cameras
 
@@ -119,7 +119,7 @@ def toy_dataset() -> ToyDataset:
     return _dataset_at(str(cache_root()))
 
 
-class ToyPrior:
+class ToyPrior(Prior):
     """The Prior protocol (guidance/priors/base.py) over the toy world; no weights, no UNet.
 
     camera_conditioned: "toy-mv", weighting dataset views by a Gaussian kernel of width
