@@ -120,7 +120,7 @@ class ExportConfig(_Section):
     max_faces: int | None = Field(40_000, gt=0)  # face budget (quadric decimation); None keeps marching cubes' all
     # GLB/OBJ with the albedo baked into a UV texture (xatlas) of texture_size^2 texels; false: vertex colours
     texture: bool = True
-    texture_size: int = Field(1024, ge=16, le=8192)
+    texture_size: int = Field(1024, ge=16, le=4096)
     video: bool = True
     video_frames: int = Field(48, gt=0)
     video_resolution: int = Field(128, gt=0)

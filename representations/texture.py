@@ -59,11 +59,12 @@ def _cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, batch: int = 2**22) -> tuple[np.ndarray, np.ndarray]:
     """Which face covers each texel centre of an [S,S] texture, and where in it.
 
-    Each face is tested against the texel centres in its UV bounding box (all faces at once).
-    A centre on an edge shared by two faces goes to either; both name the same 3D point.
+    Each face is tested against the texel centres in its UV bounding box, as many faces at
+    once as have about ``batch`` centres in their boxes together (bounding memory). A centre
+    on an edge shared by two faces goes to either; both name the same 3D point.
 
     Args:
         uv: [V,2] in [0,1] (v up). faces: [F,3] into uv. size: S.
@@ -74,26 +75,26 @@ def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarr
     # texel coordinates (column, row) in which texel centres sit on integers
     corners = np.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5], axis=-1)[faces].astype(np.float64)
     area2 = _cross2(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # [F]
-    valid = np.abs(area2) > 1e-12
     first = np.clip(np.ceil(corners.min(1)), 0, size).astype(np.int64)  # [F,2]
     last = np.clip(np.floor(corners.max(1)), -1, size - 1).astype(np.int64)
-    counts = np.where(valid[:, None], np.clip(last - first + 1, 0, None), 0)
+    counts = np.where((np.abs(area2) > 1e-12)[:, None], np.clip(last - first + 1, 0, None), 0)
     per_face = counts[:, 0] * counts[:, 1]
-    face = np.repeat(np.arange(len(faces)), per_face)
-    local = np.arange(per_face.sum()) - np.repeat(np.cumsum(per_face) - per_face, per_face)
-    col = first[face, 0] + local % np.maximum(counts[face, 0], 1)
-    row = first[face, 1] + local // np.maximum(counts[face, 0], 1)
-    point = np.stack([col, row], axis=-1).astype(np.float64)
-    a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
-    w1 = _cross2(point - a, c - a) / area2[face]
-    w2 = _cross2(b - a, point - a) / area2[face]
-    w0 = 1.0 - w1 - w2
-    weights = np.stack([w0, w1, w2], axis=-1)
-    hit = (weights >= -1e-9).all(-1)
     face_map = np.full((size, size), -1, dtype=np.int64)
     bary = np.zeros((size, size, 3), dtype=np.float32)
-    face_map[row[hit], col[hit]] = face[hit]
-    bary[row[hit], col[hit]] = np.clip(weights[hit], 0.0, 1.0)
+    starts = np.searchsorted(np.cumsum(per_face), np.arange(0, per_face.sum(), batch), side="right")
+    for lo, hi in zip(starts, [*starts[1:], len(faces)]):
+        face = lo + np.repeat(np.arange(hi - lo), per_face[lo:hi])
+        local = np.arange(len(face)) - np.repeat(np.cumsum(per_face[lo:hi]) - per_face[lo:hi], per_face[lo:hi])
+        col = first[face, 0] + local % np.maximum(counts[face, 0], 1)
+        row = first[face, 1] + local // np.maximum(counts[face, 0], 1)
+        point = np.stack([col, row], axis=-1).astype(np.float64)
+        a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
+        w1 = _cross2(point - a, c - a) / area2[face]
+        w2 = _cross2(b - a, point - a) / area2[face]
+        weights = np.stack([1.0 - w1 - w2, w1, w2], axis=-1)
+        hit = (weights >= -1e-9).all(-1)
+        face_map[row[hit], col[hit]] = face[hit]
+        bary[row[hit], col[hit]] = np.clip(weights[hit], 0.0, 1.0)
     return face_map, bary
 
 
