@@ -14,7 +14,7 @@ from dream3d.config import ConfigError, build_config
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.texture import bake, dilate, rasterize_uv, texture_mesh, unwrap
-from tests.support import run_cli, validate_glb
+from tests.support import TINY_FLAGS, dream3d, run_cli, validate_glb
 
 SIZE = 256
 RADIUS = 0.5
@@ -247,8 +247,10 @@ def test_texture_size_must_be_sensible() -> None:
 
 
 def test_default_demo_glb_is_one_closed_textured_surface(monkeypatch, capsys, tmp_path: Path) -> None:
-    run_dir = run_cli(monkeypatch, capsys, tmp_path)
-    export = run_dir / "export"
+    """The README's demo with tiny settings, but the default texture size (the other tiny runs bake 64^2)."""
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--out", tmp_path, *TINY_FLAGS, "export.texture_size=1024")
+    assert status == 0, err
+    (export,) = [run_dir / "export" for run_dir in tmp_path.iterdir()]
     assert sorted(p.name for p in export.iterdir()) == ["model.glb", "model.mtl", "model.obj", "model.ply", "model.png", "orbit.mp4"]
     loaded = trimesh.load(export / "model.glb", force="mesh")
     assert loaded.visual.uv is not None and loaded.visual.material.baseColorTexture.size == (1024, 1024)
