@@ -229,7 +229,7 @@ def export_representation(
         resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
             threshold); "hull" carves with ``rep.render``'s alpha over a white background.
         texture_size: bake ``rep.albedo`` into a UV texture of this many texels square
-            (``texture_mesh``); None colours the vertices instead.
+            (``texture_mesh``) for the GLB and OBJ; None colours the vertices instead.
     Returns:
         {format: path} for the mesh files (+ "mtl" and "texture" for a textured OBJ), plus
         "video" -> orbit.mp4 (white background).
@@ -245,7 +245,7 @@ def export_representation(
         hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
         min_component_fraction=1.0 if largest_only else 0.05,
     )
-    if texture_size is not None:
+    if texture_size is not None and {"glb", "obj"} & set(formats):  # a PLY alone keeps the exact vertex colours
         mesh = texture_mesh(mesh, rep.albedo, texture_size, device=device)
     paths = export_mesh(mesh, out_dir, formats)
     if video:

@@ -240,6 +240,14 @@ def test_export_texture_then_vertex_colours_leaves_no_stale_texture(tmp_path: Pa
     np.testing.assert_allclose(obj.visual.vertex_colors[:, :3] / 255, expected, atol=2 / 255)
 
 
+def test_a_ply_alone_is_not_unwrapped(tmp_path: Path) -> None:
+    files = export_representation(ColourBall(), tmp_path, formats=["ply"], resolution=32, solid="none", video=False, texture_size=64)
+    assert set(files) == {"ply"}
+    ply = trimesh.load(files["ply"], process=False)
+    expected = position_colour(torch.as_tensor(ply.vertices, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(ply.visual.vertex_colors[:, :3] / 255, expected, atol=1 / 255)  # the field itself
+
+
 def test_texture_size_must_be_sensible() -> None:
     assert build_config({"prompt": "a red cube"}).export.texture_size == 1024
     with pytest.raises(ConfigError, match="texture_size"):
