@@ -20,9 +20,9 @@ from torch import Tensor
 FieldFn = Callable[[Tensor], Tensor]
 
 # Charts whose boundary would grow past this length (world units, the object spans about 1) are
-# closed. On the bumpy surface of a trained field xatlas's chart growing costs time roughly with
-# the square of a chart's size; capping the boundary keeps a 40k-face unwrap near a second of CPU
-# instead of ten, for about as many charts.
+# closed. On the bumpy surface of a trained field xatlas's chart growing is slow for large charts;
+# the cap brings the demo's 40k-face unwrap from 13 CPU seconds to 1.1, for a bit less of the
+# texture inside charts (42% against 53%; docs/benchmarks.md#textured-export).
 MAX_CHART_BOUNDARY = 1.0
 
 # Empty atlas texels between charts; bilinear lookups at a chart's edge then read its own colours.
