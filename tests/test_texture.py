@@ -10,6 +10,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from dream3d import api
 from dream3d.config import ConfigError, build_config
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation
 from dream3d.representations.cameras import Cameras, RenderOutput
@@ -265,6 +266,8 @@ def test_default_demo_glb_is_one_closed_textured_surface(monkeypatch, capsys, tm
     loaded.merge_vertices(merge_tex=True, merge_norm=True)  # UV seams split vertices
     assert loaded.is_watertight and len(loaded.split(only_watertight=False)) == 1 and loaded.volume > 0
     validate_glb(export / "model.glb")
+    scores = api.evaluate(export.parent)  # eval reads the GLB: seams must not count as openings
+    assert scores["watertight"] and scores["components"] == 1
 
 
 def test_texture_false_gives_vertex_colours(monkeypatch, capsys, tmp_path: Path) -> None:
