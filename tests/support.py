@@ -26,7 +26,7 @@ TINY = {
     "preview_every": 5,
     "nerf": {"grid_resolutions": [8, 16], "num_samples": 24, "occupancy_resolution": 16, "occupancy_every": 4},
     "gaussians": {"num_points": 256},
-    "export": {"mesh_resolution": 32, "video_frames": 4, "video_resolution": 32},
+    "export": {"mesh_resolution": 32, "video_frames": 4, "video_resolution": 32, "texture_size": 64},
 }
 
 
@@ -42,7 +42,7 @@ def dream3d(monkeypatch, capsys, *args):
 
 TINY_FLAGS = ["--steps", 6, "--resolution", 16, "checkpoint_every=3", "preview_every=3", "nerf.grid_resolutions=[8,16]",
               "nerf.num_samples=24", "nerf.occupancy_resolution=16", "gaussians.num_points=256",
-              "export.mesh_resolution=32", "export.video_frames=4", "export.video_resolution=32"]
+              "export.mesh_resolution=32", "export.video_frames=4", "export.video_resolution=32", "export.texture_size=64"]
 
 
 def run_cli(monkeypatch, capsys, out, *args, check_export=True):

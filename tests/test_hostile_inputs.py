@@ -70,6 +70,7 @@ RUN_FLAGS = [
     (["export.mesh_resolution=2000"], 1, "export.mesh_resolution: a mesh resolution of 2000 would need about"),
     (["camera.batch_size=100000", "--resolution", "512"], 1, "would need about"),
     (["export.formats=[stl]"], 1, "unknown export format 'stl'"),
+    (["export.texture_size=100000"], 1, "export.texture_size: Input should be less than or equal to 4096"),
     (["no.such.key=1"], 1, "no: unknown key"),
     (["steps"], 1, "is not key=value"),
     (["--config", "{world}/binary.bin"], 1, "is not UTF-8 text"),
