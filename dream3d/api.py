@@ -232,7 +232,6 @@ def _refine(
     on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
 ) -> dict[str, Path]:
     """Refines every exported mesh of a run (one per particle), then re-exports them all; returns {kind: path}."""
-    check_refinable(cfg, steps)
     tick = time.perf_counter()
     folders = export_folders(run_dir, cfg)
     meshes = [load_textured(folder) for folder in folders]
