@@ -188,7 +188,7 @@ def export(
 @app.command()
 def refine(
     run_dir: Path = typer.Argument(..., help="A run folder with a UV-textured export."),
-    steps: Optional[int] = typer.Option(None, help="Refinement steps (default 50, DreamGaussian's)."),
+    steps: Optional[int] = typer.Option(None, help="Refinement steps (default 100)."),
 ) -> None:
     """Refine the exported mesh's texture with the run's prior and guidance at small t, then export it again."""
     from dream3d import api

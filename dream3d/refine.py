@@ -26,9 +26,9 @@ from dream3d.loop import Progress, RunInterrupted, Trainer
 from dream3d.registry import RULES
 from dream3d.representations.textured_mesh import TexturedMesh
 
-# DreamGaussian refines its texture for 50 steps (iters_refine); at our toy scale 50 steps take seconds on a CPU and
-# the colour error stops falling well before that (docs/benchmarks.md#texture-refinement)
-REFINE_STEPS = 50
+# DreamGaussian refines its texture for 50 steps (iters_refine); on the toy benchmark the colour error still falls
+# between 50 and 100 steps, which take well under a minute on a CPU (docs/benchmarks.md#texture-refinement)
+REFINE_STEPS = 100
 
 
 class RefineError(UserError, ValueError):
