@@ -193,6 +193,7 @@ def _export(
             hull_margin=ex.hull_margin,
             max_faces=ex.max_faces,
             largest_only=ex.largest_only,
+            texture_size=ex.texture_size if ex.texture else None,
             video=ex.video,
             video_frames=ex.video_frames,
             video_resolution=ex.video_resolution,
@@ -275,6 +276,7 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
         glb = run_dir / "export" / name / "model.glb"
         if glb.exists():
             mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
+            mesh.merge_vertices(merge_tex=True, merge_norm=True)  # a textured mesh is split along its UV seams
             metrics["mesh_iou"] = mesh_iou(mesh, member, background)
             metrics.update(evaluate_mesh_3d(mesh, cfg.prompt))
         per_particle.append(metrics)

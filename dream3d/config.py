@@ -118,6 +118,9 @@ class ExportConfig(_Section):
     hull_margin: float = Field(3.0, ge=0)  # grid cells: how far under the hull's surface the inside is filled
     largest_only: bool = True  # keep only the largest connected piece (else pieces over 5% of its faces)
     max_faces: int | None = Field(40_000, gt=0)  # face budget (quadric decimation); None keeps marching cubes' all
+    # GLB/OBJ with the albedo baked into a UV texture (xatlas) of texture_size^2 texels; false: vertex colours
+    texture: bool = True
+    texture_size: int = Field(1024, ge=16, le=8192)
     video: bool = True
     video_frames: int = Field(48, gt=0)
     video_resolution: int = Field(128, gt=0)

@@ -13,11 +13,14 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 import trimesh
+from PIL import Image
+from trimesh.visual.material import PBRMaterial, SimpleMaterial
 
 from dream3d.atomic import atomic_path, write_bytes
 from dream3d.sampling import orbit_cameras
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.mesh import extract_mesh
+from dream3d.representations.texture import texture_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
 
@@ -34,12 +37,14 @@ def _finish_gltf_tree(tree: dict) -> None:
 
     A primitive without a material gets glTF's default material, which is fully metallic:
     vertex-coloured meshes then look black in three.js / Babylon viewers. A matte
-    dielectric material matches the Lambertian look of dream3d's renders. Buffer-view
+    dielectric material matches the Lambertian look of dream3d's renders; a textured mesh's
+    material keeps its ``baseColorTexture`` and is made matte the same way. Buffer-view
     targets are optional but the validator hints about them and GPU loaders use them.
     """
-    tree["materials"] = [
-        {"name": "albedo", "pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0, "roughnessFactor": 1.0}}
-    ]
+    matte = {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0, "roughnessFactor": 1.0}
+    materials = tree.setdefault("materials", [{"name": "albedo"}])
+    for material in materials:
+        material["pbrMetallicRoughness"] = {**material.get("pbrMetallicRoughness", {}), **matte}
     views = tree.get("bufferViews", [])
     accessors = tree["accessors"]
     for mesh in tree.get("meshes", []):
@@ -51,32 +56,86 @@ def _finish_gltf_tree(tree: dict) -> None:
                 views[accessors[primitive["indices"]]["bufferView"]]["target"] = _GL_ELEMENT_ARRAY_BUFFER
 
 
-def _encode(mesh: trimesh.Trimesh, fmt: str) -> bytes:
+def _base_image(mesh: trimesh.Trimesh) -> Image.Image | None:
+    """The colour texture of a textured mesh (a PBR ``baseColorTexture`` or a simple material's image)."""
+    if not isinstance(mesh.visual, trimesh.visual.TextureVisuals) or mesh.visual.uv is None:
+        return None
+    material = mesh.visual.material
+    return material.baseColorTexture if isinstance(material, PBRMaterial) else getattr(material, "image", None)
+
+
+def _obj_textured(mesh: trimesh.Trimesh, image: Image.Image) -> trimesh.Trimesh:
+    """The mesh under an OBJ material named "model" whose map is ``image`` (as a PNG), white and matte.
+
+    trimesh names the texture file after the material and its image format, hence the name and a
+    format-less RGB copy; Kd multiplies map_Kd in OBJ viewers, so it is white, and Ks is black.
+    """
+    material = SimpleMaterial(
+        name="model", image=Image.fromarray(np.asarray(image.convert("RGB"))),
+        ambient=(255, 255, 255, 255), diffuse=(255, 255, 255, 255), specular=(0, 0, 0, 255),
+    )
+    return trimesh.Trimesh(
+        mesh.vertices, mesh.faces, vertex_normals=mesh.vertex_normals,
+        visual=trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=material), process=False,
+    )
+
+
+def _vertex_coloured(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+    """A textured mesh as one with vertex colours (the texture at each vertex's uv), seams welded."""
+    colours = mesh.visual.to_color().vertex_colors
+    plain = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=colours, process=False)
+    plain.merge_vertices()
+    return plain
+
+
+def _encode(mesh: trimesh.Trimesh, fmt: str) -> dict[str, bytes]:
+    """The files of one format: {file name: bytes}, the ``model.<fmt>`` file last."""
+    image = _base_image(mesh)
     if fmt == "glb":
         y_up = mesh.copy()
         y_up.apply_transform(Z_UP_TO_Y_UP)
-        return trimesh.exchange.gltf.export_glb(y_up, include_normals=True, tree_postprocessor=_finish_gltf_tree)
+        return {"model.glb": trimesh.exchange.gltf.export_glb(y_up, include_normals=True, tree_postprocessor=_finish_gltf_tree)}
+    if fmt == "obj" and image is not None:
+        text, files = trimesh.exchange.obj.export_obj(
+            _obj_textured(mesh, image), include_normals=True, include_texture=True, return_texture=True, mtl_name="model.mtl"
+        )
+        return {"model.png": files["model.png"], "model.mtl": files["model.mtl"], "model.obj": text.encode()}
     if fmt == "obj":
-        return trimesh.exchange.obj.export_obj(mesh, include_normals=True, include_color=True, include_texture=False).encode()
-    return trimesh.exchange.ply.export_ply(mesh, encoding="binary", vertex_normal=True)
+        return {"model.obj": trimesh.exchange.obj.export_obj(mesh, include_normals=True, include_color=True, include_texture=False).encode()}
+    plain = mesh if image is None else _vertex_coloured(mesh)
+    return {"model.ply": trimesh.exchange.ply.export_ply(plain, encoding="binary", vertex_normal=True)}
+
+
+# What export_mesh names each extra file it writes beside the mesh files.
+_EXTRA_KINDS = {"model.mtl": "mtl", "model.png": "texture"}
 
 
 def export_mesh(mesh: trimesh.Trimesh, out_dir: Path, formats: Sequence[str] = MESH_FORMATS) -> dict[str, Path]:
-    """Writes ``model.<fmt>`` for each format into out_dir. Returns {format: path}.
+    """Writes ``model.<fmt>`` for each format into out_dir. Returns {format: path} (+ "mtl", "texture").
 
-    All files carry vertex normals and RGBA vertex colours. OBJ and PLY keep dream3d's
-    world frame (+z up); the GLB is turned to glTF's +y up, stores colours as COLOR_0
-    (normalized uint8) under a matte material. trimesh reads those colours back into
-    ``visual.vertex_attributes["color"]`` (or ``visual.vertex_colors`` when loaded
-    with ``skip_materials=True``).
+    All files carry vertex normals; OBJ and PLY keep dream3d's world frame (+z up), the GLB
+    is turned to glTF's +y up, under a matte material.
+
+    A mesh with ``TextureVisuals`` (uv + a material with an image, as ``texture_mesh`` makes)
+    is written textured: the GLB embeds the image as the material's ``baseColorTexture``
+    (PNG), the OBJ names ``model.mtl``, whose ``map_Kd`` is ``model.png`` (written first, so
+    the OBJ never refers to a missing file); the PLY gets vertex colours sampled from the
+    texture, seams welded. trimesh loads the GLB and OBJ back with ``visual.uv`` and the image
+    (``visual.material.baseColorTexture`` / ``visual.material.image``).
+
+    Any other mesh carries RGBA vertex colours: the GLB stores them as COLOR_0 (normalized
+    uint8), which trimesh reads back into ``visual.vertex_attributes["color"]`` (or
+    ``visual.vertex_colors`` when loaded with ``skip_materials=True``).
     """
     unknown = [f for f in formats if f not in MESH_FORMATS]
     if unknown:
         raise ValueError(f"unknown mesh format(s) {', '.join(map(repr, unknown))}; valid: {', '.join(MESH_FORMATS)}")
     paths = {}
     for fmt in dict.fromkeys(formats):
-        paths[fmt] = Path(out_dir) / f"model.{fmt}"
-        write_bytes(paths[fmt], _encode(mesh, fmt))
+        for name, data in _encode(mesh, fmt).items():
+            path = Path(out_dir) / name
+            write_bytes(path, data)
+            paths[_EXTRA_KINDS.get(name, fmt)] = path
     return paths
 
 
@@ -159,6 +218,7 @@ def export_representation(
     hull_margin: float = 3.0,
     max_faces: int | None = None,
     largest_only: bool = False,
+    texture_size: int | None = None,
 ) -> dict[str, Path]:
     """Mesh (marching cubes of ``rep.density``, coloured by ``rep.albedo``) plus an orbit video.
 
@@ -168,8 +228,11 @@ def export_representation(
             otherwise pieces with at least 5% of its faces stay.
         resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
             threshold); "hull" carves with ``rep.render``'s alpha over a white background.
+        texture_size: bake ``rep.albedo`` into a UV texture of this many texels square
+            (``texture_mesh``); None colours the vertices instead.
     Returns:
-        {format: path} for the mesh files, plus "video" -> orbit.mp4 (white background).
+        {format: path} for the mesh files (+ "mtl" and "texture" for a textured OBJ), plus
+        "video" -> orbit.mp4 (white background).
     Raises:
         representations.mesh.MeshError: the field has no surface to extract.
     """
@@ -182,6 +245,8 @@ def export_representation(
         hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
         min_component_fraction=1.0 if largest_only else 0.05,
     )
+    if texture_size is not None:
+        mesh = texture_mesh(mesh, rep.albedo, texture_size, device=device)
     paths = export_mesh(mesh, out_dir, formats)
     if video:
         paths["video"] = write_orbit_video(
@@ -192,8 +257,10 @@ def export_representation(
 
 
 def _remove_stale(out_dir: Path, written: set[Path]) -> None:
-    """Deletes the files an earlier export of other formats left (export/ then holds this export only)."""
-    for stale in [out_dir / f"model.{fmt}" for fmt in MESH_FORMATS] + [out_dir / "orbit.mp4"]:
+    """Deletes the files an earlier export of other formats (or with or without a texture) left:
+    export/ then holds this export only."""
+    names = [f"model.{fmt}" for fmt in MESH_FORMATS] + list(_EXTRA_KINDS) + ["orbit.mp4"]
+    for stale in [out_dir / name for name in names]:
         if stale not in written:
             stale.unlink(missing_ok=True)
 
