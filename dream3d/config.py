@@ -344,9 +344,14 @@ class RunSettings(_Section):
 
     @model_validator(mode="after")
     def _refine(self) -> "RunSettings":
-        if self.refine.steps and self.consistent_noise:
+        if not self.refine.steps:
+            return self
+        if self.consistent_noise:
             raise ValueError(f"refine.steps: texture refinement draws fresh forward noise, and guidance {self.guidance} "
                              "with consistent noise needs it on the representation; refine a run with independent noise")
+        if not self.export.texture or not {"obj", "glb"} & set(self.export.formats):
+            raise ValueError("refine.steps: texture refinement needs a textured export (export.texture=true and obj or "
+                             "glb among export.formats)")
         return self
 
     @property

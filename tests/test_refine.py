@@ -6,33 +6,10 @@ import json
 import numpy as np
 import pytest
 import trimesh
-import xatlas
-from PIL import Image
-from scipy.spatial import cKDTree
 
 from dream3d.config import build_config
 from dream3d.refine import load_textured, refine_config, texture_image
 from tests.support import TINY, dream3d, run_cli
-
-
-def textured_copy(mesh, size=64):
-    """A vertex-coloured mesh unwrapped by xatlas, its colours baked into a texture (each texel the colour of the
-    vertex nearest in UV space)."""
-    vmapping, faces, uv = xatlas.parametrize(mesh.vertices, mesh.faces)
-    colours = np.asarray(mesh.visual.vertex_colors)[vmapping, :3]
-    centres = (np.stack(np.meshgrid(np.arange(size), np.arange(size), indexing="xy"), -1) + 0.5) / size
-    _, nearest = cKDTree(uv).query(np.stack([centres[..., 0], 1 - centres[..., 1]], -1).reshape(-1, 2))
-    image = Image.fromarray(colours[nearest].reshape(size, size, 3).astype(np.uint8))
-    return trimesh.Trimesh(mesh.vertices[vmapping], faces, visual=trimesh.visual.TextureVisuals(uv=uv, image=image),
-                           process=False)
-
-
-def texture_export(folder):
-    """Replaces a vertex-coloured export/model.obj by a UV-textured one (OBJ + MTL + PNG)."""
-    mesh = textured_copy(trimesh.load(folder / "model.obj", force="mesh"))
-    for stale in folder.glob("model.*"):
-        stale.unlink()
-    mesh.export(folder / "model.obj")
 
 
 def listing(folder):
@@ -41,10 +18,7 @@ def listing(folder):
 
 @pytest.fixture
 def textured_run(monkeypatch, capsys, tmp_path):
-    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs")
-    if texture_image(trimesh.load(run_dir / "export" / "model.obj", force="mesh")) is None:
-        texture_export(run_dir / "export")
-    return run_dir
+    return run_cli(monkeypatch, capsys, tmp_path / "runs", "export.texture_size=64")
 
 
 def test_refine_changes_the_texture_and_keeps_the_colour(monkeypatch, capsys, textured_run):
@@ -72,7 +46,7 @@ def test_refine_changes_the_texture_and_keeps_the_colour(monkeypatch, capsys, te
 def test_refine_bad_input_writes_nothing(monkeypatch, capsys, tmp_path):
     status, err = dream3d(monkeypatch, capsys, "refine", tmp_path)
     assert status == 1 and "is not a dream3d run folder" in err and len(err.splitlines()) == 1
-    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "export.formats=[glb,ply]")
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "export.texture=false")
     before = listing(run_dir)
     status, err = dream3d(monkeypatch, capsys, "refine", run_dir)
     assert status == 1 and "holds no UV-textured mesh" in err and len(err.splitlines()) == 1
@@ -83,10 +57,14 @@ def test_refine_bad_input_writes_nothing(monkeypatch, capsys, tmp_path):
     assert listing(run_dir) == before
 
 
-def test_refine_with_consistent_noise_is_refused_before_the_run(monkeypatch, capsys, tmp_path):
-    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--guidance", "cfd", "--refine-steps", 5,
-                          "--out", tmp_path / "runs")
-    assert status == 1 and "refine.steps" in err and len(err.splitlines()) == 1
+@pytest.mark.parametrize("args, message", [
+    (["--guidance", "cfd"], "consistent noise"),
+    (["export.texture=false"], "textured export"),
+    (["export.formats=[ply]"], "textured export"),
+])
+def test_run_refine_steps_refuses_before_the_run(monkeypatch, capsys, tmp_path, args, message):
+    status, err = dream3d(monkeypatch, capsys, "run", "a red cube", "--refine-steps", 5, *args, "--out", tmp_path / "runs")
+    assert status == 1 and "refine.steps" in err and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
 
 
@@ -99,3 +77,9 @@ def test_refine_config_is_the_run_at_small_t():
     assert refined.camera == cfg.camera and refined.prior == cfg.prior and refined.guidance == cfg.guidance
     ism = refine_config(build_config({"prompt": "a red cube", "guidance": "ism"}), 7).ism
     assert (ism.max_step_percent, ism.warmup_max_step_percent) == (0.5, 0.5)
+
+
+def test_run_refine_steps_refines_after_the_export(monkeypatch, capsys, tmp_path):
+    run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--refine-steps", 2, "export.texture_size=64")
+    assert json.loads((run_dir / "summary.json").read_text())["refine"]["steps"] == 2
+    assert texture_image(load_textured(run_dir / "export")).size == (64, 64)
