@@ -25,8 +25,8 @@ from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
 from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
-from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.guidance.priors.base import Prior
+from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.refine import (
     REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, write_refined,
 )
