@@ -157,6 +157,9 @@ class RefineConfig(_Section):
 
     steps: int = Field(0, ge=0, le=MAX_STEPS)
     lr: float = Field(0.05, gt=0)
+    # render size of the refinement (None: the run's last); larger renders, which the prior downsamples, reach more
+    # texels of a fine texture per step
+    resolution: int | None = Field(None, gt=0, le=1024)
     min_step_percent: float = Field(0.02, ge=0, lt=1)
     max_step_percent: float = Field(0.5, gt=0, le=1)
 

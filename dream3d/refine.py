@@ -88,14 +88,15 @@ def textured_mesh(mesh: trimesh.Trimesh, lr: float = 0.05) -> TexturedMesh:
 
 def refine_config(cfg: RunConfig, steps: int) -> RunConfig:
     """The run's config for ``steps`` steps of texture refinement: the same prior, rule, camera sampler and
-    background; the rule's t range (and ISM's warm-up start) limited to refine's; the run's last render size;
+    background; the rule's t range (and ISM's warm-up start) limited to refine's; ``refine.resolution`` or the run's
+    last render size;
     guidance as the only loss (alpha is fixed, so the regularizers have no gradient); one mesh at a time."""
     name = RULES[cfg.guidance].name
     section = getattr(cfg, name)
     small_t = {"min_step_percent": cfg.refine.min_step_percent, "max_step_percent": cfg.refine.max_step_percent,
                "warmup_max_step_percent": cfg.refine.max_step_percent}
     return cfg.model_copy(update={
-        "steps": steps, "particles": 1, "resolution": cfg.resolution_at(cfg.steps), "resolution_milestones": [],
+        "steps": steps, "particles": 1, "resolution": cfg.refine.resolution or cfg.resolution_at(cfg.steps), "resolution_milestones": [],
         "loss": LossConfig(), "repulsion": RepulsionConfig(), "optim": cfg.optim.model_copy(update={"lr_scale": 1.0}),
         name: section.model_copy(update={k: v for k, v in small_t.items() if k in type(section).model_fields}),
     })

@@ -75,6 +75,7 @@ def test_refine_config_is_the_run_at_small_t():
     assert refined.steps == 7 and refined.resolution == 32 and refined.loss.lambda_sparsity == 0
     assert (refined.sds.min_step_percent, refined.sds.max_step_percent) == (0.02, 0.4)
     assert refined.camera == cfg.camera and refined.prior == cfg.prior and refined.guidance == cfg.guidance
+    assert refine_config(cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"resolution": 48})}), 7).resolution == 48
     ism = refine_config(build_config({"prompt": "a red cube", "guidance": "ism"}), 7).ism
     assert (ism.max_step_percent, ism.warmup_max_step_percent) == (0.5, 0.5)
 
