@@ -72,7 +72,8 @@ def test_refine_config_is_the_run_at_small_t():
     cfg = build_config({"prompt": "a red cube", **TINY, "resolution": [16, 32], "resolution_milestones": [6],
                         "loss": {"lambda_sparsity": 1.0}, "refine": {"max_step_percent": 0.4}})
     refined = refine_config(cfg, 7)
-    assert refined.steps == 7 and refined.resolution == 32 and refined.loss.lambda_sparsity == 0
+    assert refined.steps == 7 and refined.resolution == 256 and refined.loss.lambda_sparsity == 0
+    assert refine_config(cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"resolution": None})}), 7).resolution == 32
     assert (refined.sds.min_step_percent, refined.sds.max_step_percent) == (0.02, 0.4)
     assert refined.camera == cfg.camera and refined.prior == cfg.prior and refined.guidance == cfg.guidance
     assert refine_config(cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"resolution": 48})}), 7).resolution == 48
