@@ -24,7 +24,11 @@ from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
 from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export import Z_UP_TO_Y_UP, export_representation
+from dream3d.guidance.priors.base import Prior
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
+from dream3d.refine import (
+    REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, write_refined,
+)
 from dream3d.representations.particles import Particles
 from dream3d.result import Result
 
@@ -119,6 +123,8 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
         peak_memory_mb=_peak_memory_mb(), versions=_versions(),
     )
     export(run_dir, representation=trainer.representation)
+    if cfg.refine.steps:
+        _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict())
     if on_event:
         on_event(Progress("done", trainer.step, cfg.steps))
     return Result.load(run_dir)
@@ -194,15 +200,57 @@ def _export(
     return files
 
 
-def evaluate(run_dir: Path) -> dict:
+def refine(
+    run_dir: Path, steps: int = REFINE_STEPS, on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
+) -> Result:
+    """Refines the texture of a run's exported mesh for ``steps`` steps (``dream3d.refine``) and re-exports it.
+
+    Bad input (not a run folder, no textured export, ``steps`` < 1) fails in one line before anything is written;
+    a stop request raises RunInterrupted and leaves the export as it was."""
+    run_dir = Path(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    check_refinable(cfg, steps)
+    for folder in export_folders(run_dir, cfg):
+        load_textured(folder)
+    with rundir.locked(run_dir), disk_errors(run_dir, retry="refine"):
+        # the run's rule state (VSD's LoRA) from its latest checkpoint; a run without one starts the rule afresh
+        state = rundir.latest_state(run_dir)[1].get("guidance") if rundir.checkpoint_paths(run_dir) else None
+        _refine(run_dir, cfg, steps, build_prior(cfg), state, on_event, should_stop)
+        if on_event:
+            on_event(Progress("done", steps, steps))
+        return Result.load(run_dir)
+
+
+def _refine(
+    run_dir: Path, cfg: RunConfig, steps: int, prior: Prior, guidance_state: dict | None,
+    on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
+) -> None:
+    """Refines every exported mesh of a run (one per particle), then re-exports them all under the same names."""
+    tick = time.perf_counter()
+    folders = export_folders(run_dir, cfg)
+    meshes = [load_textured(folder) for folder in folders]
+    refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event or (lambda event: None),
+                              should_stop or (lambda: False)) for mesh in meshes]
+    for folder, mesh, textured in zip(folders, meshes, refined):
+        write_refined(mesh, textured, folder, cfg)
+    rundir.update_summary(run_dir, refine={"steps": steps, "seconds": round(time.perf_counter() - tick, 2),
+                                           "t_percent": [cfg.refine.min_step_percent, cfg.refine.max_step_percent],
+                                           "lr": cfg.refine.lr})
+
+
+def evaluate(run_dir: Path, mesh: bool = False) -> dict:
     """Scores a toy-prompt run against the toy world; the result is merged into summary.json.
 
     With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``)
     and as a solid against the toy shape (``evaluate_mesh_3d``: volume_iou, volume_ratio,
     watertight, components).
     A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
+    With ``mesh`` it scores the exported textured mesh instead, rendered by the mesh rasterizer from the same
+    views (iou, r_precision, colour_error; summary.json's ``eval_mesh``): what a user of the asset sees.
     """
     run_dir = Path(run_dir)
+    if mesh:
+        return _evaluate_mesh(run_dir)
     rundir.load_run_config(run_dir)  # not a run folder, or no checkpoint: that error, before a lock file is made
     rundir.require_checkpoint(run_dir)
     with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
@@ -221,14 +269,30 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
             metrics["mesh_iou"] = mesh_iou(mesh, member, background)
             metrics.update(evaluate_mesh_3d(mesh, cfg.prompt))
         per_particle.append(metrics)
-    if len(per_particle) == 1:
-        metrics = per_particle[0]
-    else:
-        averaged = ("iou", "r_precision", "colour_error", "janus", "view_iou_spread", "mesh_iou", "volume_iou", "volume_ratio")
-        scores = [k for k in averaged if all(k in m for m in per_particle)]
-        metrics = {k: sum(m[k] for m in per_particle) / len(per_particle) for k in scores}
-        metrics["particles"] = per_particle
+    metrics = _mean_metrics(per_particle)
     rundir.update_summary(run_dir, eval=metrics)
+    return metrics
+
+
+def _evaluate_mesh(run_dir: Path) -> dict:
+    cfg = rundir.load_run_config(run_dir)
+    meshes = [load_textured(folder) for folder in export_folders(run_dir, cfg)]
+    with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
+        background = torch.tensor(cfg.background)
+        per_particle = [evaluate_representation(textured_mesh(m), cfg.prompt, background) for m in meshes]
+        metrics = _mean_metrics(per_particle)
+        rundir.update_summary(run_dir, eval_mesh=metrics)
+        return metrics
+
+
+def _mean_metrics(per_particle: list[dict]) -> dict:
+    """One particle's metrics as they are; several particles' means of the averaged scores, and each under ``particles``."""
+    if len(per_particle) == 1:
+        return per_particle[0]
+    averaged = ("iou", "r_precision", "colour_error", "janus", "view_iou_spread", "mesh_iou", "volume_iou", "volume_ratio")
+    scores = [k for k in averaged if all(k in m for m in per_particle)]
+    metrics = {k: sum(m[k] for m in per_particle) / len(per_particle) for k in scores}
+    metrics["particles"] = per_particle
     return metrics
 
 

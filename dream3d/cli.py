@@ -1,4 +1,4 @@
-"""The ``dream3d`` command line: run, resume, export, eval, batch.
+"""The ``dream3d`` command line: run, resume, export, refine, eval, batch.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
@@ -116,12 +116,14 @@ def run(
     repulsion: Optional[float] = REPULSION,
     noise: Optional[str] = NOISE,
     device: Optional[str] = DEVICE,
+    refine_steps: Optional[int] = typer.Option(None, help="Then refine the exported texture for N steps "
+                                               "(`dream3d refine`; 0, the default: no refinement)."),
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
     from dream3d import api
 
     cfg = _run_config(prompt, overrides, prior, model, guidance, representation, steps, seed, resolution, out, config,
-                      init_points, particles, repulsion, noise, device)
+                      init_points, particles, repulsion, noise, device, refine_steps)
     _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
 
 
@@ -129,13 +131,15 @@ def _run_config(
     prompt: str, overrides: list[str] | None, prior: str | None, model: str | None, guidance: str | None,
     representation: str | None, steps: int | None, seed: int | None, resolution: int | None, out: str | None,
     config: Path | None, init_points: Path | None, particles: int | None, repulsion: float | None, noise: str | None,
-    device: str | None = None,
+    device: str | None = None, refine_steps: int | None = None,
 ) -> RunConfig:
     """The config of `dream3d run` from its arguments (layers: --config, flags, overrides)."""
     from dream3d.config import build_config, load_yaml, parse_overrides
 
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
                        noise, device)
+    if refine_steps is not None:
+        flags["refine"] = {"steps": refine_steps}
     return build_config(
         load_yaml(config) if config else {},
         {"prompt": prompt, **flags, **({"out": out} if out is not None else {})},
@@ -181,12 +185,28 @@ def export(
     _report(api.Result(run_dir, files))
 
 
+@app.command()
+def refine(
+    run_dir: Path = typer.Argument(..., help="A run folder with a UV-textured export."),
+    steps: Optional[int] = typer.Option(None, help="Refinement steps (default 100)."),
+) -> None:
+    """Refine the exported mesh's texture with the run's prior and guidance at small t, then export it again."""
+    from dream3d import api
+    from dream3d.refine import REFINE_STEPS
+
+    chosen = REFINE_STEPS if steps is None else steps
+    _report(_train(lambda on_event, stop: api.refine(run_dir, chosen, on_event, stop)))
+
+
 @app.command("eval")
-def evaluate(run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt.")) -> None:
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt."),
+    mesh: bool = typer.Option(False, "--mesh", help="Score the exported textured mesh instead of the representation."),
+) -> None:
     """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
     from dream3d import api
 
-    metrics = api.evaluate(run_dir)
+    metrics = api.evaluate(run_dir, mesh=mesh)
     for i, particle in enumerate(metrics.pop("particles", [])):
         typer.echo(f"p{i}: " + ", ".join(_fmt_metric(k, v) for k, v in particle.items()))
     for key, value in metrics.items():

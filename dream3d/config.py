@@ -150,6 +150,27 @@ class ExportConfig(_Section):
         return value
 
 
+class RefineConfig(_Section):
+    """Texture refinement of the exported mesh (``dream3d refine``; ``--refine-steps`` on ``run``), DreamGaussian's
+    stage 2: the run's own prior and rule, t limited to [min_step_percent, max_step_percent] (small t: the texture
+    gets detail, not a new object), Adam at ``lr`` on the texture's logits. ``steps`` 0: ``run`` does not refine."""
+
+    steps: int = Field(0, ge=0, le=MAX_STEPS)
+    lr: float = Field(0.05, gt=0)
+    # render size of the refinement (None: the run's last). The prior downsamples larger renders (antialiased), so
+    # their gradient reaches 16x more texels of a 1024^2 texture per step at 256 than at the toy prior's 64 pixels
+    resolution: int | None = Field(256, gt=0, le=1024)
+    min_step_percent: float = Field(0.02, ge=0, lt=1)
+    max_step_percent: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _t_range(self) -> "RefineConfig":
+        if self.min_step_percent > self.max_step_percent:
+            raise ValueError(f"refine.min_step_percent {self.min_step_percent} is above refine.max_step_percent "
+                             f"{self.max_step_percent}")
+        return self
+
+
 def multiview_defaults(prior: str, steps: int) -> dict[str, Any]:
     """MVDream-threestudio's distillation settings scaled to a run of ``steps``: groups of 4 cameras 90 degrees
     apart, x0-reconstruction SDS with CFG rescale 0.5 and t annealed from 0.98 to U[0.02, 0.5] over the first
@@ -197,6 +218,7 @@ class RunSettings(_Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     export: ExportConfig = ExportConfig()
+    refine: RefineConfig = RefineConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -321,6 +343,18 @@ class RunSettings(_Section):
         if self.noise == "consistent" and not registry.RULES[self.guidance].takes_noise:
             takers = ", ".join(r.name for r in registry.RULES if r.takes_noise)
             raise ValueError(f"--noise consistent works with the guidance rules {takers}, not {self.guidance}")
+        return self
+
+    @model_validator(mode="after")
+    def _refine(self) -> "RunSettings":
+        if not self.refine.steps:
+            return self
+        if self.consistent_noise:
+            raise ValueError(f"refine.steps: texture refinement draws fresh forward noise, and guidance {self.guidance} "
+                             "with consistent noise needs it on the representation; refine a run with independent noise")
+        if not self.export.texture or not {"obj", "glb"} & set(self.export.formats):
+            raise ValueError("refine.steps: texture refinement needs a textured export (export.texture=true and obj or "
+                             "glb among export.formats)")
         return self
 
     @property
