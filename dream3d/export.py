@@ -56,8 +56,8 @@ def _finish_gltf_tree(tree: dict) -> None:
                 views[accessors[primitive["indices"]]["bufferView"]]["target"] = _GL_ELEMENT_ARRAY_BUFFER
 
 
-def _base_image(mesh: trimesh.Trimesh) -> Image.Image | None:
-    """The colour texture of a textured mesh (a PBR ``baseColorTexture`` or a simple material's image)."""
+def texture_image(mesh: trimesh.Trimesh) -> Image.Image | None:
+    """The colour texture of a UV-mapped mesh (a GLB's PBR ``baseColorTexture``, an OBJ's map_Kd image), or None."""
     if not isinstance(mesh.visual, trimesh.visual.TextureVisuals) or mesh.visual.uv is None:
         return None
     material = mesh.visual.material
@@ -90,7 +90,7 @@ def _vertex_coloured(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
 
 def _encode(mesh: trimesh.Trimesh, fmt: str) -> dict[str, bytes]:
     """The files of one format: {file name: bytes}, the ``model.<fmt>`` file last."""
-    image = _base_image(mesh)
+    image = texture_image(mesh)
     if fmt == "glb":
         y_up = mesh.copy()
         y_up.apply_transform(Z_UP_TO_Y_UP)
@@ -265,4 +265,6 @@ def _remove_stale(out_dir: Path, written: set[Path]) -> None:
             stale.unlink(missing_ok=True)
 
 
-__all__ = ["Exportable", "MESH_FORMATS", "Z_UP_TO_Y_UP", "export_mesh", "write_orbit_video", "export_representation"]
+__all__ = [
+    "Exportable", "MESH_FORMATS", "Z_UP_TO_Y_UP", "export_mesh", "export_representation", "texture_image", "write_orbit_video",
+]

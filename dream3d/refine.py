@@ -19,7 +19,7 @@ from PIL import Image
 
 from dream3d.config import LossConfig, RunConfig
 from dream3d.errors import UserError
-from dream3d.export import Z_UP_TO_Y_UP, export_mesh, write_orbit_video
+from dream3d.export import Z_UP_TO_Y_UP, export_mesh, texture_image, write_orbit_video
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import RepulsionConfig
 from dream3d.loop import Progress, RunInterrupted, Trainer
@@ -48,16 +48,6 @@ def export_folders(run_dir: Path, cfg: RunConfig) -> list[Path]:
     """export/ of a single run, export/p{i}/ of each particle."""
     root = run_dir / "export"
     return [root / f"p{i}" for i in range(cfg.particles)] if cfg.particles > 1 else [root]
-
-
-def texture_image(mesh: trimesh.Trimesh) -> Image.Image | None:
-    """The base-colour texture of a UV-mapped mesh (an OBJ's map_Kd, a GLB's baseColorTexture), or None."""
-    visual = mesh.visual
-    if not isinstance(visual, trimesh.visual.TextureVisuals) or visual.uv is None or visual.material is None:
-        return None
-    material = visual.material
-    image = getattr(material, "image", None)
-    return image if image is not None else getattr(material, "baseColorTexture", None)
 
 
 def load_textured(folder: Path) -> trimesh.Trimesh:
@@ -144,4 +134,4 @@ def write_refined(mesh: trimesh.Trimesh, refined: TexturedMesh, folder: Path, cf
 
 
 __all__ = ["REFINE_STEPS", "RefineError", "check_refinable", "export_folders", "load_textured", "refine_config",
-           "refine_texture", "texture_image", "textured_mesh", "write_refined"]
+           "refine_texture", "textured_mesh", "write_refined"]
