@@ -70,6 +70,7 @@ class NeRF(Representation):
         )
         r = cfg.occupancy_resolution
         self.register_buffer("occupancy", torch.ones(r, r, r, dtype=torch.bool))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_occupied_fraction())
         self.update_occupancy()
 
     @torch.no_grad()
@@ -80,6 +81,11 @@ class NeRF(Representation):
         centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3) * self.cfg.bound
         sigma = self.density(centres).view(1, 1, r, r, r)
         self.occupancy = F.max_pool3d(sigma, 3, stride=1, padding=1)[0, 0] > self.cfg.occupancy_threshold
+        self._forget_occupied_fraction()
+
+    def _forget_occupied_fraction(self) -> None:
+        """The grid changed (a refresh, a checkpoint load): its occupied fraction is read again when next logged."""
+        self._occupied_fraction: float | None = None
 
     def before_backward(self, step: int, output: RenderOutput) -> None:
         """Nothing to prepare: the NeRF needs no screen-space gradients."""
@@ -90,8 +96,11 @@ class NeRF(Representation):
             self.update_occupancy()
 
     def stats(self) -> dict[str, float]:
-        """What the loop logs about the representation each step."""
-        return {"occupied_fraction": float(self.occupancy.float().mean())}
+        """What the loop logs about the representation each step. The occupied fraction is copied from the
+        device only after the grid changed, so the other steps do not wait for the device."""
+        if self._occupied_fraction is None:
+            self._occupied_fraction = float(self.occupancy.float().mean())
+        return {"occupied_fraction": self._occupied_fraction}
 
     def _occupied(self, points: Tensor) -> Tensor:
         """points [N,3] -> [N] bool, whether the point's occupancy cell is occupied."""
