@@ -129,13 +129,17 @@ def tiny_sd(tmp_path_factory):
     return str(build_tiny_sd(tmp_path_factory.mktemp("models") / "sd"))
 
 
+REGULARIZERS = {"loss": {"lambda_sparsity": 1.0, "lambda_opaque": 1.0}}
 CASES = [
     pytest.param(representation, rule, layers, id=f"{representation}-{name or rule}")
     for representation in ("nerf", "gaussians")
     for rule, name, layers in [
         ("sds", "", {}), ("vsd", "", {}), ("csd", "", {}), ("ism", "", {}), ("nfsd", "", {}), ("cfd", "", {}),
-        ("sds", "sds-regularizers", {"loss": {"lambda_sparsity": 1.0, "lambda_opaque": 1.0}}),
+        ("sds", "sds-regularizers", REGULARIZERS),
     ]
+] + [
+    pytest.param("nerf", "sds", {"loss": {**REGULARIZERS["loss"], "lambda_orient": 1.0}}, id="nerf-sds-orient"),
+    pytest.param("gaussians", "sds", {"particles": 3, "repulsion": {"weight": 100.0}}, id="gaussians-sds-repulsion"),
 ]
 
 
