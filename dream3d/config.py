@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dream3d.errors import UserError
 from dream3d import registry
-from dream3d.device import DEVICE_PATTERN
+from dream3d.device import DEVICE_PATTERN, resolve_device
 from dream3d.sampling import CameraConfig
 from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
 from dream3d.guidance.prompts import PromptConfig
@@ -305,6 +305,17 @@ class RunSettings(_Section):
         if self.model is not None and not registry.PRIORS[self.prior].loads_model:
             loaders = ", ".join(p.name for p in registry.PRIORS if p.loads_model)
             raise ValueError(f"--model applies to the {loaders} priors, not {self.prior!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _nerf_sampler(self) -> "RunSettings":
+        # a run on the CPU is known before any work; a GPU whose nerfacc build fails shows at the first render
+        if self.representation == "nerf" and self.nerf.sampler == "occupancy" and self.device in ("auto", "cpu"):
+            from dream3d.representations.nerf import occupancy_unavailable
+
+            device = resolve_device(self.device)
+            if device.type != "cuda":
+                raise ValueError(occupancy_unavailable(device))
         return self
 
     @model_validator(mode="after")

@@ -23,9 +23,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dream3d.guidance.base import GuidanceError
     from dream3d.guidance.priors.base import PriorError
     from dream3d.representations.mesh import MeshError
+    from dream3d.representations.nerf import SamplerError
     from dream3d.representations.splat_ply import PLYError
 
-    return UserError, GuidanceError, PriorError, MeshError, PLYError
+    return UserError, GuidanceError, PriorError, MeshError, PLYError, SamplerError
 
 
 def one_line(error: BaseException) -> str:

@@ -7,7 +7,8 @@ before it (CUDA: the allocator's peak; CPU: the process's resident set, sampled 
 
 ``gpu_check`` is the one-command check of the GPU path (docs/gpu.md): CPU-vs-device parity of the
 splat rasterizer (gsplat on CUDA, the pure-PyTorch path on the CPU; images and gradients) and of
-the NeRF render; the toy demo on the device for both representations (time, eval IoU); SDS and
+the NeRF render; the toy demo on the device for both representations (time, eval IoU); the NeRF's
+two render paths on the demo's trained NeRF (occupancy vs dense: image parity, ms per step); SDS and
 VSD training steps on ``random:sd-2.1-base`` at batch 1 and 4 in float16 and bfloat16 beside the
 bare cost (2 UNet forwards + VAE encode and backward at the same batch) as a ratio; peak memory.
 It writes gpu-check.json and gpu-check.md.
@@ -32,7 +33,7 @@ from dream3d.device import resolve_device
 from dream3d.loop import Trainer
 from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.representations.gaussians import Gaussians, GaussiansConfig
-from dream3d.representations.nerf import NeRF, NeRFConfig
+from dream3d.representations.nerf import NeRF, NeRFConfig, SamplerError, resolve_sampler
 
 MODEL = "random:sd-2.1-base"
 PROMPT = "a corgi astronaut"
@@ -156,7 +157,49 @@ def toy_demo(representation: str, device: torch.device, out: Path, steps: int | 
     wall = time.perf_counter() - tick
     metrics = api.evaluate(result.run_dir)
     return {"representation": representation, "wall_seconds": round(wall, 2),
-            "train_seconds": result.summary["train_seconds"], "iou": round(metrics["iou"], 4)}
+            "train_seconds": result.summary["train_seconds"], "iou": round(metrics["iou"], 4),
+            "run_dir": str(result.run_dir)}
+
+
+def nerf_samplers(run_dir: Path, device: torch.device, steps: int = 20) -> dict[str, Any]:
+    """The NeRF's render paths on a trained NeRF (the toy demo's), on ``device``: ms per training step (a
+    render of the run's training batch, jittered, and its backward) for each path, and the occupancy path's
+    images and grid gradient against the dense path's (bin centres / unjittered march: max and mean |rgb|,
+    max |alpha| differences, gradient cosine). Where the occupancy path cannot run, its one-line reason."""
+    cfg, model = api.load_representation(run_dir)
+    model = model.to(device)
+    cams = sample_cameras(cfg.camera, cfg.resolution_at(cfg.steps), torch.Generator().manual_seed(0), device)
+    background = torch.tensor(cfg.background, device=device)
+    row: dict[str, Any] = {}
+    try:
+        resolve_sampler("occupancy", device)
+    except SamplerError as e:
+        row["occupancy"] = str(e)
+    renders = {}
+    for sampler in ("dense", "occupancy"):
+        if sampler in row:
+            continue
+        model.cfg.sampler = sampler
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):  # warm-up: kernels, the allocator
+            model.render(cams, background, generator=generator).rgb.mean().backward()
+        with measured(device) as timing:
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                model.render(cams, background, generator=generator).rgb.mean().backward()
+        row[f"{sampler}_ms_per_step"] = round(1000 * timing["seconds"] / steps, 2)
+        model.zero_grad(set_to_none=True)
+        out = model.render(cams, background)
+        out.rgb.mean().backward()
+        renders[sampler] = out, torch.cat([g.grad.flatten() for g in model.grids])
+    if len(renders) == 2:
+        (dense, dense_grad), (marched, marched_grad) = renders["dense"], renders["occupancy"]
+        difference = (dense.rgb - marched.rgb).detach().abs()
+        row.update(max_abs_rgb=float(difference.max()), mean_abs_rgb=float(difference.mean()),
+                   max_abs_alpha=float((dense.alpha - marched.alpha).detach().abs().max()),
+                   grad_cosine=float(torch.nn.functional.cosine_similarity(dense_grad, marched_grad, dim=0)),
+                   speedup=round(row["dense_ms_per_step"] / row["occupancy_ms_per_step"], 3))
+    return row
 
 
 def guidance_steps(prior: Any, rule: str, batch: int, device: torch.device, out: Path, model: str,
@@ -191,6 +234,7 @@ def gpu_check(out: Path, device: str = "cuda", model: str = MODEL, toy_steps: in
     results["splat_parity"] = splat_parity(where)
     results["nerf_parity"] = nerf_parity(where)
     results["toy_demo"] = [toy_demo(r, where, out, toy_steps) for r in ("nerf", "gaussians")]
+    results["nerf_samplers"] = nerf_samplers(Path(results["toy_demo"][0]["run_dir"]), where)
     results["guidance_steps"] = []
     for dtype in dtypes:
         for rule in ("sds", "vsd"):
@@ -216,6 +260,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| toy demo | wall s | train s | IoU |", "|---|---|---|---|"]
     lines += [f"| {r['representation']} | {r['wall_seconds']} | {r['train_seconds']} | {r['iou']} |"
               for r in results["toy_demo"]]
+    lines += ["", "| NeRF render paths (demo NeRF: occupancy vs dense) | value |", "|---|---|"]
+    lines += [f"| {k} | {v if isinstance(v, str) else f'{v:.4g}'} |" for k, v in results["nerf_samplers"].items()]
     lines += ["", "| rule | batch | dtype | step s | bare UNet+VAE s | ratio | peak MiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['batch']} | {r['dtype']} | {r['step_seconds']} | {r['bare_seconds']} | "
               f"{r['ratio']} | {r['peak_mb']} |" for r in results["guidance_steps"]]

@@ -83,6 +83,21 @@ def opaque_loss(alpha: Tensor) -> Tensor:
     return (-a * torch.log(a) - (1 - a) * torch.log(1 - a)).mean()
 
 
+def to_host(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """The values in their order, tensors (one element each) as Python floats and the rest as they are.
+    The tensors leave each device in one copy, so that a CUDA step waits for its queue once, not once per
+    scalar; float64 keeps every float32 and float64 value exact."""
+    by_device: dict[torch.device, list[str]] = {}
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            by_device.setdefault(value.device, []).append(name)
+    copied = {}
+    for names in by_device.values():
+        stacked = torch.stack([values[name].detach().reshape(()).to(torch.float64) for name in names])
+        copied.update(zip(names, stacked.tolist()))
+    return {name: copied.get(name, value) for name, value in values.items()}
+
+
 class Trainer:
     """Holds one run's state: representation, guidance, optimizers, generator, step counters."""
 
@@ -190,7 +205,11 @@ class Trainer:
         loss.backward()
         grads = [p.grad for opt in self.optimizers.values() for p in opt.param_groups[0]["params"] if p.grad is not None]
         # the total norm is NaN/Inf exactly when some gradient entry is, and costs one fused pass
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        # the step's one wait for the device: the finite flag and every logged scalar in one copy
+        logged = to_host({"finite": finite, "loss": loss, **{f"loss_{name}": value for name, value in terms.items()},
+                          **guided.info})
+        finite = bool(logged.pop("finite"))
         if finite:
             for opt in self.optimizers.values():
                 opt.step()
@@ -200,9 +219,7 @@ class Trainer:
             self.skipped_steps += 1
             self.nonfinite_streak += 1
         self.step += 1
-        record = {"step": self.step, "loss": float(loss.detach())}
-        record.update({f"loss_{name}": float(value.detach()) for name, value in terms.items()})
-        record.update(guided.info)
+        record = {"step": self.step, **logged}
         record.update(self.representation.stats())
         record["skipped"] = not finite
         return record

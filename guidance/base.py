@@ -21,10 +21,11 @@ NoiseSource = Callable[[torch.Size], Tensor]
 @dataclass
 class GuidanceOutput:
     """loss: a scalar whose gradient w.r.t. the prior's input x is g / B (g the rule's push-gradient);
-    info: floats to log (t, grad norm, auxiliary losses)."""
+    info: scalars to log (t, grad norm, auxiliary losses), floats or one-element tensors: the loop moves the
+    tensors to the host together, once per step, so a rule never waits for the device to log."""
 
     loss: Tensor
-    info: dict[str, float] = field(default_factory=dict)
+    info: dict[str, float | Tensor] = field(default_factory=dict)
 
 
 class GuidanceError(ValueError):
@@ -94,8 +95,8 @@ class DistillationRule(torch.nn.Module):
         self.cfg = cfg
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
-                 ) -> tuple[Tensor, dict[str, float]]:
-        """g [B,C,h,w] for prior inputs x [B,C,h,w] (before nan/clip handling), and the floats to log."""
+                 ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        """g [B,C,h,w] for prior inputs x [B,C,h,w] (before nan/clip handling), and the scalars to log."""
         raise NotImplementedError
 
     def noised(self, x: Tensor, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,4 +125,4 @@ class DistillationRule(torch.nn.Module):
         grad, info = self.gradient(x, self.prior.embed(prompt), cameras, step, generator, **supplied)
         clip = None if self.cfg.grad_clip is None else evaluate(self.cfg.grad_clip, step)
         grad = self.finish(clean_gradient(grad, clip))
-        return GuidanceOutput(loss=surrogate_loss(x, grad), info={**info, "grad_norm": float(grad.norm())})
+        return GuidanceOutput(loss=surrogate_loss(x, grad), info={**info, "grad_norm": grad.norm()})

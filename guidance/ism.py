@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, RuleContext
-from dream3d.guidance.diffusion import add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each
+from dream3d.guidance.diffusion import add_noise, batch_of, cfg_diff, forward_noise, predict_each
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
@@ -113,7 +113,9 @@ class ISMGuidance(DistillationRule):
         return x
 
     def abar(self, t: int, like: Tensor) -> Tensor:
-        return alpha_bar(self.prior, torch.tensor([t], device=like.device), like.device)
+        """abar_t [1,1,1,1] on like's device, indexed by the int (an index tensor made on the device would be
+        copied back to the table's host, a wait for the device)."""
+        return self.prior.alphas_cumprod[t].to(like.device).view(1, 1, 1, 1)
 
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator,
                  noise: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:

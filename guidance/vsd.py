@@ -12,12 +12,13 @@ the camera MLP are switched on only around the fake score's calls. One shared x_
 
 lambda = 1 is VSD, lambda = 0.5 ESD. The fake score is trained in the same step on the
 detached renders (t' ~ U{0..T-1}, v- or epsilon-target as the prior predicts, the camera
-zeroed for the whole batch with probability ``camera_dropout``) by its own AdamW, stepped in
+zeroed for the whole batch with probability ``camera_dropout``) by its own (fused) AdamW, stepped in
 ``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
 backward gives. Keeping the optimizer here (not in the loop) leaves the loop's optimizers to the
 representation and puts the LoRA, the camera MLP and the AdamW state in ``state_dict()``,
 so checkpoints resume exactly; a non-finite LoRA loss or gradient skips the LoRA update (counted and
-logged as ``lora_skipped_steps``).
+logged as ``lora_skipped_steps``) on the device, through fused AdamW's ``found_inf`` as ``GradScaler`` uses it,
+so the rule never waits for the device.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ class VSDGuidance(DistillationRule):
             p.data = p.data.float()
         self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
         self._adapter_off()
-        self.skipped_lora_steps = 0
+        self.skipped_lora_steps = torch.zeros((), dtype=torch.long, device=reference.device)
         self.camera_embedding.to(reference.device)
         self.optimizer = torch.optim.AdamW([*self.lora, *self.camera_embedding.parameters()], lr=cfg.lora_lr,
-                                           betas=cfg.lora_betas, eps=cfg.lora_eps)
+                                           betas=cfg.lora_betas, eps=cfg.lora_eps, fused=True)
         self.prediction_type = getattr(prior, "prediction_type", "epsilon")
 
     # -- checkpoint: the AdamW state travels with the LoRA in state_dict() ------------
@@ -113,7 +114,8 @@ class VSDGuidance(DistillationRule):
 
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped_lora_steps = state.get("skipped_lora_steps", 0)
+        self.skipped_lora_steps = torch.as_tensor(state.get("skipped_lora_steps", 0),
+                                                  device=self.skipped_lora_steps.device)
 
     # -- the fake score -------------------------------------------------------------
     @contextmanager
@@ -155,8 +157,9 @@ class VSDGuidance(DistillationRule):
         return F.mse_loss(output, target.to(output.device))
 
     def train_fake_score(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, generator: torch.Generator
-                         ) -> float:
-        """One AdamW step of the LoRA and camera MLP on the detached x [B,C,h,w]; returns the loss before the step.
+                         ) -> Tensor:
+        """One AdamW step of the LoRA and camera MLP on the detached x [B,C,h,w]; returns the loss before the step
+        (a 0-dim tensor on the device).
 
         A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
         silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
@@ -170,21 +173,20 @@ class VSDGuidance(DistillationRule):
             loss = self.fake_loss(x.detach(), batch_of(embeddings.cond, B), camera, t, noise)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if self._finite(loss):
-            self.optimizer.step()
-        else:
-            self.skipped_lora_steps += 1
-        return float(loss.detach())
+        skip = (~self._finite(loss)).float()
+        self.optimizer.found_inf = skip  # fused AdamW leaves the parameters, moments and step count when it is 1
+        self.optimizer.step()
+        self.skipped_lora_steps = self.skipped_lora_steps + skip.long()
+        return loss.detach()
 
-    def _finite(self, loss: Tensor) -> bool:
-        """Whether the loss and every gradient of the fake score are finite (one device sync)."""
+    def _finite(self, loss: Tensor) -> Tensor:
+        """Whether the loss and every gradient of the fake score are finite: a bool tensor on the device."""
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        checks = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)])
-        return bool(checks.all())
+        return torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)]).all()
 
     # -- the rule -------------------------------------------------------------------
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator
-                 ) -> tuple[Tensor, dict[str, float]]:
+                 ) -> tuple[Tensor, dict[str, float | Tensor]]:
         B = x.shape[0]
         t, abar, x_t = self.noised(x, step, generator)
         with torch.no_grad():
@@ -201,4 +203,4 @@ class VSDGuidance(DistillationRule):
         grad = sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1) * (eps_pre - eps_est)
         loss_lora = self.train_fake_score(x, embeddings, cameras, generator)
         return grad, {"t": float(t.float().mean()), "loss_lora": loss_lora,
-                      "lora_skipped_steps": float(self.skipped_lora_steps)}
+                      "lora_skipped_steps": self.skipped_lora_steps}

@@ -205,7 +205,8 @@ class Gaussians(Representation):
             return
         if self.noise_cfg is not None:
             # gsplat's clone/split/prune ops carry every tensor of the strategy state along with the Gaussians
-            self.strategy_state["noise_source"] = torch.arange(len(self), device=self.params["means"].device)
+            source = torch.arange(len(self), device=self.params["means"].device)
+            self.strategy_state["noise_source"] = source
         self.strategy.step_post_backward(self.params, optimizers, self.strategy_state, step, output.extras["meta"])
         # as in 3DGS, opacities are reset only while densifying, so that they recover after
         if self.cfg.reset_every and step % self.cfg.reset_every == 0 and step < self.cfg.refine_stop:
@@ -216,7 +217,9 @@ class Gaussians(Representation):
             drop[self.params["opacities"].detach().argsort()[:excess]] = True
             remove(self.params, optimizers, self.strategy_state, drop)
         if self.noise_cfg is not None:
-            self._follow_noise(self.strategy_state.pop("noise_source"))
+            moved = self.strategy_state.pop("noise_source")
+            if moved is not source:  # only an op that cloned, split or pruned replaces it: else no wait for the device
+                self._follow_noise(moved)
 
     def _follow_noise(self, source: Tensor) -> None:
         """Rebuilds noise_values for the Gaussians after densification; source [N'] is the index each

@@ -9,12 +9,18 @@ what the hash grid's coarse levels are for. A density blob at the origin
 (Magic3D's ``blob_magic3d``) is added to the raw density so the first renders are
 an object, not fog.
 
-Volume rendering uses nerfacc's batched (``[rays, samples]``) functions, which run
-on CPU with autograd. Samples are stratified between the ray's entry into and exit
-from the bounding cube. Empty space is skipped with an occupancy grid (cells whose
-density, dilated by a cell, is above a small threshold), refreshed every few steps:
-samples in empty cells get density 0 without evaluating the field, which is most of
-them once the object has formed. The grid is a buffer, so it is checkpointed.
+Two render paths (``NeRFConfig.sampler``), both skipping empty space with one occupancy grid
+(cells whose density, dilated by a cell, is above a small threshold), refreshed every few steps
+from the density field; the grid is a buffer, so it is checkpointed:
+
+- dense: nerfacc's batched (``[rays, samples]``) functions, which run on any device with autograd.
+  ``num_samples`` samples are stratified between the ray's entry into and exit from the bounding
+  cube; samples in empty cells get density 0 without evaluating the field.
+- occupancy: nerfacc's ``OccGridEstimator`` marches each ray through the grid's occupied cells only
+  (CUDA kernels), in steps of 2 bound / ``num_samples``, and stops once the ray is opaque; the
+  packed samples are volume-rendered with nerfacc's packed functions. CUDA only.
+
+``auto`` (the default) is the occupancy path where nerfacc's CUDA extension loads, dense elsewhere.
 
 With a ``NoiseFieldConfig`` the NeRF also carries 3D-consistent noise (``consistent_noise``):
 a fixed [C,R,R,R] N(0,1) voxel grid over the cube and a fixed 2D background map, both buffers.
@@ -22,9 +28,12 @@ a fixed [C,R,R,R] N(0,1) voxel grid over the cube and a fixed 2D background map,
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from nerfacc import accumulate_along_rays, render_weight_from_density
+from nerfacc import OccGridEstimator, accumulate_along_rays, render_weight_from_density
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
@@ -34,6 +43,40 @@ from dream3d.representations.noise import NoiseFieldConfig, background, check_sh
 
 # a prior-input pixel whose (resized) opacity is below this takes the background noise
 SURFACE_ALPHA = 0.5
+# nerfacc's default: the occupancy path stops marching a ray once its transmittance is below this
+EARLY_STOP_EPS = 1e-4
+Sampler = Literal["auto", "dense", "occupancy"]
+
+
+class SamplerError(ValueError):
+    """The requested render path cannot run on the rays' device; the message is one line."""
+
+
+@cache
+def nerfacc_cuda() -> bool:
+    """Whether nerfacc's CUDA extension loads here (prebuilt, or built on first use where nvcc is found)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from nerfacc.cuda._backend import _C
+    except (ImportError, OSError, RuntimeError):  # a failed build: the dense path still runs
+        return False
+    return _C is not None
+
+
+def occupancy_unavailable(device: torch.device) -> str:
+    """The one-line reason the occupancy path cannot run on ``device``."""
+    why = "did not load" if device.type == "cuda" else f"do not run on the {device.type.upper()}"
+    return (f"nerf.sampler occupancy marches rays with nerfacc's CUDA kernels, which {why}; "
+            f"use nerf.sampler=dense or auto")
+
+
+def resolve_sampler(choice: Sampler, device: torch.device) -> Literal["dense", "occupancy"]:
+    """The render path for rays on ``device``; auto: occupancy where nerfacc's CUDA ray marching runs."""
+    marching = device.type == "cuda" and nerfacc_cuda()
+    if choice == "occupancy" and not marching:
+        raise SamplerError(occupancy_unavailable(device))
+    return "occupancy" if choice == "occupancy" or (choice == "auto" and marching) else "dense"
 
 
 class NeRFConfig(BaseModel):
@@ -49,6 +92,7 @@ class NeRFConfig(BaseModel):
     occupancy_resolution: int = 64
     occupancy_threshold: float = 0.01  # density below which a cell counts as empty (alpha < 1e-3 per sample)
     occupancy_every: int = 16  # steps between refreshes
+    sampler: Sampler = "auto"  # render path: dense (any device), occupancy (nerfacc's CUDA ray marching), auto
 
 
 class NeRF(Representation):
@@ -70,6 +114,9 @@ class NeRF(Representation):
         )
         r = cfg.occupancy_resolution
         self.register_buffer("occupancy", torch.ones(r, r, r, dtype=torch.bool))
+        # the occupancy path's estimators, one per device; a dict keeps them out of the module tree
+        self._estimators: dict[torch.device, OccGridEstimator] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._forget_occupied_fraction())
         self.update_occupancy()
 
     @torch.no_grad()
@@ -80,6 +127,11 @@ class NeRF(Representation):
         centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3) * self.cfg.bound
         sigma = self.density(centres).view(1, 1, r, r, r)
         self.occupancy = F.max_pool3d(sigma, 3, stride=1, padding=1)[0, 0] > self.cfg.occupancy_threshold
+        self._forget_occupied_fraction()
+
+    def _forget_occupied_fraction(self) -> None:
+        """The grid changed (a refresh, a checkpoint load): its occupied fraction is read again when next logged."""
+        self._occupied_fraction: float | None = None
 
     def before_backward(self, step: int, output: RenderOutput) -> None:
         """Nothing to prepare: the NeRF needs no screen-space gradients."""
@@ -90,8 +142,11 @@ class NeRF(Representation):
             self.update_occupancy()
 
     def stats(self) -> dict[str, float]:
-        """What the loop logs about the representation each step."""
-        return {"occupied_fraction": float(self.occupancy.float().mean())}
+        """What the loop logs about the representation each step. The occupied fraction is copied from the
+        device only after the grid changed, so the other steps do not wait for the device."""
+        if self._occupied_fraction is None:
+            self._occupied_fraction = float(self.occupancy.float().mean())
+        return {"occupied_fraction": self._occupied_fraction}
 
     def _occupied(self, points: Tensor) -> Tensor:
         """points [N,3] -> [N] bool, whether the point's occupancy cell is occupied."""
@@ -180,8 +235,10 @@ class NeRF(Representation):
         origins, dirs = cameras.rays()
         B, H, W, _ = origins.shape
         origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+        dense = resolve_sampler(self.cfg.sampler, origins.device) == "dense"
+        render_rays = self._render_rays if dense else self._march_rays
         chunks = [
-            self._render_rays(origins[i : i + self.cfg.ray_chunk], dirs[i : i + self.cfg.ray_chunk], generator, with_normals)
+            render_rays(origins[i : i + self.cfg.ray_chunk], dirs[i : i + self.cfg.ray_chunk], generator, with_normals)
             for i in range(0, origins.shape[0], self.cfg.ray_chunk)
         ]
         out = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
@@ -225,4 +282,55 @@ class NeRF(Representation):
             out["normal"] = accumulate_along_rays(weights, normals)
             facing = (normals * dirs[:, None]).sum(-1).clamp_min(0) ** 2
             out["orient"] = (weights * facing).sum(-1, keepdim=True)
+        return out
+
+    def _estimator(self, device: torch.device) -> OccGridEstimator:
+        """nerfacc's estimator over the cube on ``device``, reading this NeRF's occupancy grid as its own.
+
+        The grid stays the NeRF's buffer (checkpointed, refreshed by ``update_occupancy``), so the estimator
+        holds no state of its own and its EMA update, which draws from the device's unsaved global
+        generator, is not used: a resumed run marches the same cells."""
+        if device not in self._estimators:
+            b = self.cfg.bound
+            self._estimators[device] = OccGridEstimator([-b, -b, -b, b, b, b], self.cfg.occupancy_resolution).to(device)
+        estimator = self._estimators[device]
+        estimator.binaries = self.occupancy[None]
+        return estimator
+
+    def _march_rays(self, origins: Tensor, dirs: Tensor, generator: torch.Generator | None, with_normals: bool) -> dict:
+        """The occupancy path for R rays (origins, dirs [R,3]): the same outputs as ``_render_rays``.
+
+        Steps of 2 bound / num_samples from the ray's entry into the cube (jittered by up to a step when a
+        generator is given, drawn from it) through occupied cells only, until the ray leaves the cube or
+        its transmittance falls below ``EARLY_STOP_EPS``; the kept samples are packed ([N], with their
+        ray's index) and shaded with gradients."""
+        R = origins.shape[0]
+        step = 2 * self.cfg.bound / self.cfg.num_samples
+        t_near, t_far, hit = ray_aabb(origins, dirs, self.cfg.bound)
+        t_far = torch.where(hit, t_far, t_near)
+        if generator is not None:
+            t_near = t_near + step * torch.rand(R, generator=generator, device=generator.device).to(origins.device)
+
+        def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            mids = (t_starts + t_ends) / 2
+            return self.density(origins[ray_indices] + dirs[ray_indices] * mids[:, None])
+
+        ray_indices, t_starts, t_ends = self._estimator(origins.device).sampling(
+            origins, dirs, sigma_fn=sigma_fn, t_min=t_near, t_max=t_far, render_step_size=step,
+            early_stop_eps=EARLY_STOP_EPS,
+        )
+        mids = (t_starts + t_ends) / 2
+        points = origins[ray_indices] + dirs[ray_indices] * mids[:, None]
+        raw = self._raw(points)
+        sigma = self._density_from_raw(raw[:, 0], points)
+        weights, _, _ = render_weight_from_density(t_starts, t_ends, sigma, ray_indices=ray_indices, n_rays=R)
+
+        def accumulate(values: Tensor | None) -> Tensor:
+            return accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=R)
+
+        out = {"rgb": accumulate(torch.sigmoid(raw[:, 1:])), "alpha": accumulate(None), "depth": accumulate(mids[:, None])}
+        if with_normals:
+            normals = self.normals(points)
+            out["normal"] = accumulate(normals)
+            out["orient"] = accumulate((normals * dirs[ray_indices]).sum(-1, keepdim=True).clamp_min(0) ** 2)
         return out
