@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FieldFn = Callable[[Tensor], Tensor]
 AlphaFn = Callable[[Cameras], Tensor]  # cameras (B, HxW) -> alpha [B,H,W] in [0,1]
 SOLID_MODES = ("hull", "fill", "none")
+HULL_LEVELS = ("depth", "silhouettes")  # how "hull" mode picks the automatic level
 
 # Optical depth at which a ray's transmittance falls to one half: the median-depth surface.
 _HALF_OPACITY_DEPTH = math.log(2.0)
@@ -271,6 +272,7 @@ def extract_mesh(
     hull_views: int = 48,
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
+    hull_level: str = "depth",
     max_faces: int | None = None,
 ) -> trimesh.Trimesh:
     """Triangulates the surface of a density field, with per-vertex albedo colours.
@@ -280,7 +282,8 @@ def extract_mesh(
         albedo_fn: points [N,3] -> rgb [N,3] in [0,1].
         resolution: grid samples per axis over [-bound, bound].
         threshold: iso-level in sigma; None picks one: ``auto_threshold`` (the renders' median
-            depth), then for "hull" the level whose silhouettes match the renders (``silhouette_level``).
+            depth), or in "hull" mode with ``hull_level="silhouettes"`` the level whose
+            silhouettes match the renders (``silhouette_level``).
         min_component_fraction: connected components with fewer faces than this
             fraction of the largest component's are dropped (floaters); 0 keeps all.
         chunk: points per field evaluation.
@@ -296,10 +299,12 @@ def extract_mesh(
         denser side), vertex colours as uint8 RGBA.
     Raises:
         MeshError: nothing above the threshold, everything at or above it, or no faces.
-        ValueError: an unknown ``solid`` mode, or "hull" without ``alpha_fn``.
+        ValueError: an unknown ``solid`` mode or ``hull_level``, or "hull" without ``alpha_fn``.
     """
     if solid not in SOLID_MODES:
         raise ValueError(f"unknown solid mode {solid!r}; valid: {', '.join(SOLID_MODES)}")
+    if hull_level not in HULL_LEVELS:
+        raise ValueError(f"unknown hull_level {hull_level!r}; valid: {', '.join(HULL_LEVELS)}")
     if solid == "hull" and alpha_fn is None:
         raise ValueError("solid='hull' needs alpha_fn (renders of the representation)")
     grid = sample_grid(density_fn, resolution, bound, chunk, device)
@@ -308,7 +313,8 @@ def extract_mesh(
     if solid == "fill":
         grid = fill_cavities(grid, level)
     elif solid == "hull":
-        grid, level = _solid_from_hull(grid, level, threshold is None, alpha_fn, hull_views, hull_image_size, hull_margin, bound, device)
+        choose_level = threshold is None and hull_level == "silhouettes"
+        grid, level = _solid_from_hull(grid, level, choose_level, alpha_fn, hull_views, hull_image_size, hull_margin, bound, device)
     mesh = _surface(grid, level, bound)
     if max_faces is not None:
         mesh = decimate(mesh, max_faces)
@@ -496,4 +502,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "hull_regions", "render_alphas", "silhouette_level", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "HULL_LEVELS", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "hull_regions", "render_alphas", "silhouette_level", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]

@@ -91,6 +91,8 @@ def test_hull_needs_renders_and_modes_are_checked(sphere_with_opening: ShellRep)
         extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull")
     with pytest.raises(ValueError, match="unknown solid mode 'hollow'"):
         extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hollow")
+    with pytest.raises(ValueError, match="unknown hull_level 'alpha'"):
+        extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull", alpha_fn=rep.alpha, hull_level="alpha")
 
 
 class RenderableShell(ShellRep):
@@ -169,19 +171,21 @@ class SoftSphere:
         return 1 - torch.exp(-sigma.sum(-1) * length / (samples - 1))
 
 
-def test_hull_level_matches_the_renders_where_density_falls_off_slowly() -> None:
-    """The automatic level in hull mode is the one whose silhouettes match the renders, not the median depth's."""
+def test_silhouette_level_matches_the_renders_where_density_falls_off_slowly() -> None:
+    """``hull_level="silhouettes"`` picks the level whose silhouettes match the renders; the default keeps the median depth's."""
     rep = SoftSphere()
     median_depth_level = auto_threshold(sample_grid(rep.density, RES, 1.0, 2**18), 2 / (RES - 1))
     cameras = hull_cameras(8, 64)
     rendered = rep.alpha(cameras) > 0.5
     scores, silhouette_iou = {}, {}
-    for name, threshold in (("median depth", median_depth_level), ("automatic", None)):
-        mesh = extract_mesh(rep.density, rep.albedo, resolution=RES, threshold=threshold, solid="hull", alpha_fn=rep.alpha, **HULL)
+    runs = {"median depth": {"threshold": median_depth_level}, "default": {}, "silhouettes": {"hull_level": "silhouettes"}}
+    for name, options in runs.items():
+        mesh = extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull", alpha_fn=rep.alpha, **HULL, **options)
         scores[name] = evaluate_mesh_3d(mesh, "a sphere")
         meshed = mesh_silhouettes(mesh, cameras)
         silhouette_iou[name] = float((meshed & rendered).sum() / (meshed | rendered).sum())
     assert silhouette_iou["median depth"] < 0.8 and scores["median depth"]["volume_ratio"] < 0.7  # inside the renders
-    assert silhouette_iou["automatic"] > 0.97
-    assert scores["automatic"]["volume_iou"] > 0.95 and scores["automatic"]["volume_ratio"] == pytest.approx(1.0, abs=0.05)
-    assert scores["automatic"]["watertight"] and scores["automatic"]["components"] == 1
+    assert scores["default"] == scores["median depth"]
+    assert silhouette_iou["silhouettes"] > 0.97
+    assert scores["silhouettes"]["volume_iou"] > 0.95 and scores["silhouettes"]["volume_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert scores["silhouettes"]["watertight"] and scores["silhouettes"]["components"] == 1
