@@ -293,6 +293,9 @@ def extract_mesh(
             made solid by the visual hull of ``alpha_fn``'s renders from ``hull_views``
             views over the whole sphere (``hull_image_size`` pixels square): see
             ``hull_regions`` and ``fill_from_hull``, with ``hull_margin`` in grid cells.
+        hull_level: how "hull" picks the automatic level: "depth" (``auto_threshold``) or
+            "silhouettes" (``silhouette_level``; better on slowly falling densities such as
+            tori, worse where the renders are larger than the object: docs/benchmarks.md).
         max_faces: face budget, met by quadric decimation (``decimate``); None keeps all.
     Returns:
         A mesh in world coordinates, faces wound so normals point outward (out of the
