@@ -20,13 +20,14 @@ import trimesh
 from scipy import ndimage
 from torch import Tensor
 
-from dream3d.representations.cameras import Cameras, look_at_cameras
+from dream3d.representations.cameras import Cameras, look_at_cameras, ray_aabb
 
 log = logging.getLogger(__name__)
 
 FieldFn = Callable[[Tensor], Tensor]
 AlphaFn = Callable[[Cameras], Tensor]  # cameras (B, HxW) -> alpha [B,H,W] in [0,1]
 SOLID_MODES = ("hull", "fill", "none")
+HULL_LEVELS = ("depth", "silhouettes")  # how "hull" mode picks the automatic level
 
 # Optical depth at which a ray's transmittance falls to one half: the median-depth surface.
 _HALF_OPACITY_DEPTH = math.log(2.0)
@@ -120,17 +121,24 @@ def hull_cameras(views: int, image_size: int, distance: float = 2.5, fovy_deg: f
 
 
 @torch.no_grad()
+def render_alphas(alpha_fn: AlphaFn, cameras: Cameras, batch: int = 8) -> Tensor:
+    """The representation's alpha from every camera, ``batch`` views per call: [B,H,W] (CPU, float32)."""
+    return torch.cat([alpha_fn(cameras[start : start + batch]).float().cpu() for start in range(0, len(cameras), batch)])
+
+
+@torch.no_grad()
 def visual_hull(
-    alpha_fn: AlphaFn, cameras: Cameras, resolution: int, bound: float, batch: int = 8, device: torch.device | str = "cpu"
+    alphas: Tensor, cameras: Cameras, resolution: int, bound: float, batch: int = 8, device: torch.device | str = "cpu"
 ) -> Tensor:
     """Soft visual hull on the ``sample_grid`` grid: [R,R,R] in [0,1], indexed [ix, iy, iz].
 
-    Each grid point takes the smallest alpha (bilinear) among the views that see it: a
-    point is solid only if every view covers it. A view carves only what falls in its
-    frame, so points outside every frame stay 1 (the grid border is cleared by the caller).
-    Unlike the density's level set this is solid by construction: a hole in a wall still
-    lets the ray hit the wall behind it, so the silhouette, and the hull, stay whole.
-    Concavities that no silhouette shows (a cup's inside) are filled.
+    Each grid point takes the smallest alpha (bilinear, of ``alphas`` [B,H,W] rendered from
+    ``cameras``) among the views that see it: a point is solid only if every view covers it.
+    A view carves only what falls in its frame, so points outside every frame stay 1 (the
+    grid border is cleared by ``hull_regions``). Unlike the density's level set this is solid
+    by construction: a hole in a wall still lets the ray hit the wall behind it, so the
+    silhouette, and the hull, stay whole. Concavities that no silhouette shows (a cup's
+    inside) are filled.
     """
     axis = _grid_axis(resolution, bound)
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
@@ -139,7 +147,7 @@ def visual_hull(
     size = torch.tensor([cameras.width, cameras.height], dtype=torch.float32, device=device)
     for start in range(0, len(cameras), batch):
         views = cameras[start : start + batch]
-        alpha = alpha_fn(views).float()  # [b,H,W]
+        alpha = alphas[start : start + batch].to(device)  # [b,H,W]
         camera_points = torch.einsum("bij,nj->bni", views.viewmats().float().to(device), homogeneous)[..., :3]
         pixels = torch.einsum("bij,bnj->bni", views.intrinsics().float().to(device), camera_points)
         uv = pixels[..., :2] / pixels[..., 2:].clamp_min(1e-6) / size * 2 - 1  # grid_sample's [-1, 1]
@@ -149,21 +157,77 @@ def visual_hull(
     return hull.view(resolution, resolution, resolution).cpu()
 
 
-def fill_from_hull(grid: Tensor, level: float, hull: Tensor, margin: float) -> Tensor:
-    """The density grid made solid by a visual hull: [R,R,R] -> [R,R,R].
+def hull_regions(hull: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """Where the visual hull [R,R,R] decides alone: (core, outside), [R,R,R] bool each.
 
-    Inside the hull, deeper than ``margin`` grid cells, the density is raised to above the
-    level: the inner walls of a shell-shaped field vanish and openings in its walls are
-    closed ``margin`` cells under the surface. Outside the hull (dilated by ``margin``) the
-    density is cleared: floaters no view confirms. In between the density is kept, so the
-    surface sits where the density puts it (the renders' median depth), not on the hull,
-    which grazing views inflate.
+    ``core`` lies deeper than ``margin`` grid cells inside the hull (alpha > 0.5); ``outside``
+    further than ``margin`` cells outside it, plus the grid's border cells (the box's faces
+    close what would leave it). In the band between, the density places the surface.
     """
     inside = (hull > 0.5).numpy()
-    depth = torch.from_numpy(ndimage.distance_transform_edt(inside))
-    reach = torch.from_numpy(ndimage.distance_transform_edt(~inside))
-    solid = torch.where(depth > margin, grid.clamp_min(2 * level), grid)
-    return torch.where(reach > margin, torch.zeros_like(grid), solid)
+    core = torch.from_numpy(ndimage.distance_transform_edt(inside) > margin)
+    outside = torch.from_numpy(ndimage.distance_transform_edt(~inside) > margin)
+    outside[[0, -1]], outside[:, [0, -1]], outside[:, :, [0, -1]] = True, True, True
+    return core, outside
+
+
+def fill_from_hull(grid: Tensor, level: float, core: Tensor, outside: Tensor) -> Tensor:
+    """The density grid made solid by the visual hull's ``hull_regions``: [R,R,R] -> [R,R,R].
+
+    In the core the density is raised to above the level: the inner walls of a shell-shaped
+    field vanish and openings in its walls are closed under the surface. Outside, the
+    density is cleared: floaters no view confirms. In the band between, the density is
+    kept, so the surface sits where the density and the level put it, not on the hull,
+    which grazing views inflate.
+    """
+    solid = torch.where(core, grid.clamp_min(2 * level), grid)
+    return torch.where(outside, torch.zeros_like(grid), solid)
+
+
+@torch.no_grad()
+def silhouette_level(
+    grid: Tensor, core: Tensor, outside: Tensor, alphas: Tensor, cameras: Cameras, bound: float, reference: float,
+    *, span: tuple[float, float] = (1 / 16, 4.0), levels: int = 81, stride: int = 2, device: torch.device | str = "cpu",
+) -> float:
+    """The iso-level whose silhouettes best match the renders' (IoU against ``alphas`` > 0.5).
+
+    A pixel of the solid's iso-surface at level L is covered when the largest density along
+    its ray exceeds L (trilinear; the core counts as infinitely dense, the outside as
+    empty). One march per pixel (every ``stride``-th pixel of ``alphas`` [B,H,W], rendered
+    from ``cameras``; one sample per grid cell) gives that largest density. The silhouette
+    IoU, pooled over all views, is then scored for ``levels`` levels spaced evenly in log
+    from ``reference * span[0]`` to ``reference * span[1]``; the middle of the best ones wins.
+
+    Why: the median-depth level (``auto_threshold``) reads the surface off rays that meet
+    it head-on. Where the density falls off slowly (trained tori and spheres) the renders'
+    silhouettes, made by rays that graze the soft layer, lie outside that level set, and
+    the renders are what the prior shaped to the object. Only the band between core and
+    outside can move, so the surface stays within the hull's margin.
+
+    Args:
+        grid: [R,R,R] densities over [-bound, bound]^3. core, outside: ``hull_regions``.
+        reference: a level on the field's scale (its ``auto_threshold``).
+    """
+    limit = torch.where(core, torch.full_like(grid, 1e30), grid)  # finite: a 0 weight times it stays 0
+    limit = torch.where(outside, torch.zeros_like(grid), limit).to(device)[None, None]
+    origins, dirs = cameras.to(device).rays()
+    origins, dirs = origins[:, ::stride, ::stride].float(), dirs[:, ::stride, ::stride].float()
+    near, far, _ = ray_aabb(origins, dirs, bound)
+    fraction = torch.linspace(0, 1, grid.shape[0], device=device)
+    peaks = []
+    for b in range(len(cameras)):
+        t = near[b, ..., None] + (far[b] - near[b]).clamp_min(0)[..., None] * fraction  # [h,w,S]
+        points = origins[b, :, :, None] + dirs[b, :, :, None] * t[..., None]
+        # grid_sample's (x, y, z) index the last, middle and first axes: the grid's [ix, iy, iz] reversed
+        samples = F.grid_sample(limit, (points.flip(-1) / bound).reshape(1, -1, 1, 1, 3), align_corners=True)
+        peaks.append(samples.view(t.shape).amax(-1).cpu())
+    peak = torch.stack(peaks)  # [B,h,w]
+    target = alphas[:, ::stride, ::stride] > 0.5
+    candidates = reference * torch.logspace(math.log10(span[0]), math.log10(span[1]), levels)
+    covered = peak.unsqueeze(0) > candidates.view(-1, 1, 1, 1)
+    iou = (covered & target).flatten(1).sum(1) / (covered | target).flatten(1).sum(1).clamp_min(1)
+    best = (iou == iou.max()).nonzero().squeeze(-1)
+    return float(candidates[best[len(best) // 2]])
 
 
 def fill_cavities(grid: Tensor, level: float) -> Tensor:
@@ -208,6 +272,7 @@ def extract_mesh(
     hull_views: int = 48,
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
+    hull_level: str = "depth",
     max_faces: int | None = None,
 ) -> trimesh.Trimesh:
     """Triangulates the surface of a density field, with per-vertex albedo colours.
@@ -216,7 +281,9 @@ def extract_mesh(
         density_fn: points [N,3] -> sigma [N] (>= 0, per world unit).
         albedo_fn: points [N,3] -> rgb [N,3] in [0,1].
         resolution: grid samples per axis over [-bound, bound].
-        threshold: iso-level in sigma; None picks it with ``auto_threshold`` (unused by "hull").
+        threshold: iso-level in sigma; None picks one: ``auto_threshold`` (the renders' median
+            depth), or in "hull" mode with ``hull_level="silhouettes"`` the level whose
+            silhouettes match the renders (``silhouette_level``).
         min_component_fraction: connected components with fewer faces than this
             fraction of the largest component's are dropped (floaters); 0 keeps all.
         chunk: points per field evaluation.
@@ -225,17 +292,22 @@ def extract_mesh(
             included), "fill" the same with enclosed cavities filled, "hull" the density
             made solid by the visual hull of ``alpha_fn``'s renders from ``hull_views``
             views over the whole sphere (``hull_image_size`` pixels square): see
-            ``fill_from_hull``, with ``hull_margin`` in grid cells.
+            ``hull_regions`` and ``fill_from_hull``, with ``hull_margin`` in grid cells.
+        hull_level: how "hull" picks the automatic level: "depth" (``auto_threshold``) or
+            "silhouettes" (``silhouette_level``; better on slowly falling densities such as
+            tori, worse where the renders are larger than the object: docs/benchmarks.md).
         max_faces: face budget, met by quadric decimation (``decimate``); None keeps all.
     Returns:
         A mesh in world coordinates, faces wound so normals point outward (out of the
         denser side), vertex colours as uint8 RGBA.
     Raises:
         MeshError: nothing above the threshold, everything at or above it, or no faces.
-        ValueError: an unknown ``solid`` mode, or "hull" without ``alpha_fn``.
+        ValueError: an unknown ``solid`` mode or ``hull_level``, or "hull" without ``alpha_fn``.
     """
     if solid not in SOLID_MODES:
         raise ValueError(f"unknown solid mode {solid!r}; valid: {', '.join(SOLID_MODES)}")
+    if hull_level not in HULL_LEVELS:
+        raise ValueError(f"unknown hull_level {hull_level!r}; valid: {', '.join(HULL_LEVELS)}")
     if solid == "hull" and alpha_fn is None:
         raise ValueError("solid='hull' needs alpha_fn (renders of the representation)")
     grid = sample_grid(density_fn, resolution, bound, chunk, device)
@@ -244,21 +316,34 @@ def extract_mesh(
     if solid == "fill":
         grid = fill_cavities(grid, level)
     elif solid == "hull":
-        # The hull only says where the inside and outside are, a few cells from the surface: half the grid will do.
-        coarse = visual_hull(alpha_fn, hull_cameras(hull_views, hull_image_size), resolution // 2 + 1, bound, device=device)
-        hull = F.interpolate(coarse[None, None], size=(resolution,) * 3, mode="trilinear", align_corners=True)[0, 0]
-        filled = fill_from_hull(grid, level, hull, hull_margin)
-        filled[[0, -1]], filled[:, [0, -1]], filled[:, :, [0, -1]] = 0, 0, 0  # close what leaves the box
-        if bool((filled > level).any()):
-            grid = filled
-        else:  # renders too faint for any point to be covered by every view (an early or tiny run)
-            log.warning("warning: the visual hull of the renders is empty; exporting the raw surface")
+        choose_level = threshold is None and hull_level == "silhouettes"
+        grid, level = _solid_from_hull(grid, level, choose_level, alpha_fn, hull_views, hull_image_size, hull_margin, bound, device)
     mesh = _surface(grid, level, bound)
     if max_faces is not None:
         mesh = decimate(mesh, max_faces)
     mesh = _largest_components(mesh, min_component_fraction)
     mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(albedo_fn, mesh.vertices, chunk, device))
     return mesh
+
+
+def _solid_from_hull(
+    grid: Tensor, level: float, choose_level: bool, alpha_fn: AlphaFn, views: int, image_size: int, margin: float,
+    bound: float, device: torch.device | str,
+) -> tuple[Tensor, float]:
+    """``extract_mesh``'s "hull" mode: (the filled grid [R,R,R], its level), or the input if the hull is empty."""
+    cameras = hull_cameras(views, image_size)
+    alphas = render_alphas(alpha_fn, cameras)
+    # The hull only says where the inside and outside are, a few cells from the surface: half the grid will do.
+    coarse = visual_hull(alphas, cameras, grid.shape[0] // 2 + 1, bound, device=device)
+    hull = F.interpolate(coarse[None, None], size=grid.shape, mode="trilinear", align_corners=True)[0, 0]
+    core, outside = hull_regions(hull, margin)
+    if not bool((fill_from_hull(grid, level, core, outside) > level).any()):
+        # renders too faint for any point to be covered by every view (an early or tiny run)
+        log.warning("warning: the visual hull of the renders is empty; exporting the raw surface")
+        return grid, level
+    if choose_level:
+        level = silhouette_level(grid, core, outside, alphas, cameras, bound, level, device=device)
+    return fill_from_hull(grid, level, core, outside), level
 
 
 def decimate(mesh: trimesh.Trimesh, max_faces: int, attempts: int = 6) -> trimesh.Trimesh:
@@ -420,4 +505,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "SOLID_MODES", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "HULL_LEVELS", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "hull_regions", "render_alphas", "silhouette_level", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]

@@ -84,7 +84,7 @@ def test_solid_volume_matches_the_formulas() -> None:
 
 def test_bench_table_has_the_3d_columns() -> None:
     rows = [{"prompt": "a red cube", "seed": s, "matched_class": "red cube", "iou": 0.9, "r_precision": 1.0,
-             "colour_error": 0.05, "mesh_iou": 0.9, "volume_iou": v, "volume_ratio": 0.9, "watertight": w,
+             "colour_error": 0.05, "janus": 0.0, "view_iou_spread": 0.05, "mesh_iou": 0.9, "volume_iou": v, "volume_ratio": 0.9, "watertight": w,
              "components": 1, "seconds_per_step": 0.1, "wall_seconds": 60.0, "peak_memory_mb": 1000.0}
             for s, (v, w) in enumerate([(0.9, True), (0.5, False), (0.8, True)])]
     lines = markdown_table(rows).strip().splitlines()

@@ -12,8 +12,10 @@ from dream3d.config import ConfigError, build_config
 from dream3d.evaluate import evaluate_mesh_3d
 from dream3d.export import export_representation
 from dream3d.guidance.toy_world import SDFS, SHAPES, render_shapes
-from dream3d.representations.cameras import Cameras
-from dream3d.representations.mesh import extract_mesh, mesh_occupancy
+from dream3d.representations.cameras import Cameras, ray_aabb
+from dream3d.representations.mesh import (
+    auto_threshold, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
+)
 
 RES = 64
 WALL = 0.12  # thickness of the density's wall, under the surface
@@ -89,6 +91,8 @@ def test_hull_needs_renders_and_modes_are_checked(sphere_with_opening: ShellRep)
         extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull")
     with pytest.raises(ValueError, match="unknown solid mode 'hollow'"):
         extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hollow")
+    with pytest.raises(ValueError, match="unknown hull_level 'alpha'"):
+        extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull", alpha_fn=rep.alpha, hull_level="alpha")
 
 
 class RenderableShell(ShellRep):
@@ -141,3 +145,47 @@ def test_export_keeps_only_the_largest_piece_by_default(tmp_path) -> None:
     assert len(one.split(only_watertight=False)) == 1 and len(two.split(only_watertight=False)) == 2
     assert one.volume == pytest.approx(0.9**3, rel=0.1)
     assert build_config({"prompt": "a red cube"}).export.largest_only
+
+
+class SoftSphere:
+    """A solid ball whose density falls off slowly, as trained fields do: sigma = 20 sigmoid(-(d + 0.22) / 0.08).
+
+    ``alpha`` is its own volume rendering (quadrature along each pixel's ray). Rays that
+    meet the soft layer head-on reach half opacity at radius ~0.51, where the median-depth
+    level puts the surface; rays grazing it pass through more of it, so the silhouettes
+    (alpha > 0.5) are the toy sphere's, radius 0.6.
+    """
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        return 20 * torch.sigmoid(-(SDFS["sphere"](points) + 0.22) / 0.08)
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(points), 3), 0.5)
+
+    def alpha(self, cameras: Cameras, samples: int = 192) -> torch.Tensor:
+        origins, dirs = cameras.rays()
+        near, far, _ = ray_aabb(origins, dirs, 1.0)
+        length = (far - near).clamp_min(0)
+        t = near[..., None] + length[..., None] * torch.linspace(0, 1, samples)
+        sigma = self.density((origins[..., None, :] + dirs[..., None, :] * t[..., None]).reshape(-1, 3)).view(t.shape)
+        return 1 - torch.exp(-sigma.sum(-1) * length / (samples - 1))
+
+
+def test_silhouette_level_matches_the_renders_where_density_falls_off_slowly() -> None:
+    """``hull_level="silhouettes"`` picks the level whose silhouettes match the renders; the default keeps the median depth's."""
+    rep = SoftSphere()
+    median_depth_level = auto_threshold(sample_grid(rep.density, RES, 1.0, 2**18), 2 / (RES - 1))
+    cameras = hull_cameras(8, 64)
+    rendered = rep.alpha(cameras) > 0.5
+    scores, silhouette_iou = {}, {}
+    runs = {"median depth": {"threshold": median_depth_level}, "default": {}, "silhouettes": {"hull_level": "silhouettes"}}
+    for name, options in runs.items():
+        mesh = extract_mesh(rep.density, rep.albedo, resolution=RES, solid="hull", alpha_fn=rep.alpha, **HULL, **options)
+        scores[name] = evaluate_mesh_3d(mesh, "a sphere")
+        meshed = mesh_silhouettes(mesh, cameras)
+        silhouette_iou[name] = float((meshed & rendered).sum() / (meshed | rendered).sum())
+    assert silhouette_iou["median depth"] < 0.8 and scores["median depth"]["volume_ratio"] < 0.7  # inside the renders
+    assert scores["default"] == scores["median depth"]
+    assert silhouette_iou["silhouettes"] > 0.97
+    assert scores["silhouettes"]["volume_iou"] > 0.95 and scores["silhouettes"]["volume_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert scores["silhouettes"]["watertight"] and scores["silhouettes"]["components"] == 1
