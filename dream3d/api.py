@@ -184,6 +184,7 @@ def _export(
             hull_views=ex.hull_views,
             hull_image_size=ex.hull_image_size,
             hull_margin=ex.hull_margin,
+            hull_level=ex.hull_level,
             max_faces=ex.max_faces,
             largest_only=ex.largest_only,
             texture_size=ex.texture_size if ex.texture else None,

@@ -116,6 +116,9 @@ class ExportConfig(_Section):
     hull_views: int = Field(32, gt=0)  # views over the whole sphere, below the object too
     hull_image_size: int = Field(96, gt=8)
     hull_margin: float = Field(3.0, ge=0)  # grid cells: how far under the hull's surface the inside is filled
+    # the automatic level in "hull" mode: the renders' median depth, or the level whose silhouettes match the
+    # renders' (better for slowly falling densities such as tori, worse for pyramids and cubes: docs/benchmarks.md)
+    hull_level: Literal["depth", "silhouettes"] = "depth"
     largest_only: bool = True  # keep only the largest connected piece (else pieces over 5% of its faces)
     max_faces: int | None = Field(40_000, gt=0)  # face budget (quadric decimation); None keeps marching cubes' all
     # GLB/OBJ with the albedo baked into a UV texture (xatlas) of texture_size^2 texels; false: vertex colours

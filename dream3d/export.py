@@ -216,6 +216,7 @@ def export_representation(
     hull_views: int = 32,
     hull_image_size: int = 96,
     hull_margin: float = 3.0,
+    hull_level: str = "depth",
     max_faces: int | None = None,
     largest_only: bool = False,
     texture_size: int | None = None,
@@ -226,7 +227,7 @@ def export_representation(
         rep: a representation; its device (first parameter or buffer) is where fields run.
         largest_only: keep only the largest connected piece (floaters the renders confirm too);
             otherwise pieces with at least 5% of its faces stay.
-        resolution, threshold, solid, hull_*, max_faces: passed to ``extract_mesh`` (None = automatic
+        resolution, threshold, solid, hull_* (hull_level included), max_faces: passed to ``extract_mesh`` (None = automatic
             threshold); "hull" carves with ``rep.render``'s alpha over a white background.
         texture_size: bake ``rep.albedo`` into a UV texture of this many texels square
             (``texture_mesh``) for the GLB and OBJ; None colours the vertices instead.
@@ -242,8 +243,8 @@ def export_representation(
     mesh = extract_mesh(
         rep.density, rep.albedo, resolution=resolution, threshold=threshold, device=device, solid=solid,
         alpha_fn=lambda cameras: rep.render(_cameras_to(cameras, device), white).alpha[..., 0],
-        hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, max_faces=max_faces,
-        min_component_fraction=1.0 if largest_only else 0.05,
+        hull_views=hull_views, hull_image_size=hull_image_size, hull_margin=hull_margin, hull_level=hull_level,
+        max_faces=max_faces, min_component_fraction=1.0 if largest_only else 0.05,
     )
     if texture_size is not None and {"glb", "obj"} & set(formats):  # a PLY alone keeps the exact vertex colours
         mesh = texture_mesh(mesh, rep.albedo, texture_size, device=device)

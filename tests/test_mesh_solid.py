@@ -14,7 +14,7 @@ from dream3d.export import export_representation
 from dream3d.guidance.toy_world import SDFS, SHAPES, render_shapes
 from dream3d.representations.cameras import Cameras, ray_aabb
 from dream3d.representations.mesh import (
-    auto_threshold, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
+    MeshError, auto_threshold, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
 )
 
 RES = 64
@@ -189,3 +189,19 @@ def test_silhouette_level_matches_the_renders_where_density_falls_off_slowly() -
     assert silhouette_iou["silhouettes"] > 0.97
     assert scores["silhouettes"]["volume_iou"] > 0.95 and scores["silhouettes"]["volume_ratio"] == pytest.approx(1.0, abs=0.05)
     assert scores["silhouettes"]["watertight"] and scores["silhouettes"]["components"] == 1
+
+
+def test_export_hull_level_is_a_checked_setting_that_reaches_the_mesh(monkeypatch, tmp_path) -> None:
+    assert build_config({"prompt": "a torus", "export": {"hull_level": "silhouettes"}}).export.hull_level == "silhouettes"
+    with pytest.raises(ConfigError, match="hull_level"):
+        build_config({"prompt": "a torus", "export": {"hull_level": "widest"}})
+    seen = {}
+
+    def fake_extract(*args, **kwargs):
+        seen.update(kwargs)
+        raise MeshError("stop here")
+
+    monkeypatch.setattr("dream3d.export.extract_mesh", fake_extract)
+    with pytest.raises(MeshError):
+        export_representation(SoftSphere(), tmp_path, hull_level="silhouettes", video=False)
+    assert seen["hull_level"] == "silhouettes"
