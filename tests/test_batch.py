@@ -196,7 +196,7 @@ def test_a_killed_batch_continues_where_it_stopped(monkeypatch, capsys, tmp_path
         running = [r for r in records(out) if r.state == "running" and r.run_dir] if done else []
         return running and checkpoint_paths(Path(running[0].run_dir))
 
-    wait_for(second_job_checkpointed, 120, "one job done and the next checkpointed")
+    wait_for(second_job_checkpointed, 300, "one job done and the next checkpointed")
     batch.send_signal(sig)
     batch.wait(timeout=60)
     assert batch.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
