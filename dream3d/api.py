@@ -124,7 +124,9 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
     )
     export(run_dir, representation=trainer.representation)
     if cfg.refine.steps:
-        _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict())
+        folders = export_folders(run_dir, cfg)
+        _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict(), folders,
+                [load_textured(folder) for folder in folders])
     if on_event:
         on_event(Progress("done", trainer.step, cfg.steps))
     return Result.load(run_dir)
@@ -211,25 +213,23 @@ def refine(
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
     check_refinable(cfg, steps)
-    for folder in export_folders(run_dir, cfg):
-        load_textured(folder)
+    folders = export_folders(run_dir, cfg)
+    meshes = [load_textured(folder) for folder in folders]  # bad input fails here, before the lock file is made
     with rundir.locked(run_dir), disk_errors(run_dir, retry="refine"):
         # the run's rule state (VSD's LoRA) from its latest checkpoint; a run without one starts the rule afresh
         state = rundir.latest_state(run_dir)[1].get("guidance") if rundir.checkpoint_paths(run_dir) else None
-        _refine(run_dir, cfg, steps, build_prior(cfg), state, on_event, should_stop)
+        _refine(run_dir, cfg, steps, build_prior(cfg), state, folders, meshes, on_event, should_stop)
         if on_event:
             on_event(Progress("done", steps, steps))
         return Result.load(run_dir)
 
 
 def _refine(
-    run_dir: Path, cfg: RunConfig, steps: int, prior: Prior, guidance_state: dict | None,
-    on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
+    run_dir: Path, cfg: RunConfig, steps: int, prior: Prior, guidance_state: dict | None, folders: list[Path],
+    meshes: list[trimesh.Trimesh], on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
 ) -> None:
-    """Refines every exported mesh of a run (one per particle), then re-exports them all under the same names."""
+    """Refines the textured mesh of each export folder (one per particle), then re-exports each under the same names."""
     tick = time.perf_counter()
-    folders = export_folders(run_dir, cfg)
-    meshes = [load_textured(folder) for folder in folders]
     refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event or (lambda event: None),
                               should_stop or (lambda: False)) for mesh in meshes]
     for folder, mesh, textured in zip(folders, meshes, refined):

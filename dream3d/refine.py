@@ -86,7 +86,8 @@ def refine_config(cfg: RunConfig, steps: int) -> RunConfig:
     small_t = {"min_step_percent": cfg.refine.min_step_percent, "max_step_percent": cfg.refine.max_step_percent,
                "warmup_max_step_percent": cfg.refine.max_step_percent}
     return cfg.model_copy(update={
-        "steps": steps, "particles": 1, "resolution": cfg.refine.resolution or cfg.resolution_at(cfg.steps), "resolution_milestones": [],
+        "steps": steps, "particles": 1, "resolution": cfg.refine.resolution or cfg.resolution_at(cfg.steps),
+        "resolution_milestones": [],
         "loss": LossConfig(), "repulsion": RepulsionConfig(), "optim": cfg.optim.model_copy(update={"lr_scale": 1.0}),
         name: section.model_copy(update={k: v for k, v in small_t.items() if k in type(section).model_fields}),
     })
