@@ -404,7 +404,7 @@ def grid_centres(resolution: int, bound: float) -> np.ndarray:
 _RAY_NUDGE = np.array([np.sqrt(2.0) - 1.0, np.sqrt(3.0) - 1.0]) * 1e-4
 
 
-def _cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """z of the cross product of 2D vectors [...,2] -> [...]."""
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
@@ -424,7 +424,7 @@ def mesh_occupancy(mesh: trimesh.Trimesh, resolution: int, bound: float) -> np.n
     step = 2 * bound / resolution
     tri = np.asarray(mesh.triangles, dtype=np.float64)  # [F,3,3]
     xy, z = tri[..., :2], tri[..., 2]
-    area2 = _cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])  # > 0: counter-clockwise from above, normal up
+    area2 = cross2(xy[:, 1] - xy[:, 0], xy[:, 2] - xy[:, 0])  # > 0: counter-clockwise from above, normal up
     keep = np.abs(area2) > 1e-18
     xy, z, area2 = xy[keep], z[keep], area2[keep]
     # columns whose (nudged) ray lies in each face's xy bounding box
@@ -440,8 +440,8 @@ def mesh_occupancy(mesh: trimesh.Trimesh, resolution: int, bound: float) -> np.n
     point = np.stack([centres[ix], centres[iy]], -1) + nudge  # [P,2]
     a, b, c = xy[face, 0], xy[face, 1], xy[face, 2]
     # barycentric weights of the ray's (x, y) in the projected face
-    w1 = _cross2(point - a, c - a) / area2[face]
-    w2 = _cross2(b - a, point - a) / area2[face]
+    w1 = cross2(point - a, c - a) / area2[face]
+    w2 = cross2(b - a, point - a) / area2[face]
     w0 = 1 - w1 - w2
     hit = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
     face, ix, iy = face[hit], ix[hit], iy[hit]
@@ -505,4 +505,4 @@ def mesh_silhouettes(mesh: trimesh.Trimesh, cameras: Cameras, window: int = 4) -
     return covered.view(len(cameras), H, W)
 
 
-__all__ = ["MeshError", "SOLID_MODES", "HULL_LEVELS", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "hull_regions", "render_alphas", "silhouette_level", "visual_hull", "auto_threshold", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]
+__all__ = ["MeshError", "SOLID_MODES", "HULL_LEVELS", "extract_mesh", "decimate", "fill_cavities", "fill_from_hull", "hull_cameras", "hull_regions", "render_alphas", "silhouette_level", "visual_hull", "auto_threshold", "cross2", "grid_centres", "mesh_occupancy", "mesh_silhouettes", "sample_grid"]

@@ -17,6 +17,8 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
+from dream3d.representations.mesh import cross2
+
 FieldFn = Callable[[Tensor], Tensor]
 
 # Charts whose boundary would grow past this length (world units, the object spans about 1) are
@@ -54,11 +56,6 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int) -> tuple[
     return vmapping.astype(np.int64), new_faces.astype(np.int64), uv.astype(np.float32)
 
 
-def _cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """z of the cross product of 2D vectors [...,2] -> [...]."""
-    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
-
-
 def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, batch: int = 2**22) -> tuple[np.ndarray, np.ndarray]:
     """Which face covers each texel centre of an [S,S] texture, and where in it.
 
@@ -74,7 +71,7 @@ def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, batch: int = 2**2
     """
     # texel coordinates (column, row) in which texel centres sit on integers
     corners = np.stack([uv[:, 0] * size - 0.5, (1.0 - uv[:, 1]) * size - 0.5], axis=-1)[faces].astype(np.float64)
-    area2 = _cross2(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # [F]
+    area2 = cross2(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # [F]
     first = np.clip(np.ceil(corners.min(1)), 0, size).astype(np.int64)  # [F,2]
     last = np.clip(np.floor(corners.max(1)), -1, size - 1).astype(np.int64)
     counts = np.where((np.abs(area2) > 1e-12)[:, None], np.clip(last - first + 1, 0, None), 0)
@@ -89,8 +86,8 @@ def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, batch: int = 2**2
         row = first[face, 1] + local // np.maximum(counts[face, 0], 1)
         point = np.stack([col, row], axis=-1).astype(np.float64)
         a, b, c = corners[face, 0], corners[face, 1], corners[face, 2]
-        w1 = _cross2(point - a, c - a) / area2[face]
-        w2 = _cross2(b - a, point - a) / area2[face]
+        w1 = cross2(point - a, c - a) / area2[face]
+        w2 = cross2(b - a, point - a) / area2[face]
         weights = np.stack([1.0 - w1 - w2, w1, w2], axis=-1)
         hit = (weights >= -1e-9).all(-1)
         face_map[row[hit], col[hit]] = face[hit]
