@@ -22,12 +22,12 @@ from dream3d import rundir
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
-from dream3d.evaluate import evaluate_mesh_3d, evaluate_representation, mesh_iou
-from dream3d.export import Z_UP_TO_Y_UP, export_representation
+from dream3d.evaluate import albedo_error, evaluate_mesh_3d, evaluate_representation, mesh_iou
+from dream3d.export import Z_UP_TO_Y_UP, export_representation, texture_image
 from dream3d.guidance.priors.base import Prior
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.refine import (
-    REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, write_refined,
+    REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light, write_refined,
 )
 from dream3d.representations.particles import Particles
 from dream3d.result import Result
@@ -266,6 +266,9 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
         glb = run_dir / "export" / name / "model.glb"
         if glb.exists():
             mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
+            texture = texture_image(mesh)
+            if texture is not None:
+                metrics["albedo_error"] = albedo_error(mesh, np.asarray(texture.convert("RGB")), cfg.prompt)
             mesh.merge_vertices(merge_tex=True, merge_norm=True)  # a textured mesh is split along its UV seams
             metrics["mesh_iou"] = mesh_iou(mesh, member, background)
             metrics.update(evaluate_mesh_3d(mesh, cfg.prompt))
@@ -280,7 +283,8 @@ def _evaluate_mesh(run_dir: Path) -> dict:
     meshes = [load_textured(folder) for folder in export_folders(run_dir, cfg)]
     with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
         background = torch.tensor(cfg.background)
-        per_particle = [evaluate_representation(textured_mesh(m), cfg.prompt, background) for m in meshes]
+        light = trained_light(cfg)
+        per_particle = [evaluate_representation(textured_mesh(m, light=light), cfg.prompt, background) for m in meshes]
         metrics = _mean_metrics(per_particle)
         rundir.update_summary(run_dir, eval_mesh=metrics)
         return metrics

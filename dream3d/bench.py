@@ -90,6 +90,7 @@ TOY_COLUMNS = (
     Column("janus"),  # view consistency (dream3d/evaluate.py)
     Column("view_iou_spread"),
     Column("mesh_iou"),  # NaN when the run exported no GLB, as the 3D ones below
+    Column("albedo_error"),  # the GLB's texture against the class's colour (NaN without a texture)
     Column("volume_iou"),
     Column("volume_ratio"),
     Column("watertight", total="count"),

@@ -37,6 +37,7 @@ from dream3d.guidance.toy_world import (
 )
 from dream3d.representations.cameras import Cameras
 from dream3d.representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
+from dream3d.representations.mesh_raster import sample_texture
 
 EVAL_AZIMUTHS = 8
 EVAL_ELEVATIONS = (0.0, 30.0)
@@ -201,3 +202,22 @@ def evaluate_mesh_3d(mesh: trimesh.Trimesh, prompt: str, resolution: int = VOLUM
         "watertight": bool(mesh.is_watertight),
         "components": len(mesh.split(only_watertight=False)),
     }
+
+
+def albedo_error(mesh: trimesh.Trimesh, texture: np.ndarray, prompt: str) -> float:
+    """How far an asset's base colour is from its object's own: the mean absolute difference (per channel,
+    weighted by face area) between the texture at each face's UV centroid and the nearest albedo among the
+    prompt's classes. A texture with the light baked in (radiance, darker on the sides) scores worse than the
+    albedo, which a viewer lights itself.
+
+    Args:
+        mesh: UV-mapped (``mesh.visual.uv`` [V,2] in OBJ's convention, before any vertex merge).
+        texture: [H,W,3] uint8 (top row first).
+    """
+    uv = torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32)[torch.as_tensor(mesh.faces)].mean(1)
+    colours = sample_texture(torch.from_numpy(np.asarray(texture, dtype=np.float32) / 255), uv)  # [F,3]
+    albedos = ALBEDOS[parse_prompt(prompt)]  # [K,3]
+    error = (colours[:, None] - albedos[None]).abs().mean(-1).amin(1)  # [F]
+    area = torch.tensor(mesh.area_faces, dtype=torch.float32)
+    return float((error * area).sum() / area.sum())
+

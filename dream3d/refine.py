@@ -24,6 +24,7 @@ from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import RepulsionConfig
 from dream3d.loop import Progress, RunInterrupted, Trainer
 from dream3d.registry import RULES
+from dream3d.representations.shading import LightConfig
 from dream3d.representations.textured_mesh import TexturedMesh
 
 # DreamGaussian refines its texture for 50 steps (iters_refine); on the toy benchmark the colour error still falls
@@ -69,11 +70,19 @@ def load_textured(folder: Path) -> trimesh.Trimesh:
     return mesh
 
 
-def textured_mesh(mesh: trimesh.Trimesh, lr: float = 0.05) -> TexturedMesh:
-    """The ``TexturedMesh`` representation of a UV-mapped trimesh (uv [V,2], texture from ``texture_image``)."""
+def trained_light(cfg: RunConfig) -> LightConfig | None:
+    """The light a run's colours were learned under (a NeRF with ``nerf.shading=lambert``), in which its texture,
+    the albedo, is rendered for refinement and evaluation; None for a run that learned radiance."""
+    return cfg.nerf.light if cfg.representation == "nerf" and cfg.nerf.shading == "lambert" else None
+
+
+def textured_mesh(mesh: trimesh.Trimesh, lr: float = 0.05, light: LightConfig | None = None) -> TexturedMesh:
+    """The ``TexturedMesh`` representation of a UV-mapped trimesh (uv [V,2], texture from ``texture_image``),
+    rendered lit by ``light`` if given."""
     image = np.asarray(texture_image(mesh).convert("RGB"), dtype=np.float32) / 255
     return TexturedMesh(torch.as_tensor(mesh.vertices, dtype=torch.float32), torch.as_tensor(mesh.faces),
-                        torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32), torch.from_numpy(image), lr)
+                        torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32), torch.from_numpy(image), lr,
+                        light)
 
 
 def refine_config(cfg: RunConfig, steps: int) -> RunConfig:
@@ -102,7 +111,7 @@ def refine_texture(
 
     ``guidance_state``: the run's rule state (VSD's LoRA), loaded into the rebuilt rule. Raises RunInterrupted on a
     stop request (nothing is written)."""
-    trainer = Trainer(refine_config(cfg, steps), run_dir, prior=prior, representation=textured_mesh(mesh, cfg.refine.lr))
+    trainer = Trainer(refine_config(cfg, steps), run_dir, prior=prior, representation=textured_mesh(mesh, cfg.refine.lr, trained_light(cfg)))
     if guidance_state:
         trainer.guidance.load_state_dict(guidance_state)
     started = time.perf_counter()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dream3d.representations.cameras import Cameras, RenderOutput
+from dream3d.representations.shading import LightConfig, lambert
 
 NEAR = 1e-3  # camera-space depth below which a face counts as behind the camera
 MAX_PAIRS = 1 << 20  # (face, pixel) candidates tested at once: bounds the rasterizer's memory (~100 MB)
@@ -167,33 +168,44 @@ def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
     return F.grid_sample(image, grid.to(image), mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
 
 
-def shade_fragments(fragments: Fragments, faces: Tensor, uv: Tensor, texture: Tensor, background: Tensor) -> RenderOutput:
-    """Textured image of rasterized fragments over ``background`` [3]: rgb [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1]."""
+def shade_fragments(fragments: Fragments, faces: Tensor, uv: Tensor, texture: Tensor, background: Tensor,
+                    face_normals: Tensor | None = None, light: LightConfig | None = None) -> RenderOutput:
+    """Textured image of rasterized fragments over ``background`` [3]: rgb [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1].
+    With ``light`` the texture is albedo, lit at each pixel's face normal (``face_normals`` [F,3], unit, outward)."""
     covered = fragments.covered
     corner_uv = face_uvs(faces, uv).to(texture)
     hit_face = fragments.face[covered]
     pixel_uv = (fragments.bary[covered].unsqueeze(-1) * corner_uv[hit_face]).sum(-2)  # [N,2]
     colours = sample_texture(texture, pixel_uv)
+    if light is not None:
+        colours = lambert(colours, face_normals[hit_face].to(colours), light)
     rgb = background.to(texture).expand(*covered.shape, 3).clone()
     rgb[covered] = colours.to(rgb.dtype)
     alpha = covered.unsqueeze(-1).to(texture.dtype)
     return RenderOutput(rgb=rgb, alpha=alpha, depth=fragments.depth.unsqueeze(-1).to(texture.dtype))
 
 
+def face_normals(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Unit normals [F,3] of the faces [F,3] of vertices [V,3], by the right-hand rule (outward for an outward mesh)."""
+    corners = vertices[faces]
+    return F.normalize(torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), dim=-1)
+
+
 def render_textured(vertices: Tensor, faces: Tensor, uv: Tensor, texture: Tensor, cameras: Cameras,
-                    background: Tensor) -> RenderOutput:
+                    background: Tensor, light: LightConfig | None = None) -> RenderOutput:
     """Renders a UV-textured mesh: visibility by ``rasterize`` (no gradient), colour by ``sample_texture``.
 
     Args:
         vertices [V,3], faces [F,3] long, uv [V,2] or [F,3,2], texture [Ht,Wt,3] in [0,1], background [3];
-        cameras: B cameras of H x W pixels.
+        cameras: B cameras of H x W pixels; light: render the texture as albedo lit by it (flat, per face).
     Returns:
         ``RenderOutput`` with rgb [B,H,W,3] (texture over background), alpha [B,H,W,1] (1 where a face covers
         the pixel centre) and depth [B,H,W,1] (along the unit ray, 0 where empty); the gradient of rgb reaches
         ``texture``.
     """
     fragments = rasterize(vertices, faces, cameras.to(vertices.device))
-    return shade_fragments(fragments, faces, uv, texture, background)
+    normals = face_normals(vertices, faces) if light is not None else None
+    return shade_fragments(fragments, faces, uv, texture, background, normals, light)
 
 
-__all__ = ["Fragments", "rasterize", "render_textured", "sample_texture", "shade_fragments", "face_uvs"]
+__all__ = ["Fragments", "face_normals", "face_uvs", "rasterize", "render_textured", "sample_texture", "shade_fragments"]

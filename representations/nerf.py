@@ -1,7 +1,9 @@
 """A NeRF for score distillation on any CPU: multi-resolution dense grids + nerfacc volume rendering.
 
 The field is a sum of dense feature grids at a few resolutions (coarse to fine),
-trilinearly interpolated; channel 0 is raw density, channels 1-3 raw colour.
+trilinearly interpolated; channel 0 is raw density, channels 1-3 raw colour. The colour is
+rendered as it is (radiance, view-independent) or, with ``shading="lambert"``, as albedo lit by
+one directional light at the density's normals (``representations/shading.py``).
 Why not a hash grid: at the sizes a 64x64 render needs (grids up to 64^3) a dense
 grid has no collisions, costs one ``grid_sample`` per level instead of 8 hashed
 gathers per level, and the coarse levels make early SDS updates smooth, which is
@@ -40,6 +42,7 @@ from torch import Tensor
 from dream3d.representations.base import Representation
 from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, refreshed
+from dream3d.representations.shading import LightConfig, Shading, lambert
 
 # a prior-input pixel whose (resized) opacity is below this takes the background noise
 SURFACE_ALPHA = 0.5
@@ -93,6 +96,9 @@ class NeRFConfig(BaseModel):
     occupancy_threshold: float = 0.01  # density below which a cell counts as empty (alpha < 1e-3 per sample)
     occupancy_every: int = 16  # steps between refreshes
     sampler: Sampler = "auto"  # render path: dense (any device), occupancy (nerfacc's CUDA ray marching), auto
+    # "lambert": the colour field is albedo, rendered lit by ``light`` (representations/shading.py); "none": radiance
+    shading: Shading = "none"
+    light: LightConfig = LightConfig()
 
 
 class NeRF(Representation):
@@ -206,8 +212,14 @@ class NeRF(Representation):
         return self._density_from_raw(self._raw(points)[:, 0], points)
 
     def albedo(self, points: Tensor) -> Tensor:
-        """Colour in [0,1] at points [N,3] -> [N,3] (radiance is view-independent)."""
+        """The colour field in [0,1] at points [N,3] -> [N,3]: the albedo with shading, else the radiance."""
         return torch.sigmoid(self._raw(points)[:, 1:])
+
+    def _colour(self, raw: Tensor, normals: Tensor | None) -> Tensor:
+        """The rendered colour [N,3] of samples with raw field values [N,4]: the albedo, lit when shading is on
+        (``normals`` [N,3] are then the samples' outward normals)."""
+        albedo = torch.sigmoid(raw[:, 1:])
+        return lambert(albedo, normals, self.cfg.light) if self.cfg.shading == "lambert" else albedo
 
     def normals(self, points: Tensor) -> Tensor:
         """Outward unit normals -grad(sigma)/|grad(sigma)| at points [N,3] by central differences -> [N,3]."""
@@ -268,8 +280,10 @@ class NeRF(Representation):
         occupied = self._occupied(flat).nonzero().squeeze(-1)
         live = flat[occupied]
         raw = self._raw(live)
+        live_normals = self.normals(live) if with_normals or self.cfg.shading == "lambert" else None
         sigma = torch.zeros(R * S, dtype=flat.dtype, device=flat.device).index_put((occupied,), self._density_from_raw(raw[:, 0], live))
-        colour = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put((occupied,), torch.sigmoid(raw[:, 1:]))
+        colour = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put(
+            (occupied,), self._colour(raw, live_normals))
         sigma, colour = sigma.view(R, S), colour.view(R, S, 3)
         weights, _, _ = render_weight_from_density(edges[:, :-1], edges[:, 1:], sigma)
         out = {
@@ -278,7 +292,7 @@ class NeRF(Representation):
             "depth": accumulate_along_rays(weights, mids[..., None]),
         }
         if with_normals:
-            normals = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put((occupied,), self.normals(live)).view(R, S, 3)
+            normals = torch.zeros(R * S, 3, dtype=flat.dtype, device=flat.device).index_put((occupied,), live_normals).view(R, S, 3)
             out["normal"] = accumulate_along_rays(weights, normals)
             facing = (normals * dirs[:, None]).sum(-1).clamp_min(0) ** 2
             out["orient"] = (weights * facing).sum(-1, keepdim=True)
@@ -328,9 +342,9 @@ class NeRF(Representation):
         def accumulate(values: Tensor | None) -> Tensor:
             return accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=R)
 
-        out = {"rgb": accumulate(torch.sigmoid(raw[:, 1:])), "alpha": accumulate(None), "depth": accumulate(mids[:, None])}
+        normals = self.normals(points) if with_normals or self.cfg.shading == "lambert" else None
+        out = {"rgb": accumulate(self._colour(raw, normals)), "alpha": accumulate(None), "depth": accumulate(mids[:, None])}
         if with_normals:
-            normals = self.normals(points)
             out["normal"] = accumulate(normals)
             out["orient"] = accumulate((normals * dirs[ray_indices]).sum(-1, keepdim=True).clamp_min(0) ** 2)
         return out

@@ -15,6 +15,7 @@ from torch import Tensor
 from dream3d.representations.base import Representation
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.mesh_raster import render_textured
+from dream3d.representations.shading import LightConfig
 
 # the texture's logits are clamped this far from 0 and 1, where the logit is infinite
 _EDGE = 1e-3
@@ -24,13 +25,16 @@ class TexturedMesh(Representation):
     """A mesh (vertices [V,3], faces [F,3], uv [V,2] or [F,3,2] in OBJ's convention) with a texture [H,W,3] in [0,1]
     (top row first) optimised at learning rate ``lr``."""
 
-    def __init__(self, vertices: Tensor, faces: Tensor, uv: Tensor, texture: Tensor, lr: float = 0.05) -> None:
+    def __init__(self, vertices: Tensor, faces: Tensor, uv: Tensor, texture: Tensor, lr: float = 0.05,
+                 light: LightConfig | None = None) -> None:
+        """``light``: the texture is albedo, rendered lit by it (a run trained with shading); None: rendered as is."""
         super().__init__()
         self.register_buffer("vertices", vertices.float())
         self.register_buffer("faces", faces.long())
         self.register_buffer("uv", uv.float())
         self.logits = torch.nn.Parameter(torch.logit(texture.float().clamp(_EDGE, 1 - _EDGE)))
         self.lr = lr
+        self.light = light
 
     @property
     def texture(self) -> Tensor:
@@ -40,7 +44,7 @@ class TexturedMesh(Representation):
     def render(self, cameras: Cameras, background: Tensor, generator: torch.Generator | None = None,
                with_normals: bool = False) -> RenderOutput:
         """B views: rgb [B,H,W,3] over ``background`` [3], alpha [B,H,W,1] (0 or 1), depth [B,H,W,1]; no normals."""
-        return render_textured(self.vertices, self.faces, self.uv, self.texture, cameras, background)
+        return render_textured(self.vertices, self.faces, self.uv, self.texture, cameras, background, self.light)
 
     def param_groups(self) -> list[dict]:
         return [{"name": "texture", "params": [self.logits], "lr": self.lr}]

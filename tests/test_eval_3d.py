@@ -91,3 +91,25 @@ def test_bench_table_has_the_3d_columns() -> None:
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     median = dict(zip(header, (c.strip() for c in lines[-1].strip("|").split("|"))))
     assert median["volume_iou"] == "0.800" and median["watertight"] == "2/3" and median["components"] == "1"
+
+
+def _uv_box(texture_uv: np.ndarray) -> trimesh.Trimesh:
+    """A unit box whose vertices sample the texture at ``texture_uv`` [V,2] (OBJ convention)."""
+    box = trimesh.creation.box()
+    box.visual = trimesh.visual.TextureVisuals(uv=texture_uv)
+    return box
+
+
+def test_albedo_error_is_zero_for_the_true_colour_and_grows_with_the_light_baked_in() -> None:
+    from dream3d.evaluate import albedo_error
+    from dream3d.guidance.toy_world import ALBEDOS, parse_prompt
+
+    red = ALBEDOS[parse_prompt("a red cube")[0]].numpy()
+    texture = np.zeros((8, 8, 3), dtype=np.uint8)
+    texture[:, :4] = np.round(red * 255)  # left half: the albedo
+    texture[:, 4:] = np.round(red * 0.45 * 255)  # right half: the albedo in the ambient light only
+    left, right = np.full((8, 2), 0.25), np.full((8, 2), 0.75)
+    assert albedo_error(_uv_box(left), texture, "a red cube") < 0.005
+    assert albedo_error(_uv_box(right), texture, "a red cube") == pytest.approx(float((red * 0.55).mean()), abs=0.005)
+    # a prompt that names no colour: each face is compared with the nearest of its classes' colours
+    assert albedo_error(_uv_box(left), texture, "a cube") < 0.005
