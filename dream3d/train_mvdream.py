@@ -37,7 +37,7 @@ VIEWS = 4
 class TrainMVDreamConfig(TrainingSettings):
     """Everything that decides toy-mvdream's trained weights. batch_size counts objects (4 views each)."""
 
-    steps: int = Field(2000, gt=0)
+    steps: int = Field(3000, gt=0)
     batch_size: int = Field(8, gt=0)
     pool_groups: int = Field(256, gt=0)
     arch: ToyMVDreamArch = ToyMVDreamArch()
