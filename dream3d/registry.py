@@ -98,8 +98,6 @@ class Registry(Generic[Spec]):
 
 # a multi-view prior denoises a group of views at one shared t (docs/mvdream.md)
 PER_IMAGE_T = "draws a timestep per image, and a multi-view prior denoises its views at one shared t"
-LORA_ON_UNET2D = ("trains a LoRA on a diffusers UNet2DConditionModel and draws a timestep per image; the multi-view "
-                  "UNet is neither")
 
 RULES: Registry[RuleSpec] = Registry("guidance")
 RULES.add(RuleSpec("sds", "dream3d.guidance.sds:SDSConfig", "dream3d.guidance.sds:SDSGuidance",
@@ -109,10 +107,9 @@ RULES.add(RuleSpec("csd", "dream3d.guidance.csd:CSDConfig", "dream3d.guidance.cs
 RULES.add(RuleSpec("ism", "dream3d.guidance.ism:ISMConfig", "dream3d.guidance.ism:ISMGuidance",
                    "Interval Score Matching (LucidDreamer)", takes_noise=True))
 RULES.add(RuleSpec("vsd", "dream3d.guidance.vsd:VSDConfig", "dream3d.guidance.vsd:VSDGuidance",
-                   "Variational Score Distillation (ProlificDreamer)", needs_unet=True, multiview_refusal=LORA_ON_UNET2D))
+                   "Variational Score Distillation (ProlificDreamer)", needs_unet=True))
 RULES.add(RuleSpec("esd", "dream3d.guidance.vsd:ESDConfig", "dream3d.guidance.vsd:VSDGuidance",
-                   "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True,
-                   multiview_refusal=LORA_ON_UNET2D))
+                   "Entropic Score Distillation (VSD with camera-free CFG)", needs_unet=True))
 RULES.add(RuleSpec("cfd", "dream3d.guidance.sds:CFDConfig", "dream3d.guidance.sds:SDSGuidance",
                    "Consistent Flow Distillation", takes_noise=True, always_consistent_noise=True))
 RULES.add(RuleSpec("nfsd", "dream3d.guidance.nfsd:NFSDConfig", "dream3d.guidance.nfsd:NFSDGuidance", "Noise-Free Score Distillation",

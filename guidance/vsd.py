@@ -10,7 +10,10 @@ the camera MLP are switched on only around the fake score's calls. One shared x_
     eps_est = eps_psi(x_t; y, 0) + lambda (eps_psi(x_t; y, c) - eps_psi(x_t; y, 0))
     g       = w(t) (eps_pre - eps_est),  w = 1 - abar_t
 
-lambda = 1 is VSD, lambda = 0.5 ESD. The fake score is trained in the same step on the
+lambda = 1 is VSD, lambda = 0.5 ESD. On a multi-view prior (MVDream's ``MultiViewUNet``) the LoRA goes on the
+same attention projections, the fake score is told each view's camera through the UNet's own camera input (the
+prior's 16-number camera; zeros for the camera-free branch) instead of an added MLP, and every draw of t, for the
+prior and for the fake score's training, is one per group of views, as that UNet denoises a group at one t. The fake score is trained in the same step on the
 detached renders (t' ~ U{0..T-1}, v- or epsilon-target as the prior predicts, the camera
 zeroed for the whole batch with probability ``camera_dropout``) by its own (fused) AdamW, stepped in
 ``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
@@ -36,6 +39,7 @@ from dream3d.guidance.diffusion import (
     add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sds_weight, to_epsilon,
 )
 from dream3d.guidance.priors.base import Embeddings, Prior
+from dream3d.guidance.priors.mvdream_unet import MultiViewUNet
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
 from dream3d.representations.cameras import Cameras
 
@@ -78,35 +82,46 @@ def camera_condition(cameras: Cameras) -> Tensor:
 
 
 class VSDGuidance(DistillationRule):
-    """VSD/ESD on a prior with a diffusers UNet (``prior.unet``); refuses closed-form priors.
-    ``context.seed`` initialises the LoRA and the camera MLP (the global generator is left untouched)."""
+    """VSD/ESD on a prior with a diffusion UNet (``prior.unet``: a diffusers UNet, or MVDream's ``MultiViewUNet``);
+    refuses closed-form priors. ``context.seed`` initialises the LoRA and the camera MLP (the global generator is left
+    untouched)."""
 
     def __init__(self, prior: Prior, cfg: VSDConfig, context: RuleContext = RuleContext(name="vsd")) -> None:
         super().__init__(prior, cfg)
         unet = prior.unet
-        if unet is None or not hasattr(unet, "class_embedding"):
+        self.multiview = isinstance(unet, MultiViewUNet)
+        if unet is None or not (self.multiview or hasattr(unet, "class_embedding")):
             raise GuidanceError(f"guidance {context.name} trains a LoRA on the prior's diffusion UNet; prior {prior.name} "
                                 f"has none (use a UNet prior such as sd or if)")
         from diffusers.models.embeddings import TimestepEmbedding
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         reference = next(unet.parameters())
+        # "gaussian": A ~ N(0, 1/r^2), B = 0, as diffusers' LoRALinearLayer that threestudio trains
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
+                          init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
-            # "gaussian": A ~ N(0, 1/r^2), B = 0, as diffusers' LoRALinearLayer that threestudio trains
-            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
-                                        init_lora_weights="gaussian"), adapter_name=ADAPTER)
-            self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
+            if self.multiview:  # our own module: peft's injection, which diffusers' add_adapter wraps
+                inject_adapter_in_model(lora, unet, adapter_name=ADAPTER)
+                self.camera_embedding = None  # the UNet's own camera input conditions the fake score
+            else:
+                unet.add_adapter(lora, adapter_name=ADAPTER)
+                self.camera_embedding = TimestepEmbedding(CAMERA_DIM, unet.time_embedding.linear_2.out_features)
         params = [p for name, p in unet.named_parameters() if f".{ADAPTER}." in name]
         for p in params:  # trained in float32 even on a half-precision UNet
             p.data = p.data.float()
         self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
         self._adapter_off()
         self.skipped_lora_steps = torch.zeros((), dtype=torch.long, device=reference.device)
-        self.camera_embedding.to(reference.device)
-        self.optimizer = torch.optim.AdamW([*self.lora, *self.camera_embedding.parameters()], lr=cfg.lora_lr,
+        camera_params = []
+        if self.camera_embedding is not None:
+            self.camera_embedding.to(reference.device)
+            camera_params = list(self.camera_embedding.parameters())
+        self.optimizer = torch.optim.AdamW([*self.lora, *camera_params], lr=cfg.lora_lr,
                                            betas=cfg.lora_betas, eps=cfg.lora_eps, fused=True)
         self.prediction_type = getattr(prior, "prediction_type", "epsilon")
+        self.views = prior.num_views if self.multiview else 1  # type: ignore[attr-defined]
 
     # -- checkpoint: the AdamW state travels with the LoRA in state_dict() ------------
     def get_extra_state(self) -> dict:
@@ -120,33 +135,61 @@ class VSDGuidance(DistillationRule):
     # -- the fake score -------------------------------------------------------------
     @contextmanager
     def fake_score(self) -> Iterator[torch.nn.Module]:
-        """The prior's UNet with the LoRA and the camera MLP on; back to the plain prior on exit."""
+        """The prior's UNet with the LoRA (and, on a diffusers UNet, the camera MLP) on; the plain prior on exit."""
         unet = self.prior.unet
-        own_embedding = unet.class_embedding  # a camera-conditioned prior (toy-unet) has its own
-        unet.enable_adapters()
-        unet.class_embedding = self.camera_embedding
+        own_embedding = None if self.multiview else unet.class_embedding  # a camera-conditioned prior has its own
+        self._set_adapter(True)
+        if not self.multiview:
+            unet.class_embedding = self.camera_embedding
         try:
             yield unet
         finally:
-            unet.class_embedding = own_embedding
+            if not self.multiview:
+                unet.class_embedding = own_embedding
             self._adapter_off()
+
+    def _set_adapter(self, enabled: bool) -> None:
+        if not self.multiview:
+            self.prior.unet.enable_adapters() if enabled else self.prior.unet.disable_adapters()
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.prior.unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
 
     def _adapter_off(self) -> None:
         """The plain prior again. peft's disable also sets requires_grad=False on the LoRA, and autograd
         accumulates only into leaves that require grad when ``backward`` runs, which is after this exit:
         so the LoRA keeps requires_grad (the disabled adapter takes no part in the prior's forward)."""
-        self.prior.unet.disable_adapters()
+        self._set_adapter(False)
         for p in self.lora:
             p.requires_grad_(True)
+
+    def camera_condition(self, cameras: Cameras) -> Tensor:
+        """[B, 16]: what tells the fake score each view's camera (MVDream's camera on a multi-view UNet)."""
+        if not self.multiview:
+            return camera_condition(cameras)
+        from dream3d.guidance.priors.mvdream import mvdream_camera
+
+        return mvdream_camera(cameras.c2w.float())
+
+    def timesteps(self, batch: int, lo: int, hi: int, generator: torch.Generator) -> Tensor:
+        """t [B] uniform in [lo, hi), one per group of views (a multi-view UNet denoises a group at one t)."""
+        t = torch.randint(lo, hi, (batch // self.views,), generator=generator, device=generator.device)
+        return t.repeat_interleave(self.views)
 
     def fake_output(self, x_t: Tensor, t: Tensor, states: Tensor, camera: Tensor) -> Tensor:
         """The fake score's raw output (the prior's prediction type) [B,C,h,w] float32 for x_t [B,C,h,w],
         t [B], text states [B, ...] and camera conditions [B, 16] (zeros: no camera)."""
         reference = next(self.prior.unet.parameters())
+        x_t, t = x_t.to(reference.device, reference.dtype), t.to(reference.device)
+        states, camera = states.to(reference.device, reference.dtype), camera.to(reference.device)
         with self.fake_score() as unet:
-            out = unet(x_t.to(reference.device, reference.dtype), t.to(reference.device),
-                       encoder_hidden_states=states.to(reference.device, reference.dtype),
-                       class_labels=camera.to(reference.device)).sample
+            if self.multiview:
+                out = unet(x_t, t, states, camera, num_frames=self.views)
+            else:
+                out = unet(x_t, t, encoder_hidden_states=states, class_labels=camera).sample
         return out[:, : x_t.shape[1]].float()  # a learned-variance UNet's epsilon is its first C channels
 
     def fake_loss(self, x0: Tensor, states: Tensor, camera: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -164,9 +207,9 @@ class VSDGuidance(DistillationRule):
         A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
         silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
         B = x.shape[0]
-        t = torch.randint(0, self.prior.num_train_timesteps, (B,), generator=generator, device=generator.device)
+        t = self.timesteps(B, 0, self.prior.num_train_timesteps, generator)
         noise = forward_noise(x, generator)
-        camera = camera_condition(cameras)
+        camera = self.camera_condition(cameras)
         if float(torch.rand(1, generator=generator, device=generator.device)) < self.cfg.camera_dropout:
             camera = torch.zeros_like(camera)
         with torch.enable_grad():
@@ -193,7 +236,7 @@ class VSDGuidance(DistillationRule):
             cond, uncond = predict_each(self.prior, x_t, t, [embeddings.conditional(cameras),
                                                            batch_of(embeddings.uncond, B)], cameras)
             eps_pre = cfg_diff(cond, uncond, evaluate(self.cfg.guidance_scale, step))
-            camera = camera_condition(cameras)
+            camera = self.camera_condition(cameras)
             # the fake score sees the view-independent prompt, with and without the camera
             out = self.fake_output(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_of(embeddings.cond, 2 * B),
                                    torch.cat([camera, torch.zeros_like(camera)]))

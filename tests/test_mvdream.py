@@ -301,8 +301,7 @@ def test_mvdream_run_defaults_scale_to_the_run():
 
 @pytest.mark.parametrize("layer, message", [
     ({"guidance": "csd"}, "guidance csd cannot drive prior mvdream: it draws a timestep per image"),
-    ({"guidance": "vsd"}, "guidance vsd cannot drive prior mvdream: it trains a LoRA on a diffusers"),
-    ({"guidance": "esd"}, "guidance esd cannot drive prior mvdream"),
+    ({"guidance": "nfsd"}, "guidance nfsd cannot drive prior mvdream: it draws a timestep per image"),
     ({"camera": {"group_views": 2}}, "prior mvdream denoises 4 views of one object together: set camera.group_views=4"),
     ({"camera": {"batch_size": 6}}, "camera.batch_size 6 is not a multiple of camera.group_views 4"),
     ({"sds": {"perp_neg": True}}, "recon_loss rescales toward the plain conditional estimate"),
@@ -361,11 +360,55 @@ def test_multiview_sds_end_to_end(model, representation, monkeypatch, capsys, tm
     assert all(r["nfe"] == 8 for r in rows)  # 4 views, conditional and unconditional, in one UNet pass
 
 
-@pytest.mark.parametrize("options", [["--guidance", "ism"], ["--guidance", "cfd"], ["--particles", "2"]])
+@pytest.mark.parametrize("options", [["--guidance", "ism"], ["--guidance", "cfd"], ["--guidance", "vsd"],
+                                     ["--guidance", "esd"], ["--particles", "2"]])
 def test_other_rules_and_particles_drive_mvdream(model, options, monkeypatch, capsys, tmp_path):
     run_dir = run_cli(monkeypatch, capsys, tmp_path / "runs", "--prior", "mvdream", "--model", model, *options,
                       check_export=False)
     assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in metrics(run_dir))
+
+
+# -- VSD/ESD: the LoRA on the multi-view UNet -----------------------------------------------------------------------
+def test_vsd_trains_a_lora_on_the_multiview_unet_with_one_t_per_group(model):
+    """Three rule steps on a group of 4 views move every LoRA tensor of the multi-view UNet's attention; the prior's
+    pass refuses per-view timesteps, so the steps completing shows one t per group there, and the fake score's own
+    draws are one per group too."""
+    from dream3d.guidance.vsd import VSDConfig, VSDGuidance
+
+    prior = load(model)
+    guidance = VSDGuidance(prior, VSDConfig(lora_lr=1e-3))
+    assert guidance.multiview and guidance.camera_embedding is None
+    before = [p.detach().clone() for p in guidance.lora]
+    assert len(before) == 4 * 2 * sum(isinstance(m, BasicTransformerBlock3D) for m in prior.unet.modules()) * 2
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        rgb = torch.rand(8, 16, 16, 3, generator=gen, requires_grad=True)
+        out = guidance(rgb, "a cat", type(group_cameras()).cat([group_cameras(), group_cameras(75.0)]), step, gen)
+        out.loss.backward()
+        assert rgb.grad.abs().sum() > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, guidance.lora))
+    t = guidance.timesteps(8, 0, 1000, torch.Generator().manual_seed(1))
+    assert (t.view(2, 4) == t.view(2, 4)[:, :1]).all() and t.view(2, 4)[0, 0] != t.view(2, 4)[1, 0]
+
+
+def test_the_multiview_lora_is_off_for_the_priors_own_pass(model):
+    """The LoRA lives in the prior's own UNet (no copy): with non-zero LoRA weights the prior still predicts as
+    before, and the fake score (the adapter on, the same camera input) predicts otherwise."""
+    from dream3d.guidance.vsd import VSDConfig, VSDGuidance
+
+    prior = load(model)
+    cams, e = group_cameras(), prior.embed("a cat")
+    x_t, t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((4,), 500)
+    states = e.cond.expand(4, *e.cond.shape)
+    plain = prior.predict_noise(x_t, t, states, cams)
+    guidance = VSDGuidance(prior, VSDConfig())
+    with torch.no_grad():
+        for p in guidance.lora:
+            p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(prior.predict_noise(x_t, t, states, cams), plain)
+    raw = guidance.fake_output(x_t, t, states, guidance.camera_condition(cams))
+    assert not torch.allclose(raw, prior.unet(x_t, t, states, mvdream_camera(cams.c2w), num_frames=4), atol=1e-4)
+    torch.testing.assert_close(prior.predict_noise(x_t, t, states, cams), plain)
 
 
 # -- an independent oracle: diffusers' SD UNet with the same weights -----------------------------------------------
