@@ -10,10 +10,7 @@ the camera MLP are switched on only around the fake score's calls. One shared x_
     eps_est = eps_psi(x_t; y, 0) + lambda (eps_psi(x_t; y, c) - eps_psi(x_t; y, 0))
     g       = w(t) (eps_pre - eps_est),  w = 1 - abar_t
 
-lambda = 1 is VSD, lambda = 0.5 ESD. On a multi-view prior (MVDream's ``MultiViewUNet``) the LoRA goes on the
-same attention projections, the fake score is told each view's camera through the UNet's own camera input (the
-prior's 16-number camera; zeros for the camera-free branch) instead of an added MLP, and every draw of t, for the
-prior and for the fake score's training, is one per group of views, as that UNet denoises a group at one t. The fake score is trained in the same step on the
+lambda = 1 is VSD, lambda = 0.5 ESD. The fake score is trained in the same step on the
 detached renders (t' ~ U{0..T-1}, v- or epsilon-target as the prior predicts, the camera
 zeroed for the whole batch with probability ``camera_dropout``) by its own (fused) AdamW, stepped in
 ``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
@@ -22,6 +19,11 @@ representation and puts the LoRA, the camera MLP and the AdamW state in ``state_
 so checkpoints resume exactly; a non-finite LoRA loss or gradient skips the LoRA update (counted and
 logged as ``lora_skipped_steps``) on the device, through fused AdamW's ``found_inf`` as ``GradScaler`` uses it,
 so the rule never waits for the device.
+
+On a multi-view prior (MVDream's ``MultiViewUNet``) the LoRA goes on the same attention projections, the fake
+score is told each view's camera through the UNet's own camera input (the prior's 16-number camera; zeros for
+the camera-free branch) instead of an added MLP, and every draw of t, the prior's and the fake score's training
+draw, is one per group of views: that UNet denoises a group at one t.
 """
 
 from __future__ import annotations
@@ -149,9 +151,7 @@ class VSDGuidance(DistillationRule):
             self._adapter_off()
 
     def _set_adapter(self, enabled: bool) -> None:
-        if not self.multiview:
-            self.prior.unet.enable_adapters() if enabled else self.prior.unet.disable_adapters()
-            return
+        """Switches the LoRA layers on or off, as diffusers' ``enable_adapters`` does, on any UNet."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for module in self.prior.unet.modules():
@@ -166,7 +166,7 @@ class VSDGuidance(DistillationRule):
         for p in self.lora:
             p.requires_grad_(True)
 
-    def camera_condition(self, cameras: Cameras) -> Tensor:
+    def fake_camera(self, cameras: Cameras) -> Tensor:
         """[B, 16]: what tells the fake score each view's camera (MVDream's camera on a multi-view UNet)."""
         if not self.multiview:
             return camera_condition(cameras)
@@ -209,7 +209,7 @@ class VSDGuidance(DistillationRule):
         B = x.shape[0]
         t = self.timesteps(B, 0, self.prior.num_train_timesteps, generator)
         noise = forward_noise(x, generator)
-        camera = self.camera_condition(cameras)
+        camera = self.fake_camera(cameras)
         if float(torch.rand(1, generator=generator, device=generator.device)) < self.cfg.camera_dropout:
             camera = torch.zeros_like(camera)
         with torch.enable_grad():
@@ -236,7 +236,7 @@ class VSDGuidance(DistillationRule):
             cond, uncond = predict_each(self.prior, x_t, t, [embeddings.conditional(cameras),
                                                            batch_of(embeddings.uncond, B)], cameras)
             eps_pre = cfg_diff(cond, uncond, evaluate(self.cfg.guidance_scale, step))
-            camera = self.camera_condition(cameras)
+            camera = self.fake_camera(cameras)
             # the fake score sees the view-independent prompt, with and without the camera
             out = self.fake_output(torch.cat([x_t, x_t]), torch.cat([t, t]), batch_of(embeddings.cond, 2 * B),
                                    torch.cat([camera, torch.zeros_like(camera)]))

@@ -406,7 +406,7 @@ def test_the_multiview_lora_is_off_for_the_priors_own_pass(model):
         for p in guidance.lora:
             p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     torch.testing.assert_close(prior.predict_noise(x_t, t, states, cams), plain)
-    raw = guidance.fake_output(x_t, t, states, guidance.camera_condition(cams))
+    raw = guidance.fake_output(x_t, t, states, guidance.fake_camera(cams))
     assert not torch.allclose(raw, prior.unet(x_t, t, states, mvdream_camera(cams.c2w), num_frames=4), atol=1e-4)
     torch.testing.assert_close(prior.predict_noise(x_t, t, states, cams), plain)
 
