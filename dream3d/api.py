@@ -27,7 +27,8 @@ from dream3d.export import Z_UP_TO_Y_UP, export_representation, texture_image
 from dream3d.guidance.priors.base import Prior
 from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.refine import (
-    REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light, write_refined,
+    REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light,
+    write_refined,
 )
 from dream3d.representations.particles import Particles
 from dream3d.result import Result

@@ -111,7 +111,8 @@ def refine_texture(
 
     ``guidance_state``: the run's rule state (VSD's LoRA), loaded into the rebuilt rule. Raises RunInterrupted on a
     stop request (nothing is written)."""
-    trainer = Trainer(refine_config(cfg, steps), run_dir, prior=prior, representation=textured_mesh(mesh, cfg.refine.lr, trained_light(cfg)))
+    mesh_rep = textured_mesh(mesh, cfg.refine.lr, trained_light(cfg))
+    trainer = Trainer(refine_config(cfg, steps), run_dir, prior=prior, representation=mesh_rep)
     if guidance_state:
         trainer.guidance.load_state_dict(guidance_state)
     started = time.perf_counter()

@@ -169,16 +169,16 @@ def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
 
 
 def shade_fragments(fragments: Fragments, faces: Tensor, uv: Tensor, texture: Tensor, background: Tensor,
-                    face_normals: Tensor | None = None, light: LightConfig | None = None) -> RenderOutput:
+                    normals: Tensor | None = None, light: LightConfig | None = None) -> RenderOutput:
     """Textured image of rasterized fragments over ``background`` [3]: rgb [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1].
-    With ``light`` the texture is albedo, lit at each pixel's face normal (``face_normals`` [F,3], unit, outward)."""
+    With ``light`` the texture is albedo, lit at each pixel's face normal (``normals`` [F,3], unit, outward)."""
     covered = fragments.covered
     corner_uv = face_uvs(faces, uv).to(texture)
     hit_face = fragments.face[covered]
     pixel_uv = (fragments.bary[covered].unsqueeze(-1) * corner_uv[hit_face]).sum(-2)  # [N,2]
     colours = sample_texture(texture, pixel_uv)
     if light is not None:
-        colours = lambert(colours, face_normals[hit_face].to(colours), light)
+        colours = lambert(colours, normals[hit_face].to(colours), light)
     rgb = background.to(texture).expand(*covered.shape, 3).clone()
     rgb[covered] = colours.to(rgb.dtype)
     alpha = covered.unsqueeze(-1).to(texture.dtype)
