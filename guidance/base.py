@@ -102,9 +102,8 @@ class DistillationRule(torch.nn.Module):
     def noised(self, x: Tensor, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """t [B] ~ U[min%, max%] per item (a ``TimestepConfig`` rule; one per group of views for a prior that
         denoises groups), abar_t [B,1,1,1] and x_t [B,C,h,w] from fresh noise, drawn in that order from ``generator``."""
-        views = getattr(self.prior, "num_views", 1)
         t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                             x.shape[0] // views, step, generator).repeat_interleave(views)
+                             x.shape[0], step, generator, views=getattr(self.prior, "num_views", 1))
         abar = alpha_bar(self.prior, t, x.device)
         return t, abar, add_noise(x, forward_noise(x, generator), abar)
 

@@ -23,14 +23,16 @@ def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: 
 
 
 def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_timesteps: int, batch: int, step: int,
-                     generator: torch.Generator, sqrt_anneal_progress: float | None = None) -> Tensor:
+                     generator: torch.Generator, sqrt_anneal_progress: float | None = None, views: int = 1) -> Tensor:
     """t [B] long on the generator's device: uniform in [min_step, max_step] per item, or with
-    ``sqrt_anneal_progress`` p in [0, 1] HiFA's deterministic t = max - (max - min) sqrt(p) for the whole batch."""
+    ``sqrt_anneal_progress`` p in [0, 1] HiFA's deterministic t = max - (max - min) sqrt(p) for the whole batch.
+    ``views`` > 1: one t per group of that many consecutive items (a prior that denoises a group at one t)."""
     lo, hi = timestep_range(evaluate(min_percent, step), evaluate(max_percent, step), num_train_timesteps)
     if sqrt_anneal_progress is not None:
         return torch.full((batch,), int(hi - (hi - lo) * math.sqrt(sqrt_anneal_progress)), dtype=torch.long,
                           device=generator.device)
-    return torch.randint(lo, hi + 1, (batch,), generator=generator, device=generator.device)
+    t = torch.randint(lo, hi + 1, (batch // views,), generator=generator, device=generator.device)
+    return t.repeat_interleave(views)
 
 
 def alpha_bar(prior: Prior, t: Tensor, device: torch.device) -> Tensor:

@@ -83,10 +83,8 @@ class SDSGuidance(DistillationRule):
             return torch.full((batch,), min(round(T * (lo + (hi - lo) * (1 - p))), T - 1), dtype=torch.long,
                               device=generator.device)
         progress = min(step / self.max_steps, 1.0) if self.cfg.sqrt_anneal else None
-        views = getattr(self.prior, "num_views", 1)
-        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
-                             batch // views, step, generator, progress)
-        return t.repeat_interleave(views)
+        return sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                                batch, step, generator, progress, views=getattr(self.prior, "num_views", 1))
 
     def push_gradient(
         self, x: Tensor, t: Tensor, noise: Tensor, embeddings: Embeddings, cameras: Cameras, step: int
