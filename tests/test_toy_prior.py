@@ -48,7 +48,7 @@ def dataset64(cache) -> list[torch.Tensor]:
     return [data.mean.double() + chunk.double() for chunk in data.images.split(648)]
 
 
-def brute_force_eps(dataset64, x_t, t, masks, cameras, view_sigma_deg) -> tuple[torch.Tensor, torch.Tensor]:
+def brute_force_eps(dataset64, x_t, t, masks, cameras, view_sigma_deg, view_window_deg) -> tuple[torch.Tensor, torch.Tensor]:
     """Epsilon of the exact posterior in float64 from its definition, for toy and toy-mv (cameras)."""
     data = toy_dataset()
     abar = ddpm_alphas_cumprod()[t].double()[:, None]
@@ -58,8 +58,10 @@ def brute_force_eps(dataset64, x_t, t, masks, cameras, view_sigma_deg) -> tuple[
     log_w = torch.log(masks.double()[:, data.class_of]) - sq_dist / (2 * s * s)
     angle = degrees_between(cameras.elevation.double()[:, None], cameras.azimuth.double()[:, None],
                             data.elevation[data.view_of], data.azimuth[data.view_of])
+    in_window = angle <= angle.amin(-1, keepdim=True) + view_window_deg
+    log_kernel = torch.where(in_window, -angle**2 / (2 * view_sigma_deg**2), -torch.inf)
     out = []
-    for lw in (log_w, log_w - angle**2 / (2 * view_sigma_deg**2)):
+    for lw in (log_w, log_w + log_kernel):
         w = torch.softmax(lw, dim=1)
         x0 = sum(w_chunk @ x for w_chunk, x in zip(w.split(648, dim=1), dataset64))
         out.append(((q - a * x0) / s).view_as(x_t))
@@ -82,7 +84,7 @@ def test_predict_noise_is_the_exact_posterior(priors, dataset64, t):
     ts = torch.full((3,), t)
     masks = torch.stack([prior.embed("").cond, prior.embed("a cone").cond, prior.embed("a green shape").cond])
     cams = cameras_at([12.0, 30.0, -5.0], [90.0, 200.0, 333.0])
-    expected = brute_force_eps(dataset64, x_t, ts, masks, cams, prior_mv.view_sigma_deg)
+    expected = brute_force_eps(dataset64, x_t, ts, masks, cams, prior_mv.view_sigma_deg, prior_mv.view_window_deg)
     for p, c, exact in ((prior, None, expected[0]), (prior_mv, cams, expected[1])):
         eps = p.predict_noise(x_t, ts, masks, c)
         assert eps.shape == x_t.shape and eps.dtype == torch.float32
@@ -112,6 +114,24 @@ def test_small_t_denoises_to_the_image(priors):
     assert torch.allclose(prior_mv.posterior_mean(x_t, t, mask, cam)[0].double(), x0, atol=1e-4)
     x0_hat = prior.posterior_mean(x_t, t, mask)[0].double()
     assert (x0_hat - x0).abs().mean() < 1e-3 and (x0_hat - x0).abs().max() < 0.1
+
+
+def test_toy_mv_does_not_take_a_view_from_another_elevation_ring(priors):
+    """At small t the image distances swamp any kernel weight: with a kernel alone, a render that looks
+    like the view from 12 degrees came back as that view for a camera at 1 degree, so SDS kept whatever
+    made it look so (a cone's skirt under its base). The window admits only the views around the camera."""
+    _, prior_mv = priors
+    cone = class_index("yellow", "cone")
+    above = dataset_image(cone, 2 * 24)  # elevation 12, azimuth 0
+    x_t = noisy(above, 100, prior_mv, 5)[None]
+    camera = cameras_at([ELEVATIONS[1]], [AZIMUTHS[0]])  # elevation 1, azimuth 0
+    mask = prior_mv.embed("a yellow cone").cond[None]
+    x0 = prior_mv.posterior_mean(x_t, torch.tensor([100]), mask, camera)[0].double()
+    at_camera = dataset_image(cone, 1 * 24)
+    assert (x0 - at_camera).abs().max() < 1e-3
+    assert (x0 - above).abs().max() > 0.5
+    kernel_only = ToyPrior(camera_conditioned=True, view_sigma_deg=12.0, view_window_deg=float("inf"))
+    assert (kernel_only.posterior_mean(x_t, torch.tensor([100]), mask, camera)[0].double() - above).abs().max() < 1e-3
 
 
 def test_prompt_restricts_the_posterior_to_its_classes(priors):

@@ -5,7 +5,7 @@ image it returns the posterior mean E[x0 | x_t, prompt] over that set under the 
 schedule, i.e. what a perfectly trained pixel-space diffusion model (DeepFloyd-IF-like,
 x = 2 rgb - 1 at 64x64) would predict. The prompt restricts the set to the classes it
 names; "toy-mv" also weights each image by how close its view is to the query camera,
-like a camera-conditioned multi-view model.
+like a camera-conditioned multi-view model, and admits only the dataset views near it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,14 @@ FOVY_DEG = toy_world.CAMERA_FOVY_DEG
 # The world's camera range: elevation [-10, 45] in 11 degree steps, azimuth every 15 degrees (6 x 24 = 144 views).
 ELEVATIONS: tuple[float, ...] = (-10.0, 1.0, 12.0, 23.0, 34.0, 45.0)
 AZIMUTHS: tuple[float, ...] = tuple(15.0 * k for k in range(24))
-# About the grid spacing (11 degrees in elevation, 11-15 along the azimuth circles), so a camera
-# between grid views still sees its neighbours with comparable weight.
-VIEW_SIGMA_DEG = 12.0
+# toy-mv's camera conditioning. A kernel weight alone conditions only at large t: at small t the image
+# distances dwarf any finite log-weight, and the posterior snaps to whichever view of the class looks most
+# like the render. A cone whose base hangs low then passes, from elevation 0, for the view from 12 degrees,
+# and SDS keeps the skirt (docs/benchmarks.md, "The prior's camera window"). So only views within
+# VIEW_WINDOW_DEG of the nearest dataset view count at all: a camera between grid views keeps the views
+# around it (the grid spacing is 11 degrees in elevation, 15 in azimuth), not the next ring out.
+VIEW_SIGMA_DEG = 6.0
+VIEW_WINDOW_DEG = 10.0
 
 _LOGIT_MARGIN = 40.0  # images this far below the best log-weight carry < e^-40 of it
 _LOGIT_TOL = 1e-3  # float32 log-weights whose error bound exceeds this are recomputed in float64
@@ -122,17 +128,20 @@ def toy_dataset() -> ToyDataset:
 class ToyPrior(Prior):
     """The Prior protocol (guidance/priors/base.py) over the toy world; no weights, no UNet.
 
-    camera_conditioned: "toy-mv", weighting dataset views by a Gaussian kernel of width
-    ``view_sigma_deg`` in the angle between the view and the query camera's direction.
+    camera_conditioned: "toy-mv": only the dataset views within ``view_window_deg`` of the view nearest
+    the query camera count, each weighted by a Gaussian kernel of width ``view_sigma_deg`` in the angle
+    between its direction and the camera's.
     """
 
     resolution = RESOLUTION
     num_train_timesteps = 1000
     unet = None
 
-    def __init__(self, camera_conditioned: bool = False, view_sigma_deg: float = VIEW_SIGMA_DEG) -> None:
+    def __init__(self, camera_conditioned: bool = False, view_sigma_deg: float = VIEW_SIGMA_DEG,
+                 view_window_deg: float = VIEW_WINDOW_DEG) -> None:
         self.camera_conditioned = camera_conditioned
         self.view_sigma_deg = view_sigma_deg
+        self.view_window_deg = view_window_deg
         self.name = "toy-mv" if camera_conditioned else "toy"
         self.alphas_cumprod = ddpm_alphas_cumprod(self.num_train_timesteps)
         self._embeddings: dict[str, Embeddings] = {}
@@ -208,7 +217,9 @@ class ToyPrior(Prior):
                 cameras.elevation.to(data.elevation)[:, None], cameras.azimuth.to(data.azimuth)[:, None],
                 data.elevation[None], data.azimuth[None],
             )  # [B, V]
-            out = out + (-angle.pow(2) / (2 * self.view_sigma_deg**2))[:, data.view_of]
+            log_kernel = -angle.pow(2) / (2 * self.view_sigma_deg**2)
+            near = angle <= angle.amin(-1, keepdim=True) + self.view_window_deg
+            out = out + log_kernel.masked_fill(~near, -math.inf)[:, data.view_of]
         return out
 
 
@@ -226,5 +237,5 @@ def build_toy_prior(name: str) -> ToyPrior:
 
 __all__ = [
     "ToyPrior", "ToyDataset", "build_toy_prior", "toy_dataset", "load_shape_renders", "dataset_cameras",
-    "cache_root", "RESOLUTION", "ELEVATIONS", "AZIMUTHS", "VIEW_SIGMA_DEG",
+    "cache_root", "RESOLUTION", "ELEVATIONS", "AZIMUTHS", "VIEW_SIGMA_DEG", "VIEW_WINDOW_DEG",
 ]
