@@ -186,7 +186,7 @@ def _export(
             solid=ex.solid,
             hull_views=ex.hull_views,
             hull_image_size=ex.hull_image_size,
-            hull_margin=ex.hull_margin,
+            hull_margin=member.hull_margin if ex.hull_margin is None else ex.hull_margin,
             hull_level=ex.hull_level,
             max_faces=ex.max_faces,
             largest_only=ex.largest_only,

@@ -115,7 +115,9 @@ class ExportConfig(_Section):
     solid: Literal["hull", "fill", "none"] = "hull"
     hull_views: int = Field(32, gt=0)  # views over the whole sphere, below the object too
     hull_image_size: int = Field(96, gt=8)
-    hull_margin: float = Field(3.0, ge=0)  # grid cells: how far under the hull's surface the inside is filled
+    # grid cells: how far under the hull's surface the inside is filled; None: the representation's own
+    # (NeRF 3, Gaussians 1.5: the thickness of their soft surface layers)
+    hull_margin: float | None = Field(None, ge=0)
     # the automatic level in "hull" mode: the renders' median depth, or the level whose silhouettes match the
     # renders' (better for slowly falling densities such as tori, worse for pyramids and cubes: docs/benchmarks.md)
     hull_level: Literal["depth", "silhouettes"] = "depth"

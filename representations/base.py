@@ -19,6 +19,10 @@ from dream3d.representations.cameras import Cameras, RenderOutput
 class Representation(torch.nn.Module):
     """A 3D representation trained by score distillation (NeRF, Gaussians, or ``Particles`` of them)."""
 
+    # The export's default ``hull_margin`` (grid cells under the visual hull within which the density,
+    # not the hull, places the surface): about the thickness of the density's soft surface layer.
+    hull_margin: float = 3.0
+
     def render(self, cameras: Cameras, background: Tensor, generator: torch.Generator | None = None,
                with_normals: bool = False) -> RenderOutput:
         """B views: rgb [B,H,W,3] composited over ``background`` [3], alpha [B,H,W,1], depth [B,H,W,1]."""

@@ -205,3 +205,24 @@ def test_export_hull_level_is_a_checked_setting_that_reaches_the_mesh(monkeypatc
     with pytest.raises(MeshError):
         export_representation(SoftSphere(), tmp_path, hull_level="silhouettes", video=False)
     assert seen["hull_level"] == "silhouettes"
+
+
+@pytest.mark.parametrize("representation, setting, margin", [
+    ("nerf", None, 3.0), ("gaussians", None, 1.5), ("gaussians", 2.5, 2.5),
+])
+def test_export_takes_the_representations_own_hull_margin(monkeypatch, tiny, representation, setting, margin) -> None:
+    """The splats' surface layer is thinner than a NeRF's, so their default margin is too (a NeRF's 3 cells
+    put a Gaussians mesh inside the splats' hull: docs/benchmarks.md); export.hull_margin overrides both."""
+    from dream3d import api
+
+    seen = {}
+
+    def fake_export(rep, folder, **kwargs):
+        seen.update(kwargs)
+        folder.mkdir(parents=True, exist_ok=True)  # for the representation's own files (splats.ply)
+        return {}
+
+    monkeypatch.setattr(api, "export_representation", fake_export)
+    api.run(build_config(tiny, {"prompt": "a red cube", "representation": representation, "steps": 2,
+                                "export": {"hull_margin": setting}}))
+    assert seen["hull_margin"] == margin
