@@ -22,6 +22,13 @@ def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: 
     return int(num_train_timesteps * min_percent), int(num_train_timesteps * max_percent)
 
 
+def grouped_randint(lo: int, high: int, batch: int, views: int, generator: torch.Generator) -> Tensor:
+    """t [B] long on the generator's device, uniform in [lo, high), one draw per group of ``views`` consecutive
+    items (a multi-view prior denoises a group at one t); ``views`` = 1 draws as ``torch.randint`` does."""
+    t = torch.randint(lo, high, (batch // views,), generator=generator, device=generator.device)
+    return t.repeat_interleave(views)
+
+
 def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_timesteps: int, batch: int, step: int,
                      generator: torch.Generator, sqrt_anneal_progress: float | None = None, views: int = 1) -> Tensor:
     """t [B] long on the generator's device: uniform in [min_step, max_step] per item, or with
@@ -31,8 +38,7 @@ def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_tim
     if sqrt_anneal_progress is not None:
         return torch.full((batch,), int(hi - (hi - lo) * math.sqrt(sqrt_anneal_progress)), dtype=torch.long,
                           device=generator.device)
-    t = torch.randint(lo, hi + 1, (batch // views,), generator=generator, device=generator.device)
-    return t.repeat_interleave(views)
+    return grouped_randint(lo, hi + 1, batch, views, generator)
 
 
 def alpha_bar(prior: Prior, t: Tensor, device: torch.device) -> Tensor:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from dream3d.guidance.base import DistillationRule, GuidanceError, RuleContext, TimestepConfig
 from dream3d.guidance.diffusion import (
-    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, predict_each, sds_weight, to_epsilon,
+    add_noise, alpha_bar, batch_of, cfg_diff, forward_noise, grouped_randint, predict_each, sds_weight, to_epsilon,
 )
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.priors.mvdream_unet import MultiViewUNet
@@ -174,11 +174,6 @@ class VSDGuidance(DistillationRule):
 
         return mvdream_camera(cameras.c2w.float())
 
-    def timesteps(self, batch: int, lo: int, hi: int, generator: torch.Generator) -> Tensor:
-        """t [B] uniform in [lo, hi), one per group of views (a multi-view UNet denoises a group at one t)."""
-        t = torch.randint(lo, hi, (batch // self.views,), generator=generator, device=generator.device)
-        return t.repeat_interleave(self.views)
-
     def fake_output(self, x_t: Tensor, t: Tensor, states: Tensor, camera: Tensor) -> Tensor:
         """The fake score's raw output (the prior's prediction type) [B,C,h,w] float32 for x_t [B,C,h,w],
         t [B], text states [B, ...] and camera conditions [B, 16] (zeros: no camera)."""
@@ -207,7 +202,7 @@ class VSDGuidance(DistillationRule):
         A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
         silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
         B = x.shape[0]
-        t = self.timesteps(B, 0, self.prior.num_train_timesteps, generator)
+        t = grouped_randint(0, self.prior.num_train_timesteps, B, self.views, generator)
         noise = forward_noise(x, generator)
         camera = self.fake_camera(cameras)
         if float(torch.rand(1, generator=generator, device=generator.device)) < self.cfg.camera_dropout:

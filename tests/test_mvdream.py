@@ -11,6 +11,7 @@ from dream3d.components import build_guidance, build_prior
 from dream3d.config import ConfigError, build_config
 from dream3d.sampling import CameraConfig, sample_cameras
 from dream3d.guidance.base import RuleContext
+from dream3d.guidance.diffusion import grouped_randint
 from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.priors.mvdream import mvdream_camera
 from dream3d.guidance.priors.mvdream_unet import BasicTransformerBlock3D, MultiViewUNet, MVDreamUNetConfig
@@ -387,7 +388,7 @@ def test_vsd_trains_a_lora_on_the_multiview_unet_with_one_t_per_group(model):
         out.loss.backward()
         assert rgb.grad.abs().sum() > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, guidance.lora))
-    t = guidance.timesteps(8, 0, 1000, torch.Generator().manual_seed(1))
+    t = grouped_randint(0, 1000, 8, guidance.views, torch.Generator().manual_seed(1))
     assert (t.view(2, 4) == t.view(2, 4)[:, :1]).all() and t.view(2, 4)[0, 0] != t.view(2, 4)[1, 0]
 
 
