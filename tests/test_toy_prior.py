@@ -49,7 +49,8 @@ def dataset64(cache) -> list[torch.Tensor]:
 
 
 def brute_force_eps(dataset64, x_t, t, masks, cameras, view_sigma_deg, view_window_deg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Epsilon of the exact posterior in float64 from its definition, for toy and toy-mv (cameras)."""
+    """Epsilon in float64 from the definitions, for toy (the exact posterior over every image the prompt
+    allows) and toy-mv (the exact posterior over the classes at each view, mixed by the camera's kernel)."""
     data = toy_dataset()
     abar = ddpm_alphas_cumprod()[t].double()[:, None]
     a, s = abar.sqrt(), (1 - abar).sqrt()
@@ -57,12 +58,12 @@ def brute_force_eps(dataset64, x_t, t, masks, cameras, view_sigma_deg, view_wind
     sq_dist = torch.stack([torch.cat([((q[b] - a[b] * x) ** 2).sum(-1) for x in dataset64]) for b in range(len(q))])
     log_w = torch.log(masks.double()[:, data.class_of]) - sq_dist / (2 * s * s)
     angle = degrees_between(cameras.elevation.double()[:, None], cameras.azimuth.double()[:, None],
-                            data.elevation[data.view_of], data.azimuth[data.view_of])
+                            data.elevation[None], data.azimuth[None])  # [B, V]
     in_window = angle <= angle.amin(-1, keepdim=True) + view_window_deg
-    log_kernel = torch.where(in_window, -angle**2 / (2 * view_sigma_deg**2), -torch.inf)
+    view_w = torch.softmax(torch.where(in_window, -angle**2 / (2 * view_sigma_deg**2), -torch.inf), dim=1)
+    per_view = torch.softmax(log_w.view(len(q), -1, V), dim=1).nan_to_num(0.0)  # [B, classes, V]
     out = []
-    for lw in (log_w, log_w + log_kernel):
-        w = torch.softmax(lw, dim=1)
+    for w in (torch.softmax(log_w, dim=1), (per_view * view_w[:, None]).flatten(1)):
         x0 = sum(w_chunk @ x for w_chunk, x in zip(w.split(648, dim=1), dataset64))
         out.append(((q - a * x0) / s).view_as(x_t))
     return out[0], out[1]
@@ -130,8 +131,22 @@ def test_toy_mv_does_not_take_a_view_from_another_elevation_ring(priors):
     at_camera = dataset_image(cone, 1 * 24)
     assert (x0 - at_camera).abs().max() < 1e-3
     assert (x0 - above).abs().max() > 0.5
-    kernel_only = ToyPrior(camera_conditioned=True, view_sigma_deg=12.0, view_window_deg=float("inf"))
-    assert (kernel_only.posterior_mean(x_t, torch.tensor([100]), mask, camera)[0].double() - above).abs().max() < 1e-3
+
+
+def test_toy_mv_takes_the_view_from_the_camera_not_from_the_image(priors):
+    """Between two dataset views the camera decides how much of each the denoised image holds. When the
+    posterior weighed the views by the image too, a cone render from elevation 4 whose base hung low came
+    back, at small t, as the view from 12 degrees alone (the nearer view is at 1), and SDS kept the skirt."""
+    _, prior_mv = priors
+    cone = class_index("yellow", "cone")
+    at_1, at_12 = dataset_image(cone, 1 * 24), dataset_image(cone, 2 * 24)  # azimuth 0
+    mask = prior_mv.embed("a yellow cone").cond[None]
+    camera = cameras_at([4.0], [0.0])
+    kernel = torch.tensor([-(3.0**2), -(8.0**2)], dtype=torch.float64) / (2 * prior_mv.view_sigma_deg**2)
+    w_1, w_12 = torch.softmax(kernel, 0).tolist()
+    for t, seed in ((20, 6), (100, 7), (400, 8)):
+        x0 = prior_mv.posterior_mean(noisy(at_12, t, prior_mv, seed)[None], torch.tensor([t]), mask, camera)[0].double()
+        assert (x0 - (w_1 * at_1 + w_12 * at_12)).abs().max() < 1e-3
 
 
 def test_prompt_restricts_the_posterior_to_its_classes(priors):

@@ -4,8 +4,9 @@ Its "training set" is a dense grid of toy-world renders of every class; for a no
 image it returns the posterior mean E[x0 | x_t, prompt] over that set under the DDPM
 schedule, i.e. what a perfectly trained pixel-space diffusion model (DeepFloyd-IF-like,
 x = 2 rgb - 1 at 64x64) would predict. The prompt restricts the set to the classes it
-names; "toy-mv" also weights each image by how close its view is to the query camera,
-like a camera-conditioned multi-view model, and admits only the dataset views near it.
+names. "toy-mv" also conditions on the query camera, like a camera-conditioned multi-view
+model: it takes the posterior over the classes at each dataset view near the camera and mixes
+those views by how close each is to the camera, so the camera alone decides which views count.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ AZIMUTHS: tuple[float, ...] = tuple(15.0 * k for k in range(24))
 # like the render. A cone whose base hangs low then passes, from elevation 0, for the view from 12 degrees,
 # and SDS keeps the skirt (docs/benchmarks.md, "The prior's camera window"). So only views within
 # VIEW_WINDOW_DEG of the nearest dataset view count at all: a camera between grid views keeps the views
-# around it (the grid spacing is 11 degrees in elevation, 15 in azimuth), not the next ring out.
+# around it (the grid spacing is 11 degrees in elevation, 15 in azimuth), not the next ring out. Between
+# those the image must not choose either: a render from elevation 4 whose base hangs low came back as the
+# view from 12 degrees, not 1 (docs/benchmarks.md, "Views mixed by the camera"), so the kernel weights
+# mix the views' own posteriors.
 VIEW_SIGMA_DEG = 6.0
 VIEW_WINDOW_DEG = 10.0
 
@@ -128,9 +132,10 @@ def toy_dataset() -> ToyDataset:
 class ToyPrior(Prior):
     """The Prior protocol (guidance/priors/base.py) over the toy world; no weights, no UNet.
 
-    camera_conditioned: "toy-mv": only the dataset views within ``view_window_deg`` of the view nearest
-    the query camera count, each weighted by a Gaussian kernel of width ``view_sigma_deg`` in the angle
-    between its direction and the camera's.
+    camera_conditioned: "toy-mv": E[x0 | x_t, prompt, view] at each dataset view within ``view_window_deg``
+    of the view nearest the query camera, averaged with weights from a Gaussian kernel of width
+    ``view_sigma_deg`` in the angle between the view's direction and the camera's. The image picks the
+    class within each view, never the view.
     """
 
     resolution = RESOLUTION
@@ -189,38 +194,50 @@ class ToyPrior(Prior):
         a, s2 = abar.sqrt()[:, None], (1 - abar)[:, None]
         # log w_i = -||x_t - a x_i||^2 / (2 s^2) up to a per-query constant, with x_i = mean + images_i:
         # the terms ||x_t||^2 and <x_t, mean> are the same for every i.
-        prior = self._log_prior(embeddings, cameras, data, B)
+        prior = embeddings.detach().to(device, torch.float64).expand(B, -1).log()[:, data.class_of]
+        view_weights = self._view_weights(cameras, data, B) if self.camera_conditioned else None
+        if view_weights is not None:
+            prior = prior.masked_fill(view_weights[:, data.view_of] == 0, -math.inf)
         logits = (2 * a * (q @ data.images.T).double() - a * a * data.sq_norms) / (2 * s2) + prior
         # At small t the logits are huge and float32 rounding of the dot products (relative to
         # ||x_t|| ||images_i||) would mis-weight near-identical views: recompute in float64 those
-        # that could matter and whose float32 error could exceed _LOGIT_TOL.
+        # that could matter (near the best of the images normalised together) and whose float32 error
+        # could exceed _LOGIT_TOL.
         bound = _matmul_rel_error() * 2 * a * q.double().norm(dim=-1, keepdim=True) * data.norms / (2 * s2)
-        floor = (logits - bound).amax(-1, keepdim=True) - _LOGIT_MARGIN
-        redo = (logits + bound >= floor) & (bound > _LOGIT_TOL)
+        floor = self._group_max(logits - bound, data) - _LOGIT_MARGIN
+        redo = (logits + bound >= floor) & (bound > _LOGIT_TOL) & prior.isfinite()
         for b in redo.any(-1).nonzero().flatten().tolist():
             rows = redo[b].nonzero().flatten()
             dots = torch.cat([data.images[r].double() @ q[b].double() for r in rows.split(1024)])
             logits[b, rows] = (2 * a[b] * dots - a[b] ** 2 * data.sq_norms[rows]) / (2 * s2[b]) + prior[b, rows]
-        w = torch.softmax(logits, dim=-1)
+        if view_weights is None:
+            w = torch.softmax(logits, dim=-1)
+        else:
+            # each view's posterior over the classes (a view outside the window: all -inf, NaN, weight 0)
+            per_view = torch.softmax(logits.view(B, -1, len(data.elevation)), dim=1).nan_to_num(0.0)
+            w = (per_view * view_weights[:, None, :]).view(B, -1)
         x0 = data.mean + w.float() @ data.images
         return x0, a.squeeze(-1), s2.sqrt().squeeze(-1)
 
-    def _log_prior(self, embeddings: Tensor, cameras: Cameras | None, data: ToyDataset, B: int) -> Tensor:
-        """[B, N] float64: log of the class mask (and, for toy-mv, the view kernel) of each image."""
-        log_mask = embeddings.detach().to(data.images.device, torch.float64).expand(B, -1).log()
-        out = log_mask[:, data.class_of]
-        if self.camera_conditioned:
-            if cameras is None or len(cameras) != B:
-                raise ValueError(f"the {self.name} prior needs one camera per image (got "
-                                 f"{'none' if cameras is None else len(cameras)} for {B})")
-            angle = degrees_between(
-                cameras.elevation.to(data.elevation)[:, None], cameras.azimuth.to(data.azimuth)[:, None],
-                data.elevation[None], data.azimuth[None],
-            )  # [B, V]
-            log_kernel = -angle.pow(2) / (2 * self.view_sigma_deg**2)
-            near = angle <= angle.amin(-1, keepdim=True) + self.view_window_deg
-            out = out + log_kernel.masked_fill(~near, -math.inf)[:, data.view_of]
-        return out
+    def _group_max(self, logits: Tensor, data: ToyDataset) -> Tensor:
+        """[B, N] -> [B, N] (or [B, 1]): the largest logit among the images normalised with each one
+        (toy: all of them; toy-mv: the classes at its view)."""
+        if not self.camera_conditioned:
+            return logits.amax(-1, keepdim=True)
+        return logits.view(len(logits), -1, len(data.elevation)).amax(1)[:, data.view_of]
+
+    def _view_weights(self, cameras: Cameras | None, data: ToyDataset, B: int) -> Tensor:
+        """[B, V] float64, each row summing to 1: the kernel weight of each view in the camera's window, else 0."""
+        if cameras is None or len(cameras) != B:
+            raise ValueError(f"the {self.name} prior needs one camera per image (got "
+                             f"{'none' if cameras is None else len(cameras)} for {B})")
+        angle = degrees_between(
+            cameras.elevation.to(data.elevation)[:, None], cameras.azimuth.to(data.azimuth)[:, None],
+            data.elevation[None], data.azimuth[None],
+        )  # [B, V]
+        near = angle <= angle.amin(-1, keepdim=True) + self.view_window_deg
+        log_kernel = (-angle.pow(2) / (2 * self.view_sigma_deg**2)).masked_fill(~near, -math.inf)
+        return torch.softmax(log_kernel, dim=-1)
 
 
 def _matmul_rel_error() -> float:
