@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import trimesh
@@ -14,7 +15,8 @@ from dream3d.export import export_representation
 from dream3d.guidance.toy_world import SDFS, SHAPES, render_shapes
 from dream3d.representations.cameras import Cameras, ray_aabb
 from dream3d.representations.mesh import (
-    MeshError, auto_threshold, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
+    MeshError, auto_threshold, decimate, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
+    weld,
 )
 
 RES = 64
@@ -128,6 +130,28 @@ def test_face_budget_keeps_the_solid_closed(sphere_with_opening: ShellRep) -> No
     assert small.volume == pytest.approx(full.volume, rel=0.02)
     assert len(small.visual.vertex_colors) == len(small.vertices)  # coloured after decimating
     assert build_config({"prompt": "a red cube"}).export.max_faces == 40_000
+
+
+def test_face_budget_retries_a_pinch_that_only_welding_shows(monkeypatch) -> None:
+    """A collapse can leave two sheets 2e-9 apart, on either side of a rounding boundary: rounding positions
+    (trimesh's merge_vertices) keeps them apart, so the mesh passed as closed, and any viewer that welds the
+    file found four faces on their edges (a benchmark cube, two pieces once welded). Fails on the old code."""
+    x0 = 0.123456785  # rounds to ...678 below it and ...679 above
+    pinched = trimesh.util.concatenate([trimesh.creation.box(bounds=[[x0 - 1, 0, 0], [x0 - 1e-9, 1, 1]]),
+                                        trimesh.creation.box(bounds=[[x0 + 1e-9, 0, 0], [x0 + 1, 1, 1]])])
+    closed = trimesh.creation.box(bounds=[[x0 - 1, 0, 0], [x0 + 1, 1, 1]])
+    results = iter([pinched, closed])
+    monkeypatch.setattr(trimesh.Trimesh, "simplify_quadric_decimation", lambda self, face_count: next(results).copy())
+    out = decimate(trimesh.creation.icosphere(subdivisions=3), max_faces=100)
+    assert weld(out.copy()).is_watertight and len(out.split(only_watertight=False)) == 1
+    assert out.volume == pytest.approx(closed.volume)
+
+
+def test_weld_merges_by_distance_not_by_rounding() -> None:
+    x0 = 0.123456785
+    points = np.array([[x0 - 1e-9, 0, 0], [x0 + 1e-9, 0, 0], [x0 + 1e-3, 0, 0]])
+    mesh = trimesh.Trimesh(points, [[0, 1, 2], [1, 0, 2]], process=False)
+    assert len(weld(mesh).vertices) == 2 and len(mesh.faces) == 2
 
 
 def test_export_keeps_only_the_largest_piece_by_default(tmp_path) -> None:
