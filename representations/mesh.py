@@ -17,9 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import trimesh
-from scipy import ndimage, sparse
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
+from scipy import ndimage
 from torch import Tensor
 
 from dream3d.representations.cameras import Cameras, look_at_cameras, ray_aabb
@@ -381,15 +379,13 @@ def weld(mesh: trimesh.Trimesh, distance: float = WELD_DISTANCE) -> trimesh.Trim
     side of a rounding boundary stay two there, and a viewer that welds the file later finds the pinch
     between them (a decimated benchmark cube: closed in one piece as written, two pieces once welded).
     """
-    pairs = cKDTree(mesh.vertices).query_pairs(distance, output_type="ndarray")
-    if len(pairs) == 0:
+    groups = trimesh.grouping.clusters(mesh.vertices, distance)
+    if len(groups) == 0:
         return mesh
-    n = len(mesh.vertices)
-    links = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, cluster = connected_components(links, directed=False)
-    first = np.full(cluster.max() + 1, n)
-    np.minimum.at(first, cluster, np.arange(n))  # each cluster's lowest vertex index stands for it
-    mesh.faces = first[cluster][mesh.faces]
+    remap = np.arange(len(mesh.vertices))
+    # each cluster's lowest vertex index stands for it
+    remap[np.concatenate(groups)] = np.repeat([g.min() for g in groups], [len(g) for g in groups])
+    mesh.faces = remap[mesh.faces]
     mesh.remove_unreferenced_vertices()
     return mesh
 
