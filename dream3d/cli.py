@@ -327,12 +327,17 @@ def _seeds(value: str | None) -> tuple[int, ...] | None:
 def bench_gpu(
     out: Path = typer.Option(Path("gpu-check"), help="Folder for gpu-check.json / gpu-check.md and the runs."),
     device: str = typer.Option("cuda", help="cuda | cuda:N (cpu: the same checks, for a smoke test)."),
-    model: str = typer.Option("random:sd-2.1-base", help="The latent prior of the SDS/VSD steps."),
-    toy_steps: Optional[int] = typer.Option(None, help="Steps of the toy demos (default: the run default)."),
+    model: Optional[str] = typer.Option(None, help="The latent prior of the SDS/VSD steps (default random:sd-2.1-base; "
+                                        "with --dry-run random:sd-tiny)."),
+    toy_steps: Optional[int] = typer.Option(None, help="Steps of the toy demos (default 300; with --dry-run 3)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Every stage on the CPU at tiny sizes (needs no GPU)."),
     parts_only: bool = typer.Option(False, help="Only time one SDS step's parts (text, UNet x2, VAE encode/backward)."),
     batch: int = typer.Option(1, help="With --parts-only: the batch."),
 ) -> None:
-    """The GPU check (docs/gpu.md): CPU-vs-GPU parity, toy demos, SDS/VSD steps vs the bare UNet+VAE cost."""
+    """The GPU check (docs/gpu.md): CPU-vs-GPU parity, kernel builds, host waits, toy demos, SDS/VSD steps vs the
+    bare UNet+VAE cost; results written after every stage."""
+    import dataclasses
+
     from dream3d import gpu_check
     from dream3d.device import resolve_device
 
@@ -342,11 +347,15 @@ def bench_gpu(
         from dream3d.guidance.prompts import PromptConfig
 
         where = str(resolve_device(device))
-        prior = StableDiffusionPrior(model, DiffusersConfig(device=where), PromptConfig())
+        prior = StableDiffusionPrior(model or gpu_check.MODEL, DiffusersConfig(device=where), PromptConfig())
         typer.echo(gpu_check.parts_table(gpu_check.sds_parts(prior, batch)))
         return
+    sizes = gpu_check.DRY if dry_run else gpu_check.FULL
+    sizes = dataclasses.replace(sizes, **({"model": model} if model else {}),
+                                **({"demo_steps": toy_steps} if toy_steps else {}))
+    device = "cpu" if dry_run else device
     resolve_device(device)  # no GPU: one line, nothing written
-    typer.echo(gpu_check.markdown(gpu_check.gpu_check(out, device, model, toy_steps)))
+    typer.echo(gpu_check.markdown(gpu_check.gpu_check(out, device, sizes)))
 
 
 @app.command("train-prior")

@@ -137,6 +137,6 @@ PRIORS.add(PriorSpec("toy-mvdream", "dream3d.components:toy_mvdream_prior",
 
 REPRESENTATIONS: Registry[RepresentationSpec] = Registry("representation")
 REPRESENTATIONS.add(RepresentationSpec("nerf", "dream3d.representations.nerf:NeRFConfig", "dream3d.representations.nerf:NeRF",
-                                       "an Instant-NGP-style NeRF (hash grid, density blob)"))
+                                       "a NeRF: dense multi-resolution grids, or an Instant-NGP hash grid with nerf.encoding=hashgrid (density blob)"))
 REPRESENTATIONS.add(RepresentationSpec("gaussians", "dream3d.representations.gaussians:GaussiansConfig",
                                        "dream3d.representations.gaussians:Gaussians", "3D Gaussian splats"))

@@ -1,15 +1,20 @@
-"""A NeRF for score distillation on any CPU: multi-resolution dense grids + nerfacc volume rendering.
+"""A NeRF for score distillation on any CPU: a feature encoding + nerfacc volume rendering.
 
-The field is a sum of dense feature grids at a few resolutions (coarse to fine),
-trilinearly interpolated; channel 0 is raw density, channels 1-3 raw colour. The colour is
-rendered as it is (radiance, view-independent) or, with ``shading="lambert"``, as albedo lit by
-one directional light at the density's normals (``representations/shading.py``).
-Why not a hash grid: at the sizes a 64x64 render needs (grids up to 64^3) a dense
-grid has no collisions, costs one ``grid_sample`` per level instead of 8 hashed
-gathers per level, and the coarse levels make early SDS updates smooth, which is
-what the hash grid's coarse levels are for. A density blob at the origin
-(Magic3D's ``blob_magic3d``) is added to the raw density so the first renders are
-an object, not fog.
+Two encodings of the field (``NeRFConfig.encoding``); either gives 4 raw channels, channel 0 raw density,
+channels 1-3 raw colour:
+
+- dense (the default): a sum of dense feature grids at a few resolutions (16^3, 32^3, 64^3), trilinearly
+  interpolated, 4 channels each and no network. At the sizes a 64x64 render needs a dense grid has no
+  collisions and costs one ``grid_sample`` per level, and its coarse levels keep early SDS updates smooth.
+- hashgrid: Instant-NGP's multi-resolution hash encoding (``representations/hashgrid.py``, threestudio's
+  defaults: 16 levels x 2 features, a 2^19 table, 16 to 4096 cells a side) and a small MLP decoder
+  (32 -> 64 -> 4, ReLU), as threestudio's ``implicit-volume`` geometry: detail beyond 64^3 for real priors
+  at larger renders. Which is the default where is measured in docs/benchmarks.md ("Hash grid beside the
+  dense grids").
+
+The colour is rendered as it is (radiance, view-independent) or, with ``shading="lambert"``, as albedo lit by
+one directional light at the density's normals (``representations/shading.py``). A density blob at the
+origin (Magic3D's ``blob_magic3d``) is added to the raw density so the first renders are an object, not fog.
 
 Two render paths (``NeRFConfig.sampler``), both skipping empty space with one occupancy grid
 (cells whose density, dilated by a cell, is above a small threshold), refreshed every few steps
@@ -41,6 +46,7 @@ from torch import Tensor
 
 from dream3d.representations.base import Representation
 from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb
+from dream3d.representations.hashgrid import HashEncoding, HashGridConfig
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, refreshed
 from dream3d.representations.shading import LightConfig, Shading, lambert
 
@@ -49,6 +55,10 @@ SURFACE_ALPHA = 0.5
 # nerfacc's default: the occupancy path stops marching a ray once its transmittance is below this
 EARLY_STOP_EPS = 1e-4
 Sampler = Literal["auto", "dense", "occupancy"]
+Encoding = Literal["dense", "hashgrid"]
+# the hash grid's normals by central differences over 1/128 of the cube: at its finest levels' spacing
+# (1/4096) the differences would be dominated by hash collisions
+HASHGRID_NORMAL_CELLS = 128
 
 
 class SamplerError(ValueError):
@@ -76,6 +86,8 @@ def occupancy_unavailable(device: torch.device) -> str:
 
 def resolve_sampler(choice: Sampler, device: torch.device) -> Literal["dense", "occupancy"]:
     """The render path for rays on ``device``; auto: occupancy where nerfacc's CUDA ray marching runs."""
+    if choice == "dense":  # without probing nerfacc, whose first import on a GPU may build its extension
+        return "dense"
     marching = device.type == "cuda" and nerfacc_cuda()
     if choice == "occupancy" and not marching:
         raise SamplerError(occupancy_unavailable(device))
@@ -86,11 +98,16 @@ class NeRFConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bound: float = 1.0  # the scene is the cube [-bound, bound]^3
+    encoding: Encoding = "dense"  # the field's encoding: dense grids (grid_resolutions, lr) or a hash grid
     grid_resolutions: list[int] = [16, 32, 64]
     num_samples: int = 64  # per ray, across the cube
     blob_density: float = 10.0
     blob_radius: float = 0.5
-    lr: float = 0.1
+    lr: float = 0.1  # the dense grids'
+    hashgrid: HashGridConfig = HashGridConfig()
+    hashgrid_lr: float = 0.01  # the hash table's (threestudio's encoding lr)
+    decoder_width: int = 64  # the hash grid's MLP: 1 hidden layer of this width (threestudio's 64)
+    decoder_lr: float = 0.001  # the MLP's (threestudio's)
     ray_chunk: int = 8192  # rays evaluated at once; bounds memory at large renders
     occupancy_resolution: int = 64
     occupancy_threshold: float = 0.01  # density below which a cell counts as empty (alpha < 1e-3 per sample)
@@ -115,9 +132,17 @@ class NeRF(Representation):
             r, s = noise.grid_resolution, noise.background_resolution
             self.register_buffer("noise_grid", torch.randn(noise.channels, r, r, r, generator=generator))
             self.register_buffer("noise_background", torch.randn(noise.channels, s, s, generator=generator))
-        self.grids = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.zeros(1, 4, r, r, r)) for r in cfg.grid_resolutions
-        )
+        if cfg.encoding == "dense":
+            self.grids = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.zeros(1, 4, r, r, r)) for r in cfg.grid_resolutions
+            )
+        else:
+            self.encoding = HashEncoding(cfg.hashgrid)
+            self.decoder = torch.nn.Sequential(
+                torch.nn.Linear(self.encoding.output_dim, cfg.decoder_width), torch.nn.ReLU(),
+                torch.nn.Linear(cfg.decoder_width, 4),
+            )
+            torch.nn.init.zeros_(self.decoder[-1].bias)  # the first renders are the blob in grey, as the dense grids'
         r = cfg.occupancy_resolution
         self.register_buffer("occupancy", torch.ones(r, r, r, dtype=torch.bool))
         # the occupancy path's estimators, one per device; a dict keeps them out of the module tree
@@ -194,10 +219,19 @@ class NeRF(Representation):
         return torch.where(alpha >= SURFACE_ALPHA, surface, background(self.noise_background, len(cameras), shape))
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.grids.parameters()), "lr": self.cfg.lr, "name": "grids"}]
+        if self.cfg.encoding == "dense":
+            return [{"params": list(self.grids.parameters()), "lr": self.cfg.lr, "name": "grids"}]
+        return [{"params": [self.encoding.table], "lr": self.cfg.hashgrid_lr, "name": "encoding"},
+                {"params": list(self.decoder.parameters()), "lr": self.cfg.decoder_lr, "name": "decoder"}]
+
+    def field_parameters(self) -> list[Tensor]:
+        """The parameters of the field, in a fixed order (what parity checks compare gradients of)."""
+        return [p for group in self.param_groups() for p in group["params"]]
 
     def _raw(self, points: Tensor) -> Tensor:
         """points [N,3] -> raw field values [N,4] (density logit, colour logits)."""
+        if self.cfg.encoding == "hashgrid":
+            return self.decoder(self.encoding((points / self.cfg.bound + 1) / 2))
         # grid_sample's (x, y, z) index the grid's last, middle and first spatial axes
         coords = (points / self.cfg.bound).view(1, -1, 1, 1, 3)
         raw = sum(F.grid_sample(g, coords, align_corners=True, padding_mode="border") for g in self.grids)
@@ -223,7 +257,8 @@ class NeRF(Representation):
 
     def normals(self, points: Tensor) -> Tensor:
         """Outward unit normals -grad(sigma)/|grad(sigma)| at points [N,3] by central differences -> [N,3]."""
-        h = 2 * self.cfg.bound / max(self.cfg.grid_resolutions)
+        cells = HASHGRID_NORMAL_CELLS if self.cfg.encoding == "hashgrid" else max(self.cfg.grid_resolutions)
+        h = 2 * self.cfg.bound / cells
         offsets = torch.eye(3, device=points.device) * h
         grad = torch.stack(
             [self.density(points + o) - self.density(points - o) for o in offsets], dim=-1

@@ -147,6 +147,15 @@ def test_the_gpu_check_compares_the_two_paths(monkeypatch, tmp_path):
     row = gpu_check.nerf_samplers(run_dir, CPU, steps=1)
     assert row["occupancy_ms_per_step"] > 0 and row["speedup"] > 0
     assert row["max_abs_rgb"] < 0.01 and row["max_abs_alpha"] < 0.01 and row["grad_cosine"] > 0.99
-    assert "| grad_cosine |" in gpu_check.markdown({"device": "cpu", "torch": "", "model": "", "splat_parity": {},
-                                                    "nerf_parity": {}, "toy_demo": [], "nerf_samplers": row,
-                                                    "guidance_steps": []})
+    assert "| grad_cosine |" in gpu_check.markdown({"device": "cpu", "torch": "", "model": "", "stages": {},
+                                                    "nerf_samplers": row})
+
+
+def test_the_dense_path_does_not_probe_nerfacc(monkeypatch):
+    """On a GPU the probe imports nerfacc's extension, whose first import builds it for minutes; the GPU check
+    renders dense NeRFs while that build runs in another process, so choosing dense must not probe."""
+    def probe():
+        raise AssertionError("probed nerfacc")
+
+    monkeypatch.setattr(nerf_module, "nerfacc_cuda", probe)
+    assert resolve_sampler("dense", torch.device("cuda")) == "dense"
