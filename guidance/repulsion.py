@@ -17,6 +17,7 @@ Features: ``pixel_features`` (no download: the image average-pooled to 16 x 16) 
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -58,7 +59,7 @@ class DinoFeatures(torch.nn.Module):
 
         try:
             self.vit = AutoModel.from_pretrained(model, local_files_only=True).eval().requires_grad_(False)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, pickle.UnpicklingError) as error:  # a pickled .bin is refused, never run
             raise GuidanceError(f"repulsion features 'dino': no local ViT model at {model!r} "
                                 f"({type(error).__name__}); use repulsion.features=pixels or a local folder") from None
         self.size = int(self.vit.config.image_size)
