@@ -1,4 +1,4 @@
-"""The ``dream3d`` command line: run, resume, export, refine, eval, batch.
+"""The ``dream3d`` command line: run, resume, export, refine, eval, batch, models.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
@@ -67,8 +67,10 @@ def _report(result: api.Result) -> None:
 
 # the run options, shared by `run` and `batch` (where they are every job's defaults)
 OVERRIDES = typer.Argument(None, help="key=value config overrides, e.g. sds.weighting=uniform")
-PRIOR = typer.Option(None, help=" | ".join(PRIORS.names))
-MODEL = typer.Option(None, help="diffusers priors: a Hugging Face hub id or a local diffusers folder.")
+PRIOR = typer.Option(None, help="auto (the default: a toy prior for a toy-world prompt, else sd) | "
+                     + " | ".join(PRIORS.names))
+MODEL = typer.Option(None, help="diffusers priors: an alias (`dream3d models`), a Hugging Face hub id or a local "
+                     "diffusers folder.")
 GUIDANCE = typer.Option(None, help=" | ".join(RULES.names))
 REPRESENTATION = typer.Option(None, help=" | ".join(REPRESENTATIONS.names))
 STEPS = typer.Option(None, help="Optimisation steps.")
@@ -468,6 +470,16 @@ def eval_prior(
         typer.echo(f"| {name} | {row['accuracy']:.3f} | {' | '.join(ious)} |")
     if multiview:
         typer.echo(f"4-view sets whose views all get one class: {results['toy-mvdream']['view_agreement']:.3f}")
+
+
+@app.command("models")
+def models() -> None:
+    """The model aliases (--model NAME): each one's hub ids in the order they are tried, which are in the
+    local Hugging Face cache, and their sizes."""
+    from dream3d.guidance.priors.hub import listing
+
+    for line in listing():
+        typer.echo(line)
 
 
 @app.command("web")

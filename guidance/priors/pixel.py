@@ -17,8 +17,8 @@ class PixelPrior(DiffusersPrior):
     # DeepFloyd IF's pipeline masks the padding of its T5 prompt
     text_attention_mask = True
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
-        super().__init__(model, cfg, prompts)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision)
         self.resolution = int(self.unet.config.sample_size)
 
     def check_kind(self) -> None:

@@ -15,11 +15,11 @@ from dream3d.guidance.prompts import PromptConfig
 
 class StableDiffusionPrior(DiffusersPrior):
     name = "sd"
-    default_model = "stabilityai/stable-diffusion-2-1-base"
+    default_model = "sd-2.1-base"  # an alias (hub.py): the hub ids tried in order
     components = ("unet", "scheduler", "text_encoder", "tokenizer", "vae")
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
-        super().__init__(model, cfg, prompts)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision)
         self.vae = self._load_model("vae", self._diffusers_model("AutoencoderKL"))
         self.scaling_factor = float(self.vae.config.scaling_factor)
         downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
