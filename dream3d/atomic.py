@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# The name of a temporary file a write makes (mkstemp's ".<stem>.<8 random characters>.tmp<suffix>"; the splats
+# writer in representations/splat_ply.py names its own ".<name>.<8 characters>.tmp"): what a killed write leaves
+LEFTOVER = r"\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?"
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:

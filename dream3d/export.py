@@ -259,11 +259,12 @@ def export_representation(
 
 def _remove_stale(out_dir: Path, written: set[Path]) -> None:
     """Deletes the files an earlier export of other formats (or with or without a texture) left:
-    export/ then holds this export only."""
+    export/ then holds this export only. Only regular files go: a link or a folder under one of
+    those names is not a file an export wrote."""
     names = [f"model.{fmt}" for fmt in MESH_FORMATS] + list(_EXTRA_KINDS) + ["orbit.mp4"]
     for stale in [out_dir / name for name in names]:
-        if stale not in written:
-            stale.unlink(missing_ok=True)
+        if stale not in written and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
 
 
 __all__ = [

@@ -4,7 +4,9 @@
 holding process exits, however it ends (a SIGKILL included), so no stale lock is ever
 left behind. The holder writes its pid and command into the file, for the error a
 refused process shows. Re-entrant within a thread (``resume`` locks, then trains,
-which locks again); another thread or process is refused.
+which locks again); another thread or process is refused. The lock file is opened without
+following a link (O_NOFOLLOW) and must be a regular file: a folder from someone else cannot
+make the lock empty or create a file elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
 import threading
 from contextlib import contextmanager
@@ -42,6 +45,11 @@ def holder_line() -> str:
     return f"pid {os.getpid()} ({' '.join(argv)[:200]})"
 
 
+def holds(folder: Path, name: str = ".lock") -> bool:
+    """Whether this thread holds ``folder``'s lock."""
+    return str(Path(folder).resolve() / name) in getattr(_held, "counts", {})
+
+
 @contextmanager
 def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
     """Holds ``folder/name`` exclusively for the block; raises FolderBusy at once if it is held,
@@ -59,8 +67,12 @@ def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
     try:
         fd = _open(Path(key))
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LockError(f"refusing {Path(folder) / name}: the lock file is a symbolic link") from None
         raise LockError(f"cannot lock {folder}: {e.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LockError(f"refusing {Path(folder) / name}: the lock file is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,13 +89,14 @@ def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
 
 
 def _open(path: Path) -> int:
-    # no O_TRUNC: a refused opener must not erase the holder's line
+    # no O_TRUNC: a refused opener must not erase the holder's line; O_NONBLOCK: a FIFO must not block the open
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not path.exists():
             raise
-        return os.open(path, os.O_RDONLY)  # flock needs no write access: a read-only folder still locks
+        return os.open(path, os.O_RDONLY | flags)  # flock needs no write access: a read-only folder still locks
 
 
 def _read_holder(fd: int) -> str:

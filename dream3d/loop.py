@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dream3d import rundir
+from dream3d import confine, rundir
 from dream3d.atomic import atomic_path
 from dream3d.components import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
@@ -277,7 +277,7 @@ class Trainer:
         out = self.representation.render(orbit_cameras(views, resolution).to(self.device), self.background)
         rows = out.rgb.view(-1, views, resolution, resolution, 3)  # a row per particle
         grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)
-        path = self.run_dir / "previews" / f"step_{self.step:06d}.png"
+        path = confine.inside(self.run_dir, self.run_dir / "previews" / f"step_{self.step:06d}.png")
         with atomic_path(path) as tmp:
             iio.imwrite(tmp, (grid.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8), extension=".png")
         return path

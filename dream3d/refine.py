@@ -17,6 +17,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from dream3d import confine
 from dream3d.config import LossConfig, RunConfig
 from dream3d.errors import UserError
 from dream3d.export import Z_UP_TO_Y_UP, export_mesh, texture_image, write_orbit_video
@@ -46,16 +47,18 @@ def check_refinable(cfg: RunConfig, steps: int) -> None:
 
 
 def export_folders(run_dir: Path, cfg: RunConfig) -> list[Path]:
-    """export/ of a single run, export/p{i}/ of each particle."""
+    """export/ of a single run, export/p{i}/ of each particle; RunDirError for one that links out of the run."""
     root = run_dir / "export"
-    return [root / f"p{i}" for i in range(cfg.particles)] if cfg.particles > 1 else [root]
+    folders = [root / f"p{i}" for i in range(cfg.particles)] if cfg.particles > 1 else [root]
+    return [confine.inside(run_dir, folder) for folder in folders]
 
 
 def load_textured(folder: Path) -> trimesh.Trimesh:
-    """The textured mesh of an export folder in dream3d's world frame (+z up): model.obj, else model.glb.
+    """The textured mesh of an export folder in dream3d's world frame (+z up): model.obj, else model.glb (neither
+    read through a link out of the folder; trimesh reads the OBJ's material and texture from the folder only).
 
     Raises RefineError when neither holds a UV texture."""
-    obj, glb = folder / "model.obj", folder / "model.glb"
+    obj, glb = confine.inside(folder, folder / "model.obj"), confine.inside(folder, folder / "model.glb")
     mesh = None
     try:
         if obj.is_file():

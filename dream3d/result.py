@@ -5,9 +5,12 @@ record of a run is the same whoever made it and whoever reads it.
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dream3d import confine
+from dream3d.rundir import read_summary
 
 
 @dataclass
@@ -22,36 +25,39 @@ class Result:
 
     @classmethod
     def load(cls, run_dir: Path) -> Result:
-        """The run folder's record. The export's files are the ones summary.json lists that are there,
-        in the folder's export/ (symlinks resolved: a crafted summary cannot name a file elsewhere); a
+        """The run folder's record, read under the run-folder rule (dream3d.confine). The export's files are
+        the ones summary.json lists that are regular files under the folder's export/, reached through no
+        link that leads out of the run folder (a crafted summary or folder cannot name a file elsewhere); a
         summary that cannot be read counts as empty, so one damaged folder does not hide the others."""
         run_dir = Path(run_dir)
-        summary = _summary(run_dir / "summary.json")
+        try:
+            summary = read_summary(run_dir)
+        except (confine.RunDirError, OSError):
+            summary = {}
         listed = summary.get("files")
         files = {}
         for kind, relative in (listed.items() if isinstance(listed, dict) else ()):
             path = run_dir / str(relative)
-            if path.is_file() and _inside(path, run_dir / "export"):
+            if _export_file(run_dir, path):
                 files[str(kind)] = path
         return cls(run_dir, files, summary, latest_preview(run_dir))
 
 
 def latest_preview(run_dir: Path) -> Path | None:
-    """The newest ``previews/step_*.png`` of a run folder, or None before the first preview."""
-    previews = sorted((Path(run_dir) / "previews").glob("step_*.png"))
-    return previews[-1] if previews else None
-
-
-def _summary(path: Path) -> dict:
+    """The newest ``previews/step_<step>.png`` (a regular file) of a run folder, or None before the first preview
+    or when previews/ links out of the run folder."""
+    run_dir = Path(run_dir)
     try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+        previews = confine.own_files(run_dir, run_dir / "previews", r"step_\d+\.png")
+    except (confine.RunDirError, OSError):
+        return None
+    return max(previews, key=lambda p: int(re.search(r"\d+", p.name)[0]), default=None)
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _export_file(run_dir: Path, path: Path) -> bool:
+    """Whether ``path`` is a regular file under run_dir/export/, reached through no link out of the run folder."""
     try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except (OSError, ValueError):  # a NUL byte or a name too long for the file system
+        return (path.is_relative_to(run_dir / "export") and confine.inside(run_dir, path).is_file()
+                and path.resolve().is_relative_to((run_dir / "export").resolve()))
+    except (confine.RunDirError, OSError, ValueError):  # a NUL byte or a name too long for the file system
         return False

@@ -6,8 +6,9 @@ temporary name, synced and renamed (dream3d.atomic); metrics.jsonl is appended o
 line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
 
 A run folder is untrusted input: checkpoints load with ``weights_only=True`` (tensors and
-plain data, never pickled code), and one process at a time trains or exports into it
-(``locked``).
+plain data, never pickled code), one process at a time trains or exports into it
+(``locked``), and every name in it is read, written or deleted under the run-folder rule
+(dream3d.confine: nothing through a link that leads outside).
 """
 
 from __future__ import annotations
@@ -26,20 +27,20 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dream3d.atomic import write_bytes, write_text
+from dream3d import confine
+from dream3d.atomic import LEFTOVER, write_bytes, write_text
 from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, to_yaml
-from dream3d.errors import UserError
-from dream3d.lock import FolderBusy, LockError, folder_lock
+from dream3d.confine import RunDirError
+from dream3d.lock import FolderBusy, LockError, folder_lock, holds
 
 log = logging.getLogger(__name__)
 
 ZIP_MAGIC = b"PK\x03\x04"
 # what a checkpoint that reads but belongs to another run raises when applied (missing or unexpected keys, shapes)
 MISMATCH_ERRORS = (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
-
-
-class RunDirError(UserError, ValueError):
-    """A folder is not a usable run; the message is one line."""
+# the names dream3d reads or writes directly in a run folder (export/p{i}/ lie under export/)
+RUN_NAMES = (".lock", "config.yaml", "checkpoints", "previews", "export", "metrics.jsonl", "summary.json")
+CHECKPOINT_NAME = r"step_(\d{6,})\.pt"
 
 
 class CheckpointUnreadable(RunDirError):
@@ -87,6 +88,8 @@ def create_run_dir(cfg: RunConfig) -> Path:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
+    """The config of an existing run, once its folder passes ``check_run_dir``."""
+    check_run_dir(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir} is not a dream3d run folder (no config.yaml)")
     try:
@@ -95,15 +98,26 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise RunDirError(f"{run_dir}/config.yaml: {e}") from None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Raises RunDirError, before anything is written, when a name of the run folder links outside it
+    (dream3d.confine) or its summary.json is damaged."""
+    for name in RUN_NAMES:
+        confine.inside(run_dir, run_dir / name)
+    read_summary(run_dir)
+
+
 def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """Checkpoints, oldest first."""
-    return sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    """The checkpoints dream3d wrote, oldest first: regular files named step_<step>.pt in checkpoints/ (a folder,
+    a link or any other name there is not one of them)."""
+    found = confine.own_files(run_dir, run_dir / "checkpoints", CHECKPOINT_NAME)
+    return sorted(found, key=lambda path: int(re.fullmatch(CHECKPOINT_NAME, path.name)[1]))
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Writes checkpoints/step_<step>.pt and deletes all but the newest ``keep`` of the run's own checkpoints."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    path = run_dir / "checkpoints" / f"step_{step:06d}.pt"
+    path = confine.folder(run_dir, run_dir / "checkpoints") / f"step_{step:06d}.pt"
     write_bytes(path, buffer.getvalue())
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink()
@@ -180,9 +194,15 @@ def apply_checkpoint(path: Path, state: dict[str, Any], apply: Callable[[dict[st
 
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
-    """Holds the run folder's lock: one process trains or exports into a run at a time."""
+    """Holds the run folder's lock: one process trains or exports into a run at a time. Taking it (not again
+    within the thread) removes the temporary files that killed writes left: every writer holds the lock, so
+    none of them is still being written."""
+    confine.inside(run_dir, run_dir / ".lock")
+    first = not holds(run_dir)
     try:
         with folder_lock(run_dir):
+            if first:
+                remove_leftovers(run_dir)
             yield
     except FolderBusy as e:
         raise RunDirError(f"{e}; wait for it to end") from None
@@ -190,10 +210,22 @@ def locked(run_dir: Path) -> Iterator[None]:
         raise RunDirError(str(e)) from None
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Deletes the temporary files of writes that were killed (dream3d.atomic.LEFTOVER names; regular files
+    only) from the folders dream3d writes into."""
+    export = run_dir / "export"
+    particles = [p for p in confine.inside(run_dir, export).glob("p*")
+                 if re.fullmatch(r"p\d+", p.name) and p.is_dir() and not p.is_symlink()]
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "previews", export, *particles):
+        for leftover in confine.own_files(run_dir, folder, LEFTOVER):
+            leftover.unlink()
+
+
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Appends one log line whole: a write that fails part-way (a full disk) is cut back off."""
     line = (json.dumps(record) + "\n").encode()
-    fd = os.open(run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    path = confine.inside(run_dir, run_dir / "metrics.jsonl").resolve()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         size = os.fstat(fd).st_size
         try:
@@ -213,26 +245,49 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drops log lines after ``last_step`` (written after the checkpoint a resume starts from)."""
+    """Drops log lines after ``last_step`` (written after the checkpoint a resume starts from), and any line
+    that is not a step record (cut short by a crash, or garbage)."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    data = confine.read_bytes(run_dir, path)
+    if data is None:
         return
-    lines = [line for line in path.read_text().splitlines() if _step_of(line) <= last_step]
-    write_text(path, "".join(line + "\n" for line in lines))
+    lines = [line for line in data.split(b"\n") if _step_of(line) <= last_step]
+    write_bytes(path, b"".join(line + b"\n" for line in lines))
 
 
-def _step_of(line: str) -> float:
-    """A log line's step; a line cut short by a crash counts as after every checkpoint."""
+def _step_of(line: bytes) -> float:
+    """A log line's step; a line that is not a step record counts as after every checkpoint."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):  # ValueError: not JSON, or not UTF-8
         return float("inf")
+    return step if isinstance(step, int) else float("inf")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json's fields ({} before the first stage writes it); RunDirError when it is damaged."""
+    path = run_dir / "summary.json"
+    data = confine.read_bytes(run_dir, path)
+    if data is None:
+        return {}
+    try:
+        summary = json.loads(data)
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is damaged (not UTF-8 text); move it away to start a new summary") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is damaged (not JSON: {e.msg} at line {e.lineno}); move it away to start a new "
+                          "summary") from None
+    except RecursionError:
+        raise RunDirError(f"{path} is damaged (nested too deep); move it away to start a new summary") from None
+    if not isinstance(summary, dict):
+        raise RunDirError(f"{path} is damaged (a JSON {type(summary).__name__}, not an object); move it away to "
+                          "start a new summary")
+    return summary
 
 
 def update_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merges fields into summary.json (the run, the export and the evaluation each add theirs)."""
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = read_summary(run_dir)
     summary.update(fields)
-    write_text(path, json.dumps(summary, indent=2) + "\n")
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
