@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import resource
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import trimesh
 
-from dream3d import confine, rundir
+from dream3d import rundir
 from dream3d.components import build_guidance, build_prior, build_representation, model_source
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
@@ -33,7 +32,6 @@ from dream3d.refine import (
 )
 from dream3d.representations.particles import Particles
 from dream3d.result import Result
-from dream3d.stop import stage
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
@@ -79,23 +77,8 @@ def start(cfg: RunConfig) -> Trainer:
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     guidance = build_guidance(cfg, prior)  # e.g. a negative prompt the prior cannot take fails here
-    new_out = not Path(cfg.out).exists()
     run_dir = rundir.create_run_dir(cfg)
-    try:
-        return Trainer(cfg, run_dir, prior, representation, guidance)  # e.g. repulsion's feature model fails here
-    except BaseException:
-        _discard(run_dir, new_out)
-        raise
-
-
-def _discard(run_dir: Path, new_out: bool) -> None:
-    """Removes a run folder that failed before its first step (and its --out folder if this run made it), so no
-    folder holding only config.yaml is left."""
-    (run_dir / "config.yaml").unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # anything else in them is not ours to delete
-        run_dir.rmdir()
-        if new_out:
-            run_dir.parent.rmdir()
+    return Trainer(cfg, run_dir, prior, representation, guidance)
 
 
 def resume(
@@ -126,10 +109,8 @@ def train(
 
 def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool) -> Result:
     stopped = False
-    on_event, should_stop = on_event or (lambda event: None), should_stop or (lambda: False)
     try:
-        with stage("training", f"continue with `dream3d resume {trainer.run_dir}`", polled=True):
-            trainer.run(on_event, should_stop)
+        trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
     except RunInterrupted:
         if not export_on_stop:
             raise
@@ -145,28 +126,14 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
         train_seconds=round(trainer.elapsed, 2), seconds_per_step=round(trainer.elapsed / max(trainer.step, 1), 4),
         peak_memory_mb=_peak_memory_mb(), versions=_versions(),
     )
-    with stage("exporting", f"the checkpoint of step {trainer.step} is kept; `dream3d export {run_dir}` exports it"):
-        export(run_dir, representation=trainer.representation)
-    if cfg.refine.steps and not stopped:
-        try:
-            _refine_export(trainer, on_event, should_stop)
-        except RunInterrupted:
-            if not export_on_stop:
-                raise
-            rundir.update_summary(run_dir, stopped=True)  # the export stays as trained, unrefined
-    on_event(Progress("done", trainer.step, cfg.steps))
-    return Result.load(run_dir)
-
-
-def _refine_export(trainer: Trainer, on_event: EventHandler, should_stop: StopCheck) -> None:
-    """Refines the texture of the export just written (``refine.steps`` > 0), with the trainer's prior and rule."""
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    unchanged = f"the export is as trained; `dream3d refine {run_dir}` refines it"
-    with stage("loading the export to refine", unchanged):
+    export(run_dir, representation=trainer.representation)
+    if cfg.refine.steps:
         folders = export_folders(run_dir, cfg)
-        meshes = [load_textured(folder) for folder in folders]
-    _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict(), folders, meshes, on_event,
-            should_stop, unchanged)
+        _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict(), folders,
+                [load_textured(folder) for folder in folders])
+    if on_event:
+        on_event(Progress("done", trainer.step, cfg.steps))
+    return Result.load(run_dir)
 
 
 def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
@@ -212,7 +179,7 @@ def _export(
     tick = time.perf_counter()
     files = {}
     for name, member in _particles(representation):
-        folder = confine.folder(run_dir, run_dir / "export" / name)
+        folder = run_dir / "export" / name
         own = export_representation(
             member,
             folder,
@@ -255,8 +222,7 @@ def refine(
     with rundir.locked(run_dir), disk_errors(run_dir, retry="refine"):
         # the run's rule state (VSD's LoRA) from its latest checkpoint; a run without one starts the rule afresh
         state = rundir.latest_state(run_dir)[1].get("guidance") if rundir.checkpoint_paths(run_dir) else None
-        _refine(run_dir, cfg, steps, build_prior(cfg), state, folders, meshes, on_event or (lambda event: None),
-                should_stop or (lambda: False), "the export is as it was")
+        _refine(run_dir, cfg, steps, build_prior(cfg), state, folders, meshes, on_event, should_stop)
         if on_event:
             on_event(Progress("done", steps, steps))
         return Result.load(run_dir)
@@ -264,20 +230,14 @@ def refine(
 
 def _refine(
     run_dir: Path, cfg: RunConfig, steps: int, prior: Prior, guidance_state: dict | None, folders: list[Path],
-    meshes: list[trimesh.Trimesh], on_event: EventHandler, should_stop: StopCheck, unchanged: str,
+    meshes: list[trimesh.Trimesh], on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
 ) -> None:
-    """Refines the textured mesh of each export folder (one per particle), then re-exports each under the same names.
-
-    A stop request raises RunInterrupted (``unchanged`` says what it leaves), between steps or, while the
-    refined files are written, at once (each file is replaced whole)."""
+    """Refines the textured mesh of each export folder (one per particle), then re-exports each under the same names."""
     tick = time.perf_counter()
-    on_event(Progress("refine", 0, steps))
-    with stage("refining", unchanged, polled=True):
-        refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event, should_stop)
-                   for mesh in meshes]
-    with stage("writing the refined export", "each file is either refined or as it was"):
-        for folder, mesh, textured in zip(folders, meshes, refined):
-            write_refined(mesh, textured, folder, cfg)
+    refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event or (lambda event: None),
+                              should_stop or (lambda: False)) for mesh in meshes]
+    for folder, mesh, textured in zip(folders, meshes, refined):
+        write_refined(mesh, textured, folder, cfg)
     rundir.update_summary(run_dir, refine={"steps": steps, "seconds": round(time.perf_counter() - tick, 2),
                                            "t_percent": [cfg.refine.min_step_percent, cfg.refine.max_step_percent],
                                            "lr": cfg.refine.lr})
@@ -307,8 +267,8 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
     per_particle = []
     for name, member in _particles(representation):
         metrics = evaluate_representation(member, cfg.prompt, background)
-        glb = confine.inside(run_dir, run_dir / "export" / name / "model.glb")
-        if glb.is_file():
+        glb = run_dir / "export" / name / "model.glb"
+        if glb.exists():
             mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
             texture = texture_image(mesh)
             if texture is not None:
