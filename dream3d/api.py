@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import trimesh
 
-from dream3d import rundir
+from dream3d import confine, rundir
 from dream3d.components import build_guidance, build_prior, build_representation, model_source
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.device import resolve_device
@@ -179,7 +179,7 @@ def _export(
     tick = time.perf_counter()
     files = {}
     for name, member in _particles(representation):
-        folder = run_dir / "export" / name
+        folder = confine.folder(run_dir, run_dir / "export" / name)
         own = export_representation(
             member,
             folder,
@@ -267,8 +267,8 @@ def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) ->
     per_particle = []
     for name, member in _particles(representation):
         metrics = evaluate_representation(member, cfg.prompt, background)
-        glb = run_dir / "export" / name / "model.glb"
-        if glb.exists():
+        glb = confine.inside(run_dir, run_dir / "export" / name / "model.glb")
+        if glb.is_file():
             mesh = trimesh.load(glb, force="mesh").apply_transform(np.linalg.inv(Z_UP_TO_Y_UP))
             texture = texture_image(mesh)
             if texture is not None:

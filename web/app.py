@@ -3,7 +3,7 @@
 A layer over dream3d.api: a Generate press validates the form into a RunConfig, puts a
 job in the JobQueue and then polls it, redrawing the progress bar and the preview from
 the loop's events until the run exports. Files are served to the browser from the runs
-folder only (the /download route and Gradio's allowed_paths).
+folder only (the /download route and Gradio's allowed_paths), and none of its hidden files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import gradio as gr
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.middleware import Middleware
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dream3d import rundir
 from dream3d.config import AUTO, GUIDANCES, PRIOR_CHOICES, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
@@ -250,6 +252,39 @@ def launch(settings: WebSettings, host: str = "127.0.0.1", port: int = 7860, sha
     runs.root.mkdir(parents=True, exist_ok=True)
     demo = build_app(settings, JobQueue(), runs)
     demo.queue(default_concurrency_limit=None).launch(
-        server_name=host, server_port=port, share=share, theme=THEME, ssr_mode=False,
-        allowed_paths=[str(runs.root)], app_kwargs={"routes": [download_route(runs)]},
+        server_name=host, server_port=port, share=share, theme=THEME, ssr_mode=False, **serving(runs),
     )
+
+
+def serving(runs: RunsFolder) -> dict[str, Any]:
+    """Gradio's launch options for the files it serves: the runs folder only, none of its hidden files, and the
+    /download route."""
+    return {"allowed_paths": [str(runs.root)],
+            "app_kwargs": {"routes": [download_route(runs)], "middleware": [Middleware(HiddenRunFiles, runs=runs)]}}
+
+
+class HiddenRunFiles:
+    """ASGI middleware: Gradio's own file route (``/gradio_api/file=PATH``) serves no hidden file under the runs
+    folder (a run's ``.lock``, the temporary file of an unfinished write), as /download does not; Gradio's
+    ``blocked_paths`` names whole paths, not a rule for names that appear with every new run."""
+
+    def __init__(self, app: ASGIApp, runs: RunsFolder) -> None:
+        self.app, self.root = app, runs.root
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._hidden(scope["path"]):
+            await PlainTextResponse("hidden files of a run are not served", status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _hidden(self, path: str) -> bool:
+        _, route, target = path.partition("/file=")
+        if not route:
+            return False
+        try:
+            # as written (after "..") and with links resolved: a visible link may lead to a hidden file
+            candidates = (Path(os.path.abspath(target)), Path(target).resolve())
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: not a file to serve either
+            return True
+        return any(c.is_relative_to(self.root) and any(part.startswith(".") for part in c.relative_to(self.root).parts)
+                   for c in candidates)
