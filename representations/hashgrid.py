@@ -7,8 +7,9 @@ whose (N+1)^3 vertices fit is indexed densely (no collisions), a finer one throu
 training sorts out the collisions. A point's encoding is, per level, the trilinear interpolation of its cell's
 8 corner features; the levels are concatenated ([N, L*F]).
 
-tiny-cuda-nn is the reference implementation; it does not install here, so this is the same arithmetic with
-``torch.nn.functional.embedding`` gathers (one per level), which run and back-propagate on any device.
+tiny-cuda-nn is the reference implementation; it does not install here, so this is the same arithmetic in
+PyTorch: a gather of 8 rows a point and level, and a hand-written backward (``_HashLookup``), on any device.
+The table is drawn from torch's global generator, which the run seeds and checkpoints.
 """
 
 from __future__ import annotations

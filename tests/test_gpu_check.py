@@ -43,6 +43,25 @@ def test_the_dry_run_writes_every_stage_as_it_finishes(tmp_path):
     assert all(r["host_waits_per_step"] is None and r["skipped_steps"] == 0 for r in results["guidance_steps"])
 
 
+def test_every_stage_is_on_disk_when_it_finishes(tmp_path, monkeypatch):
+    """The dry run's order and files with the two costly stages (toy runs, SD steps) stubbed: the JSON on disk
+    after each stage holds that stage and those before it."""
+    demo = {"representation": "nerf", "steps": 3, "wall_seconds": 1.0, "train_seconds": 1.0, "seconds_per_step": 0.3,
+            "skipped_steps": 0, "iou": 0.5, "run_dir": str(tmp_path / "none")}
+    monkeypatch.setattr(gpu_check, "toy_demo", lambda *args: demo)
+    monkeypatch.setattr(gpu_check, "_guidance_rows", lambda *args: [])
+    seen = []
+
+    def on_stage(name: str, results: dict) -> None:
+        seen.append(name)
+        assert list(json.loads((tmp_path / "gpu-check.json").read_text())["stages"]) == seen
+
+    results = run_check(tmp_path, "cpu", DRY, on_stage=on_stage)
+    assert seen == list(STAGES)
+    assert results["stages"]["nerf_samplers"]["status"] == "failed"  # the stub's run folder holds no NeRF
+    assert "| toy demo | steps |" in (tmp_path / "gpu-check.md").read_text()
+
+
 def test_a_check_stopped_after_two_stages_leaves_them_on_disk(tmp_path):
     def stop_after_two(name: str, results: dict) -> None:
         if len(results["stages"]) == 2:
