@@ -482,6 +482,15 @@ def models() -> None:
         typer.echo(line)
 
 
+@app.command("doctor")
+def doctor() -> None:
+    """What will run where on this machine: device, torch/CUDA versions, free GPU memory, gsplat's and nerfacc's
+    CUDA kernels (built or buildable), each representation's rasterizer and sampler, half precision, cached models."""
+    from dream3d.doctor import render
+
+    render(Console(width=max(Console().width, 140)))
+
+
 @app.command("web")
 def web(
     host: str = typer.Option("127.0.0.1", help="Address to serve on (0.0.0.0: the local network)."),
