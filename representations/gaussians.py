@@ -255,7 +255,13 @@ class Gaussians(Representation):
         return {"strategy_state": self.strategy_state}
 
     def set_extra_state(self, state: dict) -> None:
-        self.strategy_state = state["strategy_state"]
+        """Takes the densification state onto the parameters' device: a checkpoint is read onto the CPU, and
+        gsplat's strategy adds each step's statistics into these tensors in place (``index_add_``)."""
+        device = self.params["means"].device
+        self.strategy_state = {
+            key: value.to(device) if isinstance(value, Tensor) else value
+            for key, value in state["strategy_state"].items()
+        }
 
     def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
         """Loads a checkpoint whose Gaussian count may differ from this model's (densification)."""

@@ -29,10 +29,15 @@ memory holds one chunk's pairs at a time in the forward and the backward pass.
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: fainter contributions are skipped
 ALPHA_MAX = 0.999  # gsplat clamps per-Gaussian alpha here (the original 3DGS uses 0.99)
@@ -126,6 +131,17 @@ def project(
     return {"means2d": means2d, "depths": tz, "conics": conics, "radii": radii}
 
 
+def gather(values: Tensor, ids: Tensor) -> Tensor:
+    """values[ids] along dim 0, with a backward that sums repeated ids in a fixed order.
+
+    ``values[ids]`` back-propagates through ``index_put_(accumulate=True)``, which on a multi-threaded
+    CPU adds the repeats of an id in whatever order the threads reach them, so a run's gradients (and
+    every step after) changed from run to run. ``index_select``'s backward is ``index_add_``, which the
+    CPU sums serially in index order (on CUDA both are atomic adds; docs/gpu.md#determinism).
+    values [N,...], ids [M] -> [M,...]."""
+    return values.index_select(0, ids)
+
+
 def composite(
     pixel_ids: Tensor, gauss_ids: Tensor, num_pixels: int, width: int,
     means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, weight_power: int = 1,
@@ -141,10 +157,10 @@ def composite(
         (sum_i w_i^weight_power features_i [num_pixels,D], final transmittance [num_pixels]).
     """
     pixels = torch.stack([pixel_ids % width, pixel_ids // width], dim=-1).to(means2d.dtype) + 0.5
-    d = means2d[gauss_ids] - pixels  # mean minus pixel centre, as gsplat
-    a, b, c = conics[gauss_ids].unbind(-1)
+    d = gather(means2d, gauss_ids) - pixels  # mean minus pixel centre, as gsplat
+    a, b, c = gather(conics, gauss_ids).unbind(-1)
     sigma = 0.5 * (a * d[:, 0] ** 2 + c * d[:, 1] ** 2) + b * d[:, 0] * d[:, 1]
-    alpha = (opacities[gauss_ids] * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+    alpha = (gather(opacities, gauss_ids) * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
     alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
     # first pair of each pixel's run, to turn one global cumsum into per-pixel ones
     first = torch.ones_like(pixel_ids, dtype=torch.bool)
@@ -155,7 +171,7 @@ def composite(
         # float64: the global cumsum spans every pixel, float32 would lose the per-pixel digits
         log1m = torch.log1p(-alpha.double())
         excl = torch.cumsum(log1m, dim=0) - log1m
-        return excl - excl[run_start]
+        return excl - gather(excl, run_start)
 
     with torch.no_grad():
         # transmittance only falls, so "T after this pair > T_MIN" keeps exactly gsplat's visited prefix
@@ -163,7 +179,7 @@ def composite(
     alpha = alpha * alive
     weights = alpha * log_trans_before(alpha).exp().to(alpha.dtype)
     out = torch.zeros(num_pixels, features.shape[-1], dtype=features.dtype, device=features.device)
-    out = out.index_add(0, pixel_ids, weights[:, None] ** weight_power * features[gauss_ids])
+    out = out.index_add(0, pixel_ids, weights[:, None] ** weight_power * gather(features, gauss_ids))
     log_t = torch.zeros(num_pixels, dtype=torch.float64, device=alpha.device).index_add(0, pixel_ids, torch.log1p(-alpha.double()))
     return out, log_t.exp().to(alpha.dtype)
 
@@ -270,7 +286,7 @@ def rasterize(
         before backward for densification), radii [C,N,2], depths [C,N], conics [C,N,3],
         width, height, n_cameras.
     """
-    if means.is_cuda:
+    if splat_backend(means.device) == "gsplat":
         from gsplat import rasterization
 
         render, alpha, meta = rasterization(
@@ -285,6 +301,42 @@ def rasterize(
     )
 
 
+@cache
+def gsplat_cuda() -> bool:
+    """Whether gsplat's CUDA extension loads here (prebuilt, or compiled on first use where nvcc is found); probed once.
+
+    gsplat's PyPI wheel is pure Python: without a matching CUDA toolkit it says "gsplat will be disabled",
+    leaves its extension ``None``, and its first kernel call fails on that ``None``."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from gsplat.cuda._backend import _C
+    except (ImportError, OSError, RuntimeError):  # a failed build: the PyTorch path still runs
+        return False
+    return _C is not None
+
+
+@cache
+def _warn_fallback() -> None:
+    cuda = torch.version.cuda or "its CUDA version"
+    log.warning(
+        "warning: gsplat's CUDA kernels did not load, so the Gaussians are splatted by dream3d's PyTorch rasterizer on "
+        "the GPU (an estimated 10x or more slower per step, not yet measured on a GPU); they build on first use with a CUDA "
+        "toolkit whose nvcc matches torch's CUDA %s, ninja and a C++ compiler (docs/gpu.md)", cuda,
+    )
+
+
+def splat_backend(device: torch.device) -> Literal["gsplat", "torch"]:
+    """The rasterizer for Gaussians on ``device``: gsplat's CUDA kernels where they load, else the PyTorch path
+    (with one warning per process on a CUDA device, where gsplat was the expected choice)."""
+    if device.type != "cuda":
+        return "torch"
+    if gsplat_cuda():
+        return "gsplat"
+    _warn_fallback()
+    return "torch"
+
+
 def ray_length_per_depth(Ks: Tensor, width: int, height: int) -> Tensor:
     """Distance along the unit ray per unit of camera z at each pixel centre: [C,H,W,1]."""
     ys = torch.arange(height, dtype=Ks.dtype, device=Ks.device) + 0.5
@@ -294,7 +346,8 @@ def ray_length_per_depth(Ks: Tensor, width: int, height: int) -> Tensor:
     return torch.sqrt(u**2 + v**2 + 1).unsqueeze(-1)
 
 
-__all__ = ["rasterize", "project", "composite", "quat_scale_to_covar", "ray_length_per_depth"]
+__all__ = ["rasterize", "project", "composite", "quat_scale_to_covar", "ray_length_per_depth", "gsplat_cuda",
+           "splat_backend"]
 
 
 @torch.no_grad()

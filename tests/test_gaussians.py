@@ -2,6 +2,7 @@
 brute-force compositor (values and gradients), PLY round trips, and the density field."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -370,3 +371,51 @@ def test_field_filter_keeps_the_mesh_of_thin_splats_at_the_rendered_surface(tmp_
         model.cfg.field_filter = field_filter
         scores[field_filter] = mesh_iou(extract_mesh(model.density, model.albedo, resolution=64), model, torch.ones(3))
     assert scores[0.02] >= 0.9 and scores[0.02] > scores[0.0], scores
+
+
+@pytest.fixture
+def gsplat_extension(monkeypatch):
+    """A GPU machine as far as the probe sees: set(extension) makes gsplat's extension module hold it (None:
+    gsplat disabled itself) or fail to import (ImportError: its build failed). The probe and its warning are
+    once per process, so they are forgotten before and after."""
+    import types
+
+    from dream3d.representations import splat_raster
+
+    def simulate(extension):
+        backend = types.ModuleType("gsplat.cuda._backend")
+        backend._C = extension
+        monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", None if extension is ImportError else backend)
+
+    def forget():
+        for cached in (splat_raster.gsplat_cuda, splat_raster._warn_fallback):
+            cached.cache_clear()
+
+    forget()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    yield simulate
+    forget()
+
+
+@pytest.mark.parametrize("extension", [None, ImportError])
+def test_a_gpu_without_gsplats_kernels_splats_with_pytorch_and_warns_once(gsplat_extension, extension, caplog):
+    """gsplat's pure-Python wheel leaves its extension None where it cannot compile it; rendering then took
+    gsplat's path on CUDA tensors and failed on that None."""
+    from dream3d.representations.splat_raster import splat_backend
+
+    gsplat_extension(extension)
+    with caplog.at_level("WARNING", logger="dream3d.representations.splat_raster"):
+        assert splat_backend(torch.device("cuda")) == "torch"
+        assert splat_backend(torch.device("cuda", 0)) == "torch"
+    (record,) = caplog.records  # one line, once
+    assert "\n" not in record.getMessage()
+    assert all(word in record.getMessage() for word in ("nvcc", "ninja", "10x", "PyTorch rasterizer"))
+
+
+def test_gsplats_kernels_splat_where_they_load_and_never_on_the_cpu(gsplat_extension, caplog):
+    from dream3d.representations.splat_raster import splat_backend
+
+    gsplat_extension(object())
+    assert splat_backend(torch.device("cuda")) == "gsplat"
+    assert splat_backend(torch.device("cpu")) == "torch"
+    assert not caplog.records
