@@ -98,6 +98,23 @@ def to_host(values: dict[str, Tensor | float]) -> dict[str, float]:
     return {name: copied.get(name, value) for name, value in values.items()}
 
 
+def global_rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The global generators a step draws from besides the run's: the CPU's (new Gaussians' noise values, gsplat's
+    split of CPU splats) and, on CUDA, the run's GPU's (gsplat's split there), for the checkpoint."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_global_rng_state(state: dict, device: torch.device) -> None:
+    """Restores what ``global_rng_state`` saved; a checkpoint without a GPU's state (a CPU run, or one written
+    before it was kept) leaves the GPU's generator as seeded."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 class Trainer:
     """Holds one run's state: representation, guidance, optimizers, generator, step counters."""
 
@@ -148,7 +165,7 @@ class Trainer:
             "guidance": self.guidance.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),  # densification draws from the global generator
+            **global_rng_state(self.device),
             "skipped_steps": self.skipped_steps,
             "nonfinite_streak": self.nonfinite_streak,
             "elapsed": self.elapsed,
@@ -162,7 +179,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        set_global_rng_state(state, self.device)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_streak = state["nonfinite_streak"]
