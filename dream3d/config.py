@@ -213,7 +213,12 @@ def auto_prior(data: dict[str, Any]) -> str:
     """The prior ``--prior auto`` picks for a config layer: a toy-world prompt gets a toy prior (the trained
     toy-unet-mv where the rule trains on a UNet or a --model is given, else the closed-form toy-mv), any other
     prompt Stable Diffusion; both in their multi-view form (toy-mvdream, mvdream) where the config asks for
-    groups of views (camera.group_views > 1, as a multi-view recipe sets)."""
+    groups of views (camera.group_views > 1, as a multi-view recipe sets). A model alias (``--model if-i-xl``)
+    picks the prior it is for."""
+    from dream3d.guidance.priors.hub import ALIASES
+
+    if data.get("model") in ALIASES:
+        return ALIASES[data["model"]].prior
     camera = data.get("camera")
     views = camera.get("group_views") if isinstance(camera, dict) else None
     multiview = isinstance(views, int) and views > 1

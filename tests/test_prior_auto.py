@@ -40,6 +40,8 @@ def test_any_other_prompt_gets_a_real_prior():
 def test_a_model_option_picks_a_prior_that_loads_it():
     assert build_config({"prompt": "a red cube", "model": "some/model"}).prior == "toy-unet-mv"
     assert build_config({"prompt": "a corgi", "model": "some/model"}).prior == "sd"
+    assert build_config({"prompt": "a corgi", "model": "if-i-xl"}).prior == "if"  # an alias names its prior
+    assert build_config({"prompt": "a red cube", "model": "sd-1.5"}).prior == "sd"
 
 
 def test_config_yaml_records_the_concrete_prior(monkeypatch, capsys, tmp_path):
