@@ -137,8 +137,9 @@ def gather(values: Tensor, ids: Tensor) -> Tensor:
     ``values[ids]`` back-propagates through ``index_put_(accumulate=True)``, which on a multi-threaded
     CPU adds the repeats of an id in whatever order the threads reach them, so a run's gradients (and
     every step after) changed from run to run. ``index_select``'s backward is ``index_add_``, which the
-    CPU sums serially in index order (on CUDA both are atomic adds; docs/gpu.md#determinism).
-    values [N,...], ids [M] -> [M,...]."""
+    CPU sums serially in index order. (On CUDA ``index_add_`` is an atomic add; this path's ``cumsum`` and
+    forward ``index_add`` are nondeterministic there anyway: docs/gpu.md#determinism.) values [N,...], ids [M]
+    -> [M,...]."""
     return values.index_select(0, ids)
 
 
