@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dream3d.representations.cameras import Cameras, look_at_cameras, view_group_azimuths
+from dream3d.representations.cameras import Cameras, look_at_cameras, to_device, view_group_azimuths
 
 
 class CameraConfig(BaseModel):
@@ -52,7 +52,13 @@ def sample_cameras(cfg: CameraConfig, resolution: int, generator: torch.Generato
     azimuth = a0 + (a1 - a0) * (torch.arange(B, device=rng) + torch.rand(B, generator=generator, device=rng)) / B
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
-    elevation, azimuth, distance, fovy = (v.to(device) for v in (elevation, azimuth, distance, fovy))
+    return _cameras_on(device, elevation, azimuth, distance, fovy, resolution)
+
+
+def _cameras_on(device: torch.device | str, elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor,
+                fovy: torch.Tensor, resolution: int) -> Cameras:
+    """look_at_cameras of host draws [B] each, moved to ``device`` in one non-blocking copy."""
+    elevation, azimuth, distance, fovy = to_device(torch.stack([elevation, azimuth, distance, fovy]), device)
     return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
 
 
@@ -70,8 +76,7 @@ def _sample_view_groups(cfg: CameraConfig, resolution: int, generator: torch.Gen
     azimuth = view_group_azimuths(groups, views, start)
     distance = uniform(*cfg.distance_range)
     fovy = uniform(*cfg.fovy_range)
-    elevation, azimuth, distance, fovy = (v.to(device) for v in (elevation, azimuth, distance, fovy))
-    return look_at_cameras(elevation, azimuth, distance, fovy, resolution, resolution)
+    return _cameras_on(device, elevation, azimuth, distance, fovy, resolution)
 
 
 def orbit_cameras(

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.schedule import Schedule, evaluate
-from dream3d.representations.cameras import Cameras
+from dream3d.representations.cameras import Cameras, to_device
 
 
 def timestep_range(min_percent: float, max_percent: float, num_train_timesteps: int) -> tuple[int, int]:
@@ -42,8 +42,10 @@ def sample_timesteps(min_percent: Schedule, max_percent: Schedule, num_train_tim
 
 
 def alpha_bar(prior: Prior, t: Tensor, device: torch.device) -> Tensor:
-    """abar_t [B,1,1,1] on ``device`` for integer timesteps t [B]."""
-    return prior.alphas_cumprod[t.cpu()].to(device).view(-1, 1, 1, 1)
+    """abar_t [B,1,1,1] on ``device`` for integer timesteps t [B] (drawn on the host): t goes to the table, which a
+    diffusers prior keeps on its device, in a non-blocking copy."""
+    table = prior.alphas_cumprod
+    return to_device(table[to_device(t, table.device)], device).view(-1, 1, 1, 1)
 
 
 def add_noise(x: Tensor, noise: Tensor, abar: Tensor) -> Tensor:
@@ -93,7 +95,7 @@ def predict_each(prior: Prior, x_t: Tensor, t: Tensor, embeddings: list[Tensor],
 
 def forward_noise(x: Tensor, generator: torch.Generator) -> Tensor:
     """Fresh eps ~ N(0, I) shaped like x, drawn on the CPU generator (checkpointed with the run) and moved to x's device."""
-    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    return to_device(torch.randn(x.shape, generator=generator, device=generator.device), x.device)
 
 
 def to_epsilon(output: Tensor, x_t: Tensor, alphas_cumprod_t: Tensor, prediction_type: str) -> Tensor:

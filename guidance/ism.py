@@ -28,7 +28,7 @@ from dream3d.guidance.base import DistillationRule, RuleContext
 from dream3d.guidance.diffusion import add_noise, batch_of, cfg_diff, forward_noise, predict_each
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
-from dream3d.representations.cameras import Cameras
+from dream3d.representations.cameras import Cameras, to_device
 
 
 # LucidDreamer's configs
@@ -90,7 +90,7 @@ class ISMGuidance(DistillationRule):
 
     def noise(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """eps [B,C,h,w] = randn + offset * randn(1,C,1,1): a per-channel offset shared by the batch."""
-        offset = torch.randn(1, x.shape[1], 1, 1, generator=generator, device=generator.device).to(x.device)
+        offset = to_device(torch.randn(1, x.shape[1], 1, 1, generator=generator, device=generator.device), x.device)
         return forward_noise(x, generator) + self.cfg.noise_offset * offset
 
     def unconditional(self, x: Tensor, t: int, embeddings: Embeddings, cameras: Cameras) -> Tensor:

@@ -23,7 +23,7 @@ from dream3d.guidance.base import DistillationRule, RuleContext, TimestepConfig
 from dream3d.guidance.diffusion import batch_of, predict_each, sds_weight
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
-from dream3d.representations.cameras import Cameras
+from dream3d.representations.cameras import Cameras, to_device
 
 
 TEXT_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
@@ -58,7 +58,7 @@ class NFSDGuidance(DistillationRule):
         with torch.no_grad():
             eps = predict_each(self.prior, x_t, t, prompts, cameras)
         eps_y, eps_0, eps_neg = eps[0], eps[1], eps[-1]
-        small = (t < self.cfg.small_t).to(x.device).view(-1, 1, 1, 1)
+        small = to_device(t < self.cfg.small_t, x.device).view(-1, 1, 1, 1)
         delta_d = torch.where(small, eps_0, eps_0 - eps_neg)
         delta_c = eps_y - eps_0
         w = sds_weight(abar.flatten(), self.cfg.weighting).view(-1, 1, 1, 1)

@@ -16,9 +16,12 @@ zeroed for the whole batch with probability ``camera_dropout``) by its own (fuse
 ``forward`` after g is computed from the pre-update LoRA, which is the order threestudio's single
 backward gives. Keeping the optimizer here (not in the loop) leaves the loop's optimizers to the
 representation and puts the LoRA, the camera MLP and the AdamW state in ``state_dict()``,
-so checkpoints resume exactly; a non-finite LoRA loss or gradient skips the LoRA update (counted and
-logged as ``lora_skipped_steps``) on the device, through fused AdamW's ``found_inf`` as ``GradScaler`` uses it,
-so the rule never waits for the device.
+so checkpoints resume exactly. On a float16 UNet the LoRA loss's backward runs on a scaled gradient
+(``LossScale``, guidance/priors/precision.py: unscaled its float32 gradient of about 1e-4 per element at batch 1
+flushes to zero in the half-precision layers) and the LoRA's gradients are unscaled before the step. A non-finite
+LoRA loss or gradient skips the LoRA update (counted and logged as ``lora_skipped_steps``; an overflow also halves
+the scale) on the device, through fused AdamW's ``found_inf`` as ``GradScaler`` uses it, so the rule never waits
+for the device.
 
 On a multi-view prior (MVDream's ``MultiViewUNet``) the LoRA goes on the same attention projections, the fake
 score is told each view's camera through the UNet's own camera input (the prior's 16-number camera; zeros for
@@ -42,8 +45,9 @@ from dream3d.guidance.diffusion import (
 )
 from dream3d.guidance.priors.base import Embeddings, Prior
 from dream3d.guidance.priors.mvdream_unet import MultiViewUNet
+from dream3d.guidance.priors.precision import LossScale
 from dream3d.guidance.schedule import CheckedSchedule, evaluate
-from dream3d.representations.cameras import Cameras
+from dream3d.representations.cameras import Cameras, to_device
 
 ADAPTER = "dream3d_vsd"
 # the attention projections (self and cross) that diffusers' LoRAAttnProcessor adapts
@@ -116,6 +120,7 @@ class VSDGuidance(DistillationRule):
         self.lora = torch.nn.ParameterList(params)  # the same tensors as in the UNet: no copy
         self._adapter_off()
         self.skipped_lora_steps = torch.zeros((), dtype=torch.long, device=reference.device)
+        self.loss_scale = LossScale(reference.dtype, reference.device)
         camera_params = []
         if self.camera_embedding is not None:
             self.camera_embedding.to(reference.device)
@@ -127,12 +132,18 @@ class VSDGuidance(DistillationRule):
 
     # -- checkpoint: the AdamW state travels with the LoRA in state_dict() ------------
     def get_extra_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "skipped_lora_steps": self.skipped_lora_steps}
+        return {"optimizer": self.optimizer.state_dict(), "skipped_lora_steps": self.skipped_lora_steps,
+                "loss_scale": self.loss_scale.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
+        """Every tensor onto the LoRA's device, wherever the checkpoint was loaded (AdamW's own load casts its
+        moments and fused step counts to each parameter's device)."""
+        device = self.lora[0].device
         self.optimizer.load_state_dict(state["optimizer"])
-        self.skipped_lora_steps = torch.as_tensor(state.get("skipped_lora_steps", 0),
-                                                  device=self.skipped_lora_steps.device)
+        self.skipped_lora_steps = torch.as_tensor(state.get("skipped_lora_steps", 0), device=device)
+        self.loss_scale = LossScale(self.loss_scale.dtype, device)
+        if "loss_scale" in state:  # checkpoints from before the LoRA's loss scale restart at its initial scale
+            self.loss_scale.load_state_dict(state["loss_scale"])
 
     # -- the fake score -------------------------------------------------------------
     @contextmanager
@@ -178,14 +189,15 @@ class VSDGuidance(DistillationRule):
         """The fake score's raw output (the prior's prediction type) [B,C,h,w] float32 for x_t [B,C,h,w],
         t [B], text states [B, ...] and camera conditions [B, 16] (zeros: no camera)."""
         reference = next(self.prior.unet.parameters())
-        x_t, t = x_t.to(reference.device, reference.dtype), t.to(reference.device)
+        x_t, t = x_t.to(reference.device, reference.dtype), to_device(t, reference.device)
         states, camera = states.to(reference.device, reference.dtype), camera.to(reference.device)
         with self.fake_score() as unet:
             if self.multiview:
                 out = unet(x_t, t, states, camera, num_frames=self.views)
             else:
                 out = unet(x_t, t, encoder_hidden_states=states, class_labels=camera).sample
-        return out[:, : x_t.shape[1]].float()  # a learned-variance UNet's epsilon is its first C channels
+        # a learned-variance UNet's epsilon is its first C channels; the LoRA loss's gradient enters scaled
+        return self.loss_scale.leave(out[:, : x_t.shape[1]])
 
     def fake_loss(self, x0: Tensor, states: Tensor, camera: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """mean ||eps_psi(x_t'; y, c) - target||^2 with target v = alpha eps - sigma x0 or eps (the prior's type)."""
@@ -200,7 +212,8 @@ class VSDGuidance(DistillationRule):
         (a 0-dim tensor on the device).
 
         A step whose loss or any gradient is NaN/Inf is skipped (a single one would make the LoRA NaN and
-        silently leave the run without guidance) and counted in ``skipped_lora_steps``."""
+        silently leave the run without guidance) and counted in ``skipped_lora_steps``. After it the parameters'
+        ``.grad`` hold the unscaled gradients."""
         B = x.shape[0]
         t = grouped_randint(0, self.prior.num_train_timesteps, B, self.views, generator)
         noise = forward_noise(x, generator)
@@ -211,16 +224,14 @@ class VSDGuidance(DistillationRule):
             loss = self.fake_loss(x.detach(), batch_of(embeddings.cond, B), camera, t, noise)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        skip = (~self._finite(loss)).float()
+        skip = (~torch.isfinite(loss.detach())).float().reshape(1)
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.loss_scale.unscale_(grads, skip)
+        skip = skip.reshape(())  # 0-dim, as fused AdamW subtracts it from the step counts
         self.optimizer.found_inf = skip  # fused AdamW leaves the parameters, moments and step count when it is 1
         self.optimizer.step()
         self.skipped_lora_steps = self.skipped_lora_steps + skip.long()
         return loss.detach()
-
-    def _finite(self, loss: Tensor) -> Tensor:
-        """Whether the loss and every gradient of the fake score are finite: a bool tensor on the device."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        return torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(g).all() for g in grads)]).all()
 
     # -- the rule -------------------------------------------------------------------
     def gradient(self, x: Tensor, embeddings: Embeddings, cameras: Cameras, step: int, generator: torch.Generator

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -56,9 +57,14 @@ class Cameras:
         return origins, dirs
 
     def viewmats(self) -> Tensor:
-        """World-to-camera [B,4,4] in the OpenCV convention (looks down +z, +y down), as gsplat expects."""
-        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=self.c2w.dtype, device=self.device))
-        return flip @ torch.linalg.inv(self.c2w)
+        """World-to-camera [B,4,4] in the OpenCV convention (looks down +z, +y down), as gsplat expects.
+
+        c2w is rigid, so its inverse is [R^T, -R^T t] in closed form: no batched LU (``torch.linalg.inv``
+        checks for singular matrices, a read of the device on CUDA)."""
+        rotation_t = self.c2w[:, :3, :3].transpose(1, 2)
+        w2c = torch.cat([rotation_t, -rotation_t @ self.c2w[:, :3, 3:]], dim=-1)  # [B,3,4]
+        # OpenGL -> OpenCV: the y and z rows negated; a rigid c2w's bottom row is already 0 0 0 1
+        return torch.cat([w2c[:, :1], -w2c[:, 1:], self.c2w[:, 3:]], dim=1)
 
     def intrinsics(self) -> Tensor:
         """Pinhole intrinsics [B,3,3] matching ``rays()`` (principal point at the image centre)."""
@@ -99,6 +105,16 @@ class Cameras:
         )
 
 
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` (any shape) on ``device`` without making the host wait for the device: onto a GPU from page-locked
+    memory with ``non_blocking`` (a plain copy from pageable memory waits until the device has run everything
+    queued before it); elsewhere a plain move."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def look_at_cameras(
     elevation: Tensor,
     azimuth: Tensor,
@@ -120,7 +136,7 @@ def look_at_cameras(
         [torch.cos(el) * torch.cos(az), torch.cos(el) * torch.sin(az), torch.sin(el)], dim=-1
     ) * distance.unsqueeze(-1)
     forward = -position / position.norm(dim=-1, keepdim=True)
-    up_world = torch.tensor([0.0, 0.0, 1.0], device=device).expand_as(forward)
+    up_world = F.pad(torch.ones_like(forward[:, 2:]), (2, 0))  # +z for every camera, made on the device
     right = torch.linalg.cross(forward, up_world)
     right = right / right.norm(dim=-1, keepdim=True)
     up = torch.linalg.cross(right, forward)

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from dream3d.representations.base import Representation
-from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb
+from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb, to_device
 from dream3d.representations.hashgrid import HashEncoding, HashGridConfig
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, refreshed
 from dream3d.representations.shading import LightConfig, Shading, lambert
@@ -308,7 +308,7 @@ class NeRF(Representation):
             mids = (edges[:, :-1] + edges[:, 1:]) / 2
         else:
             # drawn on the generator's device (the run's checkpointed CPU generator), moved to the rays'
-            jitter = torch.rand(R, S, generator=generator, device=generator.device).to(origins.device)
+            jitter = to_device(torch.rand(R, S, generator=generator, device=generator.device), origins.device)
             mids = edges[:, :-1] + (edges[:, 1:] - edges[:, :-1]) * jitter
         points = origins[:, None] + dirs[:, None] * mids[..., None]  # [R, S, 3]
         flat = points.reshape(-1, 3)
@@ -358,7 +358,8 @@ class NeRF(Representation):
         t_near, t_far, hit = ray_aabb(origins, dirs, self.cfg.bound)
         t_far = torch.where(hit, t_far, t_near)
         if generator is not None:
-            t_near = t_near + step * torch.rand(R, generator=generator, device=generator.device).to(origins.device)
+            t_near = t_near + step * to_device(torch.rand(R, generator=generator, device=generator.device),
+                                               origins.device)
 
         def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
             mids = (t_starts + t_ends) / 2

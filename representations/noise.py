@@ -12,6 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from dream3d.representations.cameras import to_device
+
 
 class NoiseFieldConfig(BaseModel):
     """channels: noise channels held (4 covers SD latents, 3 pixels; a prior input with C channels
@@ -31,7 +33,7 @@ def refreshed(noise: Tensor, gamma: float, generator: torch.Generator) -> Tensor
     """sqrt(1 - gamma) noise + sqrt(gamma) xi with xi ~ N(0,1) from ``generator`` (drawn on its device), any shape."""
     if gamma <= 0:
         return noise
-    fresh = torch.randn(noise.shape, generator=generator, device=generator.device).to(noise)
+    fresh = to_device(torch.randn(noise.shape, generator=generator, device=generator.device), noise.device).to(noise)
     return (1 - gamma) ** 0.5 * noise + gamma**0.5 * fresh
 
 

@@ -261,3 +261,19 @@ def test_vsd_run_checkpoint_holds_a_trained_lora(models, tmp_path):
     lora = [v for k, v in state["guidance"].items() if k.startswith("lora.")]
     # B starts at zero: every tensor non-zero means every B moved
     assert lora and all(torch.count_nonzero(v) > 0 for v in lora)
+
+
+def test_rule_state_loads_onto_the_lora_device(models):
+    """A checkpoint read on the CPU, loaded into a rule whose LoRA and camera MLP live elsewhere (``meta`` stands
+    in for a GPU): the AdamW moments and step counts, the skip count and the loss scale follow the parameters."""
+    trained = VSDGuidance(load(models["sd"]), VSDConfig())
+    gen = torch.Generator().manual_seed(0)
+    trained.train_fake_score(fixed_renders(trained.prior, gen), trained.prior.embed("a cat"), cameras(2), gen)
+    state = trained.state_dict()
+    restored = VSDGuidance(load(models["sd"]), VSDConfig())
+    for p in [*restored.lora, *restored.camera_embedding.parameters()]:  # the same objects the UNet and AdamW hold
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to("meta")))
+    restored.load_state_dict(state)
+    tensors = [v for s in restored.optimizer.state.values() for v in s.values()]
+    tensors += [restored.skipped_lora_steps, restored.loss_scale.scale, restored.loss_scale.good_steps]
+    assert len(tensors) > 3 and {t.device.type for t in tensors} == {"meta"}

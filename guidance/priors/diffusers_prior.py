@@ -33,6 +33,7 @@ from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.precision import LossScale
 from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
 from dream3d.guidance.prompts import PromptConfig, clip, view_prompts
+from dream3d.representations.cameras import Cameras, to_device
 
 # Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
@@ -268,7 +269,7 @@ class DiffusersPrior(Prior):
         else:
             scheduler = self._load("scheduler", lambda: DDPMScheduler.from_pretrained(self.folder / "scheduler"))
         self.scheduler = scheduler
-        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.alphas_cumprod = scheduler.alphas_cumprod.float().to(self.device)  # kept where the lookups run
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
@@ -404,7 +405,7 @@ class DiffusersPrior(Prior):
         A learned-variance UNet (2C output channels, as DeepFloyd IF) gives epsilon in its first C
         channels; v- and x0-prediction outputs are converted with the scheduler's alphas.
         """
-        t = t.to(self.device)
+        t = to_device(t, self.device)
         x_in = x_t.to(self.device, self.dtype)
         if self.device.type == "cuda" and self.cfg.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
@@ -414,5 +415,5 @@ class DiffusersPrior(Prior):
         channels = x_t.shape[1]
         if output.shape[1] == 2 * channels:
             output = output[:, :channels]
-        abar = self.alphas_cumprod.to(self.device)[t].view(-1, 1, 1, 1)
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return to_epsilon(output, x_t.to(self.device).float(), abar, self.prediction_type).to(x_t.dtype)

@@ -11,6 +11,7 @@ from torch import Tensor
 from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.priors.diffusers_prior import DiffusersPrior, DiffusersConfig, resize_square
 from dream3d.guidance.prompts import PromptConfig
+from dream3d.representations.cameras import to_device
 
 
 class StableDiffusionPrior(DiffusersPrior):
@@ -47,7 +48,7 @@ class StableDiffusionPrior(DiffusersPrior):
         # float16 weights: the backward through the encoder runs on a scaled gradient (precision.py)
         posterior = self.vae.encode(self.loss_scale.enter(2 * rgb - 1)).latent_dist
         # the posterior's eps comes from the run's generator (checkpointed), not the device's global one
-        eps = self.draw_normal(posterior.mean.shape).to(posterior.mean)
+        eps = to_device(self.draw_normal(posterior.mean.shape), posterior.mean.device).to(posterior.mean)
         return self.loss_scale.leave(posterior.mean + posterior.std * eps) * self.scaling_factor
 
     def decode(self, x: Tensor) -> Tensor:
