@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -32,6 +33,7 @@ from dream3d.refine import (
 )
 from dream3d.representations.particles import Particles
 from dream3d.result import Result
+from dream3d.stop import stage
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
@@ -77,8 +79,23 @@ def start(cfg: RunConfig) -> Trainer:
     prior.embed(cfg.prompt)
     representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
     guidance = build_guidance(cfg, prior)  # e.g. a negative prompt the prior cannot take fails here
+    new_out = not Path(cfg.out).exists()
     run_dir = rundir.create_run_dir(cfg)
-    return Trainer(cfg, run_dir, prior, representation, guidance)
+    try:
+        return Trainer(cfg, run_dir, prior, representation, guidance)  # e.g. repulsion's feature model fails here
+    except BaseException:
+        _discard(run_dir, new_out)
+        raise
+
+
+def _discard(run_dir: Path, new_out: bool) -> None:
+    """Removes a run folder that failed before its first step (and its --out folder if this run made it), so no
+    folder holding only config.yaml is left."""
+    (run_dir / "config.yaml").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # anything else in them is not ours to delete
+        run_dir.rmdir()
+        if new_out:
+            run_dir.parent.rmdir()
 
 
 def resume(
@@ -109,8 +126,10 @@ def train(
 
 def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool) -> Result:
     stopped = False
+    on_event, should_stop = on_event or (lambda event: None), should_stop or (lambda: False)
     try:
-        trainer.run(on_event or (lambda event: None), should_stop or (lambda: False))
+        with stage("training", f"continue with `dream3d resume {trainer.run_dir}`", polled=True):
+            trainer.run(on_event, should_stop)
     except RunInterrupted:
         if not export_on_stop:
             raise
@@ -126,14 +145,28 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
         train_seconds=round(trainer.elapsed, 2), seconds_per_step=round(trainer.elapsed / max(trainer.step, 1), 4),
         peak_memory_mb=_peak_memory_mb(), versions=_versions(),
     )
-    export(run_dir, representation=trainer.representation)
-    if cfg.refine.steps:
-        folders = export_folders(run_dir, cfg)
-        _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict(), folders,
-                [load_textured(folder) for folder in folders])
-    if on_event:
-        on_event(Progress("done", trainer.step, cfg.steps))
+    with stage("exporting", f"the checkpoint of step {trainer.step} is kept; `dream3d export {run_dir}` exports it"):
+        export(run_dir, representation=trainer.representation)
+    if cfg.refine.steps and not stopped:
+        try:
+            _refine_export(trainer, on_event, should_stop)
+        except RunInterrupted:
+            if not export_on_stop:
+                raise
+            rundir.update_summary(run_dir, stopped=True)  # the export stays as trained, unrefined
+    on_event(Progress("done", trainer.step, cfg.steps))
     return Result.load(run_dir)
+
+
+def _refine_export(trainer: Trainer, on_event: EventHandler, should_stop: StopCheck) -> None:
+    """Refines the texture of the export just written (``refine.steps`` > 0), with the trainer's prior and rule."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    unchanged = f"the export is as trained; `dream3d refine {run_dir}` refines it"
+    with stage("loading the export to refine", unchanged):
+        folders = export_folders(run_dir, cfg)
+        meshes = [load_textured(folder) for folder in folders]
+    _refine(run_dir, cfg, cfg.refine.steps, trainer.prior, trainer.guidance.state_dict(), folders, meshes, on_event,
+            should_stop, unchanged)
 
 
 def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
@@ -222,7 +255,8 @@ def refine(
     with rundir.locked(run_dir), disk_errors(run_dir, retry="refine"):
         # the run's rule state (VSD's LoRA) from its latest checkpoint; a run without one starts the rule afresh
         state = rundir.latest_state(run_dir)[1].get("guidance") if rundir.checkpoint_paths(run_dir) else None
-        _refine(run_dir, cfg, steps, build_prior(cfg), state, folders, meshes, on_event, should_stop)
+        _refine(run_dir, cfg, steps, build_prior(cfg), state, folders, meshes, on_event or (lambda event: None),
+                should_stop or (lambda: False), "the export is as it was")
         if on_event:
             on_event(Progress("done", steps, steps))
         return Result.load(run_dir)
@@ -230,14 +264,20 @@ def refine(
 
 def _refine(
     run_dir: Path, cfg: RunConfig, steps: int, prior: Prior, guidance_state: dict | None, folders: list[Path],
-    meshes: list[trimesh.Trimesh], on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
+    meshes: list[trimesh.Trimesh], on_event: EventHandler, should_stop: StopCheck, unchanged: str,
 ) -> None:
-    """Refines the textured mesh of each export folder (one per particle), then re-exports each under the same names."""
+    """Refines the textured mesh of each export folder (one per particle), then re-exports each under the same names.
+
+    A stop request raises RunInterrupted (``unchanged`` says what it leaves), between steps or, while the
+    refined files are written, at once (each file is replaced whole)."""
     tick = time.perf_counter()
-    refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event or (lambda event: None),
-                              should_stop or (lambda: False)) for mesh in meshes]
-    for folder, mesh, textured in zip(folders, meshes, refined):
-        write_refined(mesh, textured, folder, cfg)
+    on_event(Progress("refine", 0, steps))
+    with stage("refining", unchanged, polled=True):
+        refined = [refine_texture(cfg, mesh, steps, run_dir, prior, guidance_state, on_event, should_stop)
+                   for mesh in meshes]
+    with stage("writing the refined export", "each file is either refined or as it was"):
+        for folder, mesh, textured in zip(folders, meshes, refined):
+            write_refined(mesh, textured, folder, cfg)
     rundir.update_summary(run_dir, refine={"steps": steps, "seconds": round(time.perf_counter() - tick, 2),
                                            "t_percent": [cfg.refine.min_step_percent, cfg.refine.max_step_percent],
                                            "lr": cfg.refine.lr})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dream3d.errors import UserError, one_line, user_errors
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES
-from dream3d.stop import SignalStop
+from dream3d.stop import SignalStop, exit_after_signal, stage
 
 if TYPE_CHECKING:
     from dream3d import api
@@ -44,12 +45,16 @@ def _train(start: Any) -> api.Result:
     task = bar.add_task("optimising", total=None, loss="-", t="-", rate="-")
 
     def on_event(event: Any) -> None:  # a dream3d.loop.Progress
+        nonlocal task
         if event.kind == "step":
             bar.start()
             bar.update(
                 task, completed=event.step, total=event.total, loss=f"{event.losses.get('loss', 0):.4g}",
                 t=f"{event.losses.get('t', 0):.0f}", rate=f"{event.it_per_s:.1f}",
             )
+        elif event.kind == "refine":  # the texture refinement after the export: a bar of its own
+            bar.update(task, description="optimised")
+            task = bar.add_task("refining", total=event.total, loss="-", t="-", rate="-")
         elif event.kind == "done":
             bar.update(task, description="done")
 
@@ -183,7 +188,9 @@ def export(
         raise UserError(f"--threshold must be a finite number, got {threshold}")
     chosen = formats.split(",") if formats else None
     check_export_options(chosen, resolution)
-    files = api.export(run_dir, chosen, resolution, threshold)
+    SignalStop()
+    with stage("exporting", "each file under export/ is whole: new, or as it was"):
+        files = api.export(run_dir, chosen, resolution, threshold)
     _report(api.Result(run_dir, files))
 
 
@@ -208,7 +215,9 @@ def evaluate(
     """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
     from dream3d import api
 
-    metrics = api.evaluate(run_dir, mesh=mesh)
+    SignalStop()
+    with stage("evaluating", "summary.json is as it was"):
+        metrics = api.evaluate(run_dir, mesh=mesh)
     for i, particle in enumerate(metrics.pop("particles", [])):
         typer.echo(f"p{i}: " + ", ".join(_fmt_metric(k, v) for k, v in particle.items()))
     for key, value in metrics.items():
@@ -306,8 +315,24 @@ def bench_guidance(
 
 def _check_runs(runs: Iterable[tuple[dict, str, int, Path, list[str]]]) -> None:
     """Checks every run of a benchmark (``bench.cells``) before the first starts: bad input fails at once."""
-    for _, prompt, seed, folder, options in runs:
-        check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
+    configs = [check_run_args([prompt, "--seed", str(seed), "--out", str(folder), *options])
+               for _, prompt, seed, folder, options in runs]
+    _check_words(configs)
+
+
+def _check_words(configs: list[RunConfig]) -> None:
+    """Embeds every prompt of the runs whose prior has a closed vocabulary (the toy priors), each prior built once,
+    so a word it does not know fails in one line before the first run; open-vocabulary priors take any words."""
+    from dream3d.components import build_prior
+
+    priors: dict[tuple, Any] = {}
+    for cfg in configs:
+        if PRIORS[cfg.prior].open_vocabulary:
+            continue
+        key = (cfg.prior, cfg.model)
+        if key not in priors:
+            priors[key] = build_prior(cfg)
+        priors[key].embed(cfg.prompt)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -343,6 +368,8 @@ def bench_gpu(
     from dream3d import gpu_check
     from dream3d.device import resolve_device
 
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
     if parts_only:
         from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
         from dream3d.guidance.priors.sd import StableDiffusionPrior
@@ -393,6 +420,8 @@ def train_prior(
     if threads is not None:
         torch.set_num_threads(threads)
     work = checkpoints or Path("runs") / "train-prior" / out.name
+    _check_output_folder(out, "--out")  # before the training, not after it
+    _check_output_folder(work, "--checkpoints")
     command = " ".join(["dream3d", "train-prior", *sys.argv[2:]])
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}  {task.fields[rate]} it/s"), TimeRemainingColumn())
@@ -430,6 +459,7 @@ def sample(
 
     check_options(SampleOptions, n=n, steps=steps, seed=seed, elevation=elevation, azimuth=azimuth,
                   guidance_scale=guidance_scale)
+    _check_output_file(out, "--out")
     images = sample_views(prior, model, prompt, n, elevation, azimuth, steps, guidance_scale, seed)
     save_row(images, out)
     console.print(f"samples: {out}")
@@ -502,11 +532,50 @@ def web(
     max_steps: int = typer.Option(2000, help="Runs of more steps are refused (one worker serves every visitor)."),
 ) -> None:
     """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must lie in 1..65535, got {port}")
+    if max_prompt_chars < 1:
+        raise UserError(f"--max-prompt-chars must be at least 1, got {max_prompt_chars}")
+    _check_output_folder(Path(out), "--out")
+    _check_host(host)
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the web app needs gradio: pip install 'dream3d[web]'")
     from dream3d.web.app import launch, settings_from_files
 
     launch(settings_from_files(out, config, max_prompt_chars, max_steps), host, port, share)
+
+
+def _check_output_folder(folder: Path, flag: str) -> None:
+    """One line unless ``folder`` is, or can be made as, a writable folder; creates nothing."""
+    existing = folder.absolute()
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing == folder.absolute() and not existing.is_dir():
+        raise UserError(f"{flag} {folder} is not a folder")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {flag} {folder}: {existing} is not a writable folder")
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    """One line unless ``path`` can be written as a file (not a folder, in a folder that is or can be made writable)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    try:
+        _check_output_folder(path.parent, flag)
+    except UserError:
+        raise UserError(f"cannot write {flag} {path}: its folder is not writable") from None
+
+
+def _check_host(host: str) -> None:
+    """One line unless the server can listen on ``host`` (an address of this machine, or a name resolving to one)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as e:  # socket.gaierror included
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror or e})") from None
 
 
 def _fail(line: str) -> None:
@@ -526,6 +595,7 @@ def main() -> None:
     except Exception as e:
         if type(e).__name__ in ("RunInterrupted", "BatchInterrupted"):
             _fail(f"interrupted: {e}")
+            exit_after_signal(130)
             sys.exit(130)
         if not isinstance(e, user_errors()):
             raise

@@ -430,6 +430,12 @@ class RunSettings(_Section):
         """Whether the forward noise comes from the representation (``--noise consistent`` or ``--guidance cfd``)."""
         return self.noise == "consistent" or registry.RULES[self.guidance].always_consistent_noise
 
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps of every stage of the run: training, then texture refinement (``refine.steps``).
+        A stage added to the run adds its steps here, so the web app's --max-steps bounds it too."""
+        return self.steps + self.refine.steps
+
     @model_validator(mode="after")
     def _gaussians(self) -> "RunSettings":
         if self.representation == "gaussians" and self.loss.lambda_orient != 0:
@@ -504,7 +510,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a key below a value")
         try:
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = safe_yaml(raw, f"override {key!r}")
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value does not parse") from None
     return tree
@@ -518,9 +524,41 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# no config nests deeper than a few levels; PyYAML and json build nested values by recursion, which a
+# 20,000-deep list turns into a RecursionError
+MAX_NESTING = 100
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``, refused in one ConfigError (naming ``what``) when it nests deeper than MAX_NESTING.
+
+    The depth is counted on PyYAML's event stream, which its parser makes without recursion."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ConfigError(f"{what} is nested more than {MAX_NESTING} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return yaml.safe_load(text)
+
+
+def check_nesting(value: Any, what: str) -> Any:
+    """``value`` (from json.loads) as it is, or one ConfigError when it nests deeper than MAX_NESTING."""
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            raise ConfigError(f"{what} is nested more than {MAX_NESTING} levels deep")
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+    return value
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = safe_yaml(Path(path).read_text(encoding="utf-8"), f"config {path}")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

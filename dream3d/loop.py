@@ -28,6 +28,7 @@ from dream3d.device import resolve_device
 from dream3d.errors import UserError
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
+from dream3d.stop import RunInterrupted  # re-exported: a stop request, in the loop or from a signal
 from dream3d.guidance.base import NoiseSource
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import build_features, repulsion_loss
@@ -39,13 +40,10 @@ class RunError(UserError, RuntimeError):
     """The run cannot go on; the message is one line and names the last good checkpoint (or says there is none)."""
 
 
-class RunInterrupted(RuntimeError):
-    """A stop was requested; a checkpoint of the last finished step is on disk."""
-
-
 @dataclass
 class Progress:
-    """One event of a run. kind: "step", "preview", "checkpoint" or "done"."""
+    """One event of a run. kind: "step", "preview", "checkpoint", "refine" (the refine stage begins; its step
+    events follow) or "done"."""
 
     kind: str
     step: int

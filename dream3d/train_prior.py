@@ -28,6 +28,7 @@ from torch import Tensor
 from dream3d.config import ConfigError
 from dream3d.rundir import apply_checkpoint, read_latest_checkpoint
 from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.stop import stage
 from dream3d.guidance import toy_world
 from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
@@ -273,15 +274,17 @@ def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, comm
     if found:
         apply_checkpoint(path, state, trainer.load_state_dict, "this training run")
     start, clock = trainer.step, time.perf_counter()
-    while trainer.step < cfg.steps and not should_stop():
-        loss = trainer.train_step()
-        rate = (trainer.step - start) / max(time.perf_counter() - clock, 1e-9)
-        on_step(TrainStep(trainer.step, cfg.steps, loss, rate))
-        if trainer.step % cfg.checkpoint_every == 0:
+    # a signal lets the current step finish: the loop then checkpoints (dream3d.stop)
+    with stage("training the prior", f"the checkpoint is in {work}; --resume continues", polled=True):
+        while trainer.step < cfg.steps and not should_stop():
+            loss = trainer.train_step()
+            rate = (trainer.step - start) / max(time.perf_counter() - clock, 1e-9)
+            on_step(TrainStep(trainer.step, cfg.steps, loss, rate))
+            if trainer.step % cfg.checkpoint_every == 0:
+                save_checkpoint(trainer, work, cfg.keep_checkpoints)
+                export(trainer, out, command)
+        if trainer.step % cfg.checkpoint_every:
             save_checkpoint(trainer, work, cfg.keep_checkpoints)
+        if trainer.step >= cfg.steps:
             export(trainer, out, command)
-    if trainer.step % cfg.checkpoint_every:
-        save_checkpoint(trainer, work, cfg.keep_checkpoints)
-    if trainer.step >= cfg.steps:
-        export(trainer, out, command)
     return trainer

@@ -7,18 +7,39 @@ refused before any training starts, so the whole table takes seconds.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dream3d import api, cli
 from dream3d.config import build_config
-from tests.support import TINY
+from dream3d.result import Result
+from tests.support import TINY, TINY_FLAGS
 
 HUGE = str(10**26)
 BINARY = bytes(range(256)) * 4  # not UTF-8, NUL bytes
+PLY_XYZ = b"property float x\nproperty float y\nproperty float z\n"
+# --init-points files with hostile headers: each must be one line, none may hang or fill the memory
+PLYS = {
+    "no-end-header": b"ply\nformat ascii 1.0\nelement vertex 1\n" + PLY_XYZ,
+    "count-abc": b"ply\nformat ascii 1.0\nelement vertex abc\n" + PLY_XYZ + b"end_header\n0 0 0\n",
+    "unknown-type": b"ply\nformat ascii 1.0\nelement vertex 1\nproperty quad x\nend_header\n0\n",
+    "negative-count": b"ply\nformat binary_little_endian 1.0\nelement vertex -5\n" + PLY_XYZ + b"end_header\n",
+    "huge-count": b"ply\nformat binary_little_endian 1.0\nelement vertex 99999999999999\n" + PLY_XYZ + b"end_header\n"
+    + bytes(12),
+    "non-utf8": b"ply\nformat ascii 1.0\nelement vertex 1\n\xff\xfe\xfd\n" + PLY_XYZ + b"end_header\n0 0 0\n",
+    "too-few-rows": b"ply\nformat ascii 1.0\nelement vertex 3\n" + PLY_XYZ + b"end_header\n0.0000001 0.0000002 0.0000003\n",
+    "no-format": b"ply\nelement vertex 1\n" + PLY_XYZ + b"end_header\n0 0 0\n",
+    "short-rows": b"ply\nformat ascii 1.0\nelement vertex 2\n" + PLY_XYZ + b"end_header\n0.00000 0.00000\n1.00000 1.00000\n",
+    "few-bytes": b"ply\nformat ascii 1.0\nelement vertex 3\n" + PLY_XYZ + b"end_header\n0 0 0\n",
+    "long-header": b"ply\nformat ascii 1.0\n" + b"comment " + b"x" * 2_000_000 + b"\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +58,19 @@ def world(tmp_path_factory) -> Path:
     (root / "unknown.yaml").write_text("nope: 1\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "bad.jsonl").write_text('{"prompt": "a red cube", "steps": 1e400}\n')
-    for name, change in {"binary-config": None, "no-config": "", "no-checkpoint": "checkpoints"}.items():
+    (root / "deep.jsonl").write_text('{"prompt": "a red cube", "seed": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (root / "deep.yaml").write_text("seed: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    for name, content in PLYS.items():
+        (root / f"{name}.ply").write_bytes(content)
+    (root / "dino").mkdir()
+    (root / "dino" / "config.json").write_text('{"model_type": "vit", "image_size": 16, "patch_size": 8}')
+    (root / "dino" / "pytorch_model.bin").write_bytes(b"cposix\nsystem\n(S'true'\ntR.")  # a pickle that calls a function
+    for name, change in {"binary-config": None, "no-config": "", "no-checkpoint": "checkpoints", "deep-config": "deep"}.items():
         shutil.copytree(run, root / name)
         if change is None:
             (root / name / "config.yaml").write_bytes(BINARY)
+        elif change == "deep":
+            (root / name / "config.yaml").write_text((root / "deep.yaml").read_text())
         elif change == "":
             (root / name / "config.yaml").unlink()
         else:
@@ -83,6 +113,17 @@ RUN_FLAGS = [
     (["--init-points", "{world}/missing.ply", "--representation", "gaussians"], 1, "does not exist"),
     (["--init-points", "{world}/a-folder", "--representation", "gaussians"], 1, "does not exist"),
     (["--no-such-flag"], 2, "No such option"),
+    *[(["--init-points", f"{{world}}/{name}.ply", "--representation", "gaussians"], 1, text) for name, text in [
+        ("no-end-header", "no end_header"), ("count-abc", "vertex count 'abc' is not a whole number"),
+        ("unknown-type", "unknown property type 'quad'"), ("negative-count", "vertex count -5 is negative"),
+        ("huge-count", "99999999999999 vertices need"), ("few-bytes", "3 vertices need at least 18 bytes"), ("non-utf8", "header is not ASCII text"),
+        ("too-few-rows", "holds 1 of its 3 vertex rows"), ("no-format", "no format line"),
+        ("short-rows", "has 2 values, not 3"), ("long-header", "header is longer than"),
+    ]],
+    (["--particles", "3", "repulsion.weight=1", "repulsion.features=dino", "repulsion.dino_model={world}/dino"], 1,
+     "repulsion features 'dino': no local ViT model"),
+    (["seed=" + "[" * 20_000 + "]" * 20_000], 1, "nested more than"),
+    (["--config", "{world}/deep.yaml"], 1, "nested more than"),
 ]
 
 CASES = [
@@ -145,6 +186,23 @@ CASES = [
     (["eval-prior", "--guidance-scale", "nan", "--out", "{out}/r.json"], 1, "finite number"),
     (["eval-prior", "--seed", HUGE, "--out", "{out}/r.json"], 1, "seed: the seed must lie in"),
     (["eval-prior", "--model", "{world}/binary.bin", "--out", "{out}/r.json"], 1, ""),
+    (["resume", "{world}/deep-config"], 1, "nested more than"),
+    (["export", "{world}/deep-config"], 1, "nested more than"),
+    (["eval", "{world}/deep-config"], 1, "nested more than"),
+    (["batch", "{world}/deep.jsonl", "--out", "{out}"], 1, "nested more than"),
+    (["sample", "a red cube", "--out", "{world}/a-folder"], 1, "is a folder"),
+    (["sample", "a red cube", "--out", "/proc/1/s.png"], 1, "cannot write"),
+    (["sample", "a red cube", "--out", "{world}/binary.bin/s.png"], 1, "cannot write"),
+    (["train-prior", "--out", "/proc/1/m", "--steps", "1"], 1, "cannot write"),
+    (["train-prior", "--out", "{out}/m", "--checkpoints", "{world}/binary.bin", "--steps", "1"], 1, "is not a folder"),
+    (["bench-gpu", "--device", "cpu", "--parts-only", "--batch", "-3"], 1, "--batch must be at least 1, got -3"),
+    (["bench-gpu", "--device", "cpu", "--parts-only", "--batch", "0"], 1, "--batch must be at least 1, got 0"),
+    (["web", "--port", "99999"], 1, "--port must lie in 1..65535, got 99999"),
+    (["web", "--port", "-1"], 1, "--port must lie in 1..65535, got -1"),
+    (["web", "--max-prompt-chars", "0"], 1, "--max-prompt-chars must be at least 1, got 0"),
+    (["web", "--out", "{world}/binary.bin"], 1, "is not a folder"),
+    (["web", "--host", "999.1.1.1"], 1, "--host 999.1.1.1 is not an address of this machine"),
+    (["bench-guidance", "--faithful", "a dog", "--out", "{out}"], 1, "does not know 'dog'"),
     (["no-such-command"], 2, "No such command"),
 ]
 
@@ -208,4 +266,143 @@ def test_hostile_form_is_one_line(tmp_path, values, text):
     with pytest.raises(ConfigError) as error:
         config_from_form(form, settings.base_layer(), settings.out, 10**7, settings.max_steps)
     assert text in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) < 1000
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- stopping: a signal ends any phase within seconds --------------------------------------------------------
+
+
+def _dream3d_process(tmp_path: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-m", "dream3d", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the phase to interrupt never began"
+        time.sleep(0.02)
+
+
+def _opened(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # a descriptor closed while we looked
+        return False
+
+
+def _terminate(process: subprocess.Popen) -> tuple[int, str, float]:
+    """SIGTERM; (exit code, stderr, seconds until the process ended)."""
+    tick = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    return process.returncode, err, time.monotonic() - tick
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="watches /proc/PID/fd for the open PLY")
+def test_sigterm_ends_an_init_points_load_within_5_s(tmp_path):
+    points = tmp_path / "points.ply"
+    rows = 6_000_000  # an ASCII PLY whose load takes seconds
+    points.write_bytes(b"ply\nformat ascii 1.0\nelement vertex %d\n" % rows + PLY_XYZ + b"end_header\n"
+                       + b"0.1 0.2 0.3\n" * rows)
+    process = _dream3d_process(tmp_path, "run", "a red cube", "--representation", "gaussians", "--init-points",
+                               str(points), "--out", str(tmp_path / "runs"))
+    _wait_until(lambda: _opened(process.pid, points), process)
+    code, err, seconds = _terminate(process)
+    assert seconds < 5 and code == 130, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "stopped while" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_sigterm_ends_the_refine_stage_within_5_s(tmp_path):
+    flags = [str(f) for f in TINY_FLAGS]
+    process = _dream3d_process(tmp_path, "run", "a red cube", "--out", str(tmp_path / "runs"), *flags,
+                               "export.video=false", "--refine-steps", "100000", "refine.resolution=16")
+
+    def refining() -> bool:
+        return any("export_seconds" in path.read_text() for path in tmp_path.glob("runs/*/summary.json"))
+
+    _wait_until(refining, process)
+    time.sleep(0.5)  # into refine's steps
+    code, err, seconds = _terminate(process)
+    assert seconds < 5 and code == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "refine stopped at step" in last and "Traceback" not in err, err[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "export" / "model.glb").stat().st_size > 0  # the unrefined export is kept
+
+
+def test_a_second_sigint_exits_at_once(tmp_path):
+    script = ("import time\nfrom dream3d.stop import SignalStop, stage\nstop = SignalStop()\n"
+              "with stage('training', 'the checkpoint is kept', polled=True):\n"
+              "    print('ready', flush=True)\n    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline().strip() == "ready"
+    tick = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    assert process.poll() is None  # the first asks the step to finish
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=5)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and time.monotonic() - tick < 3, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "second" in err
+
+
+def test_web_stop_ends_a_refining_job_and_the_next_visitor_starts(tiny):
+    from dream3d.web.jobs import JobQueue, run_and_export
+
+    def runner(cfg, on_event, should_stop):
+        def stop_in_refine(event):
+            on_event(event)
+            if event.kind == "step" and event.total == 300 and event.step == 2:
+                jobs.stop(job.id)
+
+        return run_and_export(cfg, stop_in_refine, should_stop)
+
+    jobs = JobQueue(runner)
+    quick = {"steps": 3, "export": {**TINY["export"], "video": False}}
+    job = jobs.submit(build_config(tiny, quick, {"prompt": "a red cube", "refine": {"steps": 300, "resolution": 16}}))
+    second = jobs.submit(build_config(tiny, quick, {"prompt": "a red cube"}))
+    assert jobs.wait(job, 120)
+    assert job.state == "stopped", job.error
+    summary = Result.load(Path(job.run_dir)).summary
+    assert summary["stopped"] is True and "refine" not in summary
+    assert jobs.wait(second, 120) and second.state == "done", second.error
+
+
+def test_web_limit_covers_every_stage(tmp_path):
+    from dream3d.config import ConfigError
+    from dream3d.web.form import FormValues, config_from_form
+
+    form = FormValues(prompt="a red cube", prior="toy", guidance="sds", representation="nerf", steps=1,
+                      overrides="refine.steps=999999")
+    with pytest.raises(ConfigError, match="this server runs at most 2000 steps"):
+        config_from_form(form, {}, str(tmp_path), 200, 2000)
+    form.overrides = "refine.steps=1000"
+    form.steps = 1000
+    assert config_from_form(form, {}, str(tmp_path), 200, 2000).refine.steps == 1000
+
+
+def test_a_nan_guidance_scale_through_the_web_api_is_a_message_on_the_page(tmp_path):
+    import asyncio
+
+    from dream3d.web.app import WebSettings, build_app
+    from dream3d.web.jobs import JobQueue
+    from dream3d.web.runs import RunsFolder
+
+    demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(), RunsFolder(tmp_path))
+    generate = next(fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_generate")
+    form = ["a red cube", "toy", "sds", "nerf", 12, 0, "16", float("nan"), None, None, ""]
+    output = asyncio.run(demo.process_api(generate, form, state=None))
+    assert "must be a finite number, got nan" in " ".join(map(str, output["data"]))
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from dream3d.config import ConfigError, RunConfig, build_config, parse_overrides
+from dream3d.config import ConfigError, RunConfig, build_config, parse_overrides, safe_yaml
 
 GUIDANCE_SCALE_NAMES = ("guidance_scale",)
 
@@ -67,7 +67,7 @@ def config_from_form(
             layer[key] = _integer(key, getattr(values, key))
     if (values.resolution or "").strip():
         try:
-            layer["resolution"] = yaml.safe_load(values.resolution)
+            layer["resolution"] = safe_yaml(values.resolution, "resolution")
         except yaml.YAMLError:
             raise ConfigError(f"resolution {values.resolution!r} is neither a number nor a list of numbers") from None
     if values.lr_scale is not None:
@@ -79,9 +79,10 @@ def config_from_form(
     overrides = parse_overrides([line.strip() for line in (values.overrides or "").splitlines() if line.strip()])
     # the run folder is the app's: downloads are served from it and from nowhere else
     cfg = build_config(base, layer, overrides, {"out": out})
-    if max_steps is not None and cfg.steps > max_steps:
-        raise ConfigError(f"steps: this server runs at most {max_steps} steps per run (one worker serves every visitor), "
-                          f"got {cfg.steps}")
+    if max_steps is not None and cfg.total_steps > max_steps:
+        stages = str(cfg.steps) + (f" + refine.steps {cfg.refine.steps}" if cfg.refine.steps else "")
+        raise ConfigError(f"steps: this server runs at most {max_steps} steps per run, every stage counted (one worker "
+                          f"serves every visitor), got {stages}")
     return cfg
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dream3d.batch import BatchError
-from dream3d.config import merge
+from dream3d.config import MAX_NESTING, ConfigError, check_nesting, merge
 from dream3d.jobs import Job
 from dream3d.rundir import slugify
 
@@ -50,9 +50,13 @@ def _text_settings(line: str, where: str) -> dict[str, Any]:
 def _jsonl_settings(line: str, where: str) -> dict[str, Any]:
     """A JSONL line -> its config layer; dotted keys ("sds.weighting") become nested."""
     try:
-        data = json.loads(line)
+        data = check_nesting(json.loads(line), where)
     except json.JSONDecodeError as e:
         raise BatchFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # json's decoder recurses once per level: 100,000 brackets exhaust the stack
+        raise BatchFileError(f"{where} is nested more than {MAX_NESTING} levels deep") from None
+    except ConfigError as e:
+        raise BatchFileError(str(e)) from None
     if not isinstance(data, dict):
         raise BatchFileError(f"{where}: a line must be a JSON object with a \"prompt\"")
     if not isinstance(data.get("prompt"), str):
