@@ -128,8 +128,7 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
     stopped = False
     on_event, should_stop = on_event or (lambda event: None), should_stop or (lambda: False)
     try:
-        with stage("training", f"continue with `dream3d resume {trainer.run_dir}`", polled=True):
-            trainer.run(on_event, should_stop)
+        trainer.run(on_event, should_stop)
     except RunInterrupted:
         if not export_on_stop:
             raise

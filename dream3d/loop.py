@@ -28,7 +28,7 @@ from dream3d.device import resolve_device
 from dream3d.errors import UserError
 from dream3d.nfe import NFECounter, mean_per_step
 from dream3d.sampling import orbit_cameras, sample_cameras
-from dream3d.stop import RunInterrupted  # re-exported: a stop request, in the loop or from a signal
+from dream3d.stop import RunInterrupted, stage  # RunInterrupted re-exported: a stop request, in the loop or from a signal
 from dream3d.guidance.base import NoiseSource
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import build_features, repulsion_loss
@@ -253,7 +253,13 @@ class Trainer:
         on_event: Callable[[Progress], None] = lambda event: None,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Steps until cfg.steps; checkpoints every cfg.checkpoint_every steps, on a stop request and at the end."""
+        """Steps until cfg.steps; checkpoints every cfg.checkpoint_every steps, on a stop request and at the end.
+
+        The loop polls ``should_stop`` between steps, so it is a polled stage: a signal lets the step finish."""
+        with stage("training", f"continue with `dream3d resume {self.run_dir}`", polled=True):
+            self._run(on_event, should_stop)
+
+    def _run(self, on_event: Callable[[Progress], None], should_stop: Callable[[], bool]) -> None:
         cfg = self.cfg
         first_step = self.step
         started = time.perf_counter()

@@ -89,6 +89,8 @@ def create_run_dir(cfg: RunConfig) -> Path:
 
 def load_run_config(run_dir: Path) -> RunConfig:
     """The config of an existing run, once its folder passes ``check_run_dir``."""
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir} is not a dream3d run folder (not a folder)")
     check_run_dir(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir} is not a dream3d run folder (no config.yaml)")

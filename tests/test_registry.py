@@ -1,6 +1,8 @@
 """The registries are the one table of names: the config, the builders, the CLI, the web form and the
 benchmarks read them, and an unknown name fails loudly everywhere."""
 
+import re
+
 import pytest
 
 from dream3d import registry
@@ -22,7 +24,8 @@ def test_every_reference_resolves():
 @pytest.mark.parametrize("kind", ["prior", "guidance", "representation"])
 def test_unknown_names_fail_in_one_line_listing_the_valid_ones(kind):
     table = {"prior": registry.PRIORS, "guidance": registry.RULES, "representation": registry.REPRESENTATIONS}[kind]
-    with pytest.raises(ConfigError, match=f"^{kind}: unknown {kind} 'nope'; valid: {', '.join(table.names)}$"):
+    valid = ", ".join(table.names) + (", auto (the default: picked for the prompt)" if kind == "prior" else "")
+    with pytest.raises(ConfigError, match=f"^{kind}: unknown {kind} 'nope'; valid: {re.escape(valid)}$"):
         build_config({"prompt": "a cube", kind: "nope"})
     with pytest.raises(registry.UnknownName):
         table["nope"]

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -190,6 +191,7 @@ def test_two_concurrent_resumes_exactly_one_trains(run_dir, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**cfg, "steps": 999_999, "checkpoint_every": 999_999}))
     logs = [tmp_path / f"err{i}" for i in range(2)]
+    logged = len(steps_logged(run_dir))
     procs = [subprocess.Popen([sys.executable, "-m", "dream3d", "resume", str(run_dir)], stdout=subprocess.PIPE,
                               stderr=log.open("w")) for log in logs]
     try:
@@ -201,6 +203,10 @@ def test_two_concurrent_resumes_exactly_one_trains(run_dir, tmp_path):
         refused = procs.index(first)
         assert first.wait(timeout=60) == 1
         trainer = procs[1 - refused]
+        # a signal while the run loads ends it at once ("stopped while starting"); this one is for the loop
+        deadline = time.monotonic() + 180
+        while len(steps_logged(run_dir)) <= logged and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert trainer.poll() is None
         trainer.send_signal(signal.SIGTERM)
         assert trainer.wait(timeout=120) == 130

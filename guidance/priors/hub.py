@@ -254,11 +254,11 @@ def _local_sha256(path: Path) -> str:
 
 def cached_repos() -> dict[str, int]:
     """Bytes on disk of every model repository in the local Hugging Face cache, by id."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        return {r.repo_id: r.size_on_disk for r in scan_cache_dir().repos if r.repo_type == "model"}
+    try:  # the cache folder as configured now: scan_cache_dir's own default is bound when it is first imported
+        return {r.repo_id: r.size_on_disk for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "model"}
     except CacheNotFound:
         return {}
 
