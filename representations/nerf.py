@@ -47,6 +47,7 @@ from torch import Tensor
 from dream3d.representations.base import Representation
 from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb, to_device
 from dream3d.representations.hashgrid import HashEncoding, HashGridConfig
+from dream3d.representations.kernels import cuda_extension_loads
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, refreshed
 from dream3d.representations.shading import LightConfig, Shading, lambert
 
@@ -67,14 +68,8 @@ class SamplerError(ValueError):
 
 @cache
 def nerfacc_cuda() -> bool:
-    """Whether nerfacc's CUDA extension loads here (prebuilt, or built on first use where nvcc is found)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from nerfacc.cuda._backend import _C
-    except (ImportError, OSError, RuntimeError):  # a failed build: the dense path still runs
-        return False
-    return _C is not None
+    """Whether nerfacc's CUDA extension loads here (prebuilt, or built on first use where nvcc is found); probed once."""
+    return cuda_extension_loads("nerfacc")
 
 
 def occupancy_unavailable(device: torch.device) -> str:

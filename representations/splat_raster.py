@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dream3d.representations.kernels import cuda_extension_loads
+
 log = logging.getLogger(__name__)
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD: fainter contributions are skipped
@@ -304,17 +306,11 @@ def rasterize(
 
 @cache
 def gsplat_cuda() -> bool:
-    """Whether gsplat's CUDA extension loads here (prebuilt, or compiled on first use where nvcc is found); probed once.
+    """Whether gsplat's CUDA extension loads here; probed once.
 
     gsplat's PyPI wheel is pure Python: without a matching CUDA toolkit it says "gsplat will be disabled",
     leaves its extension ``None``, and its first kernel call fails on that ``None``."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from gsplat.cuda._backend import _C
-    except (ImportError, OSError, RuntimeError):  # a failed build: the PyTorch path still runs
-        return False
-    return _C is not None
+    return cuda_extension_loads("gsplat")
 
 
 @cache
