@@ -1,4 +1,5 @@
-"""The ``dream3d`` command line: run, resume, export, refine, eval, batch, models.
+"""The ``dream3d`` command line: run, resume, export, refine, eval, batch, bench, bench-guidance, bench-gpu,
+train-prior, sample, eval-prior, models, doctor, web.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.

@@ -32,7 +32,6 @@ AUTO = "auto"
 PRIOR_CHOICES = (AUTO, *PRIORS)
 GUIDANCES = registry.RULES.names
 REPRESENTATIONS = registry.REPRESENTATIONS.names
-NOISES = ("independent", "consistent")
 EXPORT_FORMATS = ("glb", "obj", "ply")
 
 
