@@ -204,10 +204,6 @@ def toy_refusal(prompt: str) -> str | None:
     return None
 
 
-def is_toy_prompt(prompt: str) -> bool:
-    return toy_refusal(prompt) is None
-
-
 def auto_prior(data: dict[str, Any]) -> str:
     """The prior ``--prior auto`` picks for a config layer: a toy-world prompt gets a toy prior (the trained
     toy-unet-mv where the rule trains on a UNet or a --model is given, else the closed-form toy-mv), any other
@@ -222,7 +218,7 @@ def auto_prior(data: dict[str, Any]) -> str:
     views = camera.get("group_views") if isinstance(camera, dict) else None
     multiview = isinstance(views, int) and views > 1
     prompt = data.get("prompt")
-    if isinstance(prompt, str) and is_toy_prompt(prompt):
+    if isinstance(prompt, str) and toy_refusal(prompt) is None:
         guidance = data.get("guidance", RunSettings.model_fields["guidance"].default)
         trains_unet = guidance in registry.RULES and registry.RULES[guidance].needs_unet
         if multiview:
