@@ -19,21 +19,23 @@ import numpy as np
 import torch
 import trimesh
 
-from dream3d import confine, rundir
-from dream3d.components import build_guidance, build_prior, build_representation, model_source
+from dream3d.rundir import confine
+
+from dream3d.rundir import folder as rundir
+from dream3d.run.build import build_guidance, build_prior, build_representation, model_source
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
-from dream3d.device import resolve_device
-from dream3d.evaluate import albedo_error, evaluate_mesh_3d, evaluate_representation, mesh_iou
-from dream3d.export import Z_UP_TO_Y_UP, export_representation, texture_image
+from dream3d.run.device import resolve_device
+from dream3d.eval.scores import albedo_error, evaluate_mesh_3d, evaluate_representation, mesh_iou
+from dream3d.export.files import Z_UP_TO_Y_UP, export_representation, texture_image
 from dream3d.guidance.priors.base import Prior
-from dream3d.loop import Progress, RunInterrupted, Trainer, disk_errors
-from dream3d.refine import (
+from dream3d.run.loop import Progress, RunInterrupted, Trainer, disk_errors
+from dream3d.export.refine import (
     REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light,
     write_refined,
 )
 from dream3d.representations.particles import Particles
-from dream3d.result import Result
-from dream3d.stop import stage
+from dream3d.rundir.result import Result
+from dream3d.run.stop import stage
 
 EventHandler = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
@@ -242,7 +244,7 @@ def _export(
 def refine(
     run_dir: Path, steps: int = REFINE_STEPS, on_event: EventHandler | None = None, should_stop: StopCheck | None = None,
 ) -> Result:
-    """Refines the texture of a run's exported mesh for ``steps`` steps (``dream3d.refine``) and re-exports it.
+    """Refines the texture of a run's exported mesh for ``steps`` steps (``dream3d.export.refine``) and re-exports it.
 
     Bad input (not a run folder, no textured export, ``steps`` < 1) fails in one line before anything is written;
     a stop request raises RunInterrupted and leaves the export as it was."""

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dream3d.errors import UserError, one_line, user_errors
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES
-from dream3d.stop import SignalStop, exit_after_signal, stage
+from dream3d.run.stop import SignalStop, exit_after_signal, stage
 
 if TYPE_CHECKING:
     from dream3d import api
@@ -45,7 +45,7 @@ def _train(start: Any) -> api.Result:
     bar = Progress(*columns, console=console)
     task = bar.add_task("optimising", total=None, loss="-", t="-", rate="-")
 
-    def on_event(event: Any) -> None:  # a dream3d.loop.Progress
+    def on_event(event: Any) -> None:  # a dream3d.run.loop.Progress
         nonlocal task
         if event.kind == "step":
             bar.start()
@@ -202,7 +202,7 @@ def refine(
 ) -> None:
     """Refine the exported mesh's texture with the run's prior and guidance at small t, then export it again."""
     from dream3d import api
-    from dream3d.refine import REFINE_STEPS
+    from dream3d.export.refine import REFINE_STEPS
 
     chosen = REFINE_STEPS if steps is None else steps
     _report(_train(lambda on_event, stop: api.refine(run_dir, chosen, on_event, stop)))
@@ -273,7 +273,7 @@ def benchmark(
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
 ) -> None:
     """Run the toy benchmark and write bench.md / bench.json."""
-    from dream3d import bench
+    from dream3d.eval import bench
 
     matrix = bench.with_choices(bench.TOY_QUICK if quick else bench.TOY, seeds=_seeds(seeds))
     _check_runs(bench.cells(matrix, out, list(overrides or [])))
@@ -297,7 +297,7 @@ def bench_guidance(
     steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 100)."),
 ) -> None:
     """Compare the guidance rules: fidelity, diversity and cost per step; writes bench.md / bench.json."""
-    from dream3d import bench
+    from dream3d.eval import bench
 
     matrix = bench.with_choices(
         bench.RULES_QUICK if quick else bench.RULES_FULL, rules=_names(rules), representations=_names(representations),
@@ -324,7 +324,7 @@ def _check_runs(runs: Iterable[tuple[dict, str, int, Path, list[str]]]) -> None:
 def _check_words(configs: list[RunConfig]) -> None:
     """Embeds every prompt of the runs whose prior has a closed vocabulary (the toy priors), each prior built once,
     so a word it does not know fails in one line before the first run; open-vocabulary priors take any words."""
-    from dream3d.components import build_prior
+    from dream3d.run.build import build_prior
 
     priors: dict[tuple, Any] = {}
     for cfg in configs:
@@ -366,8 +366,8 @@ def bench_gpu(
     bare UNet+VAE cost; results written after every stage."""
     import dataclasses
 
-    from dream3d import gpu_check
-    from dream3d.device import resolve_device
+    from dream3d.eval import bench_gpu
+    from dream3d.run.device import resolve_device
 
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
@@ -377,15 +377,15 @@ def bench_gpu(
         from dream3d.guidance.prompts import PromptConfig
 
         where = str(resolve_device(device))
-        prior = StableDiffusionPrior(model or gpu_check.MODEL, DiffusersConfig(device=where), PromptConfig())
-        typer.echo(gpu_check.parts_table(gpu_check.sds_parts(prior, batch)))
+        prior = StableDiffusionPrior(model or bench_gpu.MODEL, DiffusersConfig(device=where), PromptConfig())
+        typer.echo(bench_gpu.parts_table(bench_gpu.sds_parts(prior, batch)))
         return
-    sizes = gpu_check.DRY if dry_run else gpu_check.FULL
+    sizes = bench_gpu.DRY if dry_run else bench_gpu.FULL
     sizes = dataclasses.replace(sizes, **({"model": model} if model else {}),
                                 **({"demo_steps": toy_steps} if toy_steps else {}))
     device = "cpu" if dry_run else device
     resolve_device(device)  # no GPU: one line, nothing written
-    typer.echo(gpu_check.markdown(gpu_check.gpu_check(out, device, sizes)))
+    typer.echo(bench_gpu.markdown(bench_gpu.gpu_check(out, device, sizes)))
 
 
 @app.command("train-prior")
@@ -402,13 +402,13 @@ def train_prior(
     import torch
 
     from dream3d.config import SampleOptions, check_options
-    from dream3d.train_prior import TrainPriorConfig, TrainStep, train_prior
+    from dream3d.toy.train_unet import TrainPriorConfig, TrainStep, train_prior
 
     if arch not in ("unet", "mvdream"):
         raise UserError(f"unknown --arch {arch!r}; valid: unet, mvdream")
     config_class, train = TrainPriorConfig, train_prior
     if arch == "mvdream":
-        from dream3d.train_mvdream import TrainMVDreamConfig, train_mvdream
+        from dream3d.toy.train_mvdream import TrainMVDreamConfig, train_mvdream
 
         config_class, train = TrainMVDreamConfig, train_mvdream
     out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
@@ -456,7 +456,7 @@ def sample(
 ) -> None:
     """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
     from dream3d.config import SampleOptions, check_options
-    from dream3d.prior_eval import save_row, sample_views
+    from dream3d.toy.eval_prior import save_row, sample_views
 
     check_options(SampleOptions, n=n, steps=steps, seed=seed, elevation=elevation, azimuth=azimuth,
                   guidance_scale=guidance_scale)
@@ -479,10 +479,10 @@ def eval_prior(
     """Score toy-unet(-mv) samples of every toy class: classification accuracy and silhouette IoU."""
     import json
 
-    from dream3d.atomic import write_text
+    from dream3d.rundir.atomic import write_text
     from dream3d.config import SampleOptions, check_options
-    from dream3d.prior_eval import evaluate_multiview_prior, evaluate_prior
-    from dream3d.guidance.toy_world import CLASSES
+    from dream3d.toy.eval_prior import evaluate_multiview_prior, evaluate_prior
+    from dream3d.guidance.priors.toy_world import CLASSES
 
     if prior not in ("toy-unet", "toy-mvdream"):
         raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
@@ -517,7 +517,7 @@ def models() -> None:
 def doctor() -> None:
     """What will run where on this machine: device, torch/CUDA versions, free GPU memory, gsplat's and nerfacc's
     CUDA kernels (built or buildable), each representation's rasterizer and sampler, half precision, cached models."""
-    from dream3d.doctor import render
+    from dream3d.eval.doctor import render
 
     render(Console(width=max(Console().width, 140)))
 

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dream3d.errors import UserError
 from dream3d import registry
-from dream3d.device import DEVICE_PATTERN, resolve_device
-from dream3d.sampling import CameraConfig
+from dream3d.run.device import DEVICE_PATTERN, resolve_device
+from dream3d.run.camera_sampling import CameraConfig
 from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
 from dream3d.guidance.prompts import PromptConfig
 from dream3d.guidance.repulsion import RepulsionConfig
@@ -195,7 +195,7 @@ def toy_refusal(prompt: str) -> str | None:
     """Why the toy world's grammar (a colour and/or a shape, a few other words) does not take ``prompt``, in one
     line with the vocabulary; None when it does."""
     from dream3d.guidance.priors.base import PriorError
-    from dream3d.guidance.toy_world import parse_prompt
+    from dream3d.guidance.priors.toy_world import parse_prompt
 
     try:
         parse_prompt(prompt)

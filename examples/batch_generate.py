@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 import dream3d
-from dream3d.loop import Progress
+from dream3d.run.loop import Progress
 
 
 def show_progress(prompt: str):

@@ -6,7 +6,7 @@ A representation that renders its colour field as is learns radiance: the light 
 show is baked into the colours, and an exported texture, which a viewer lights again, shows it twice
 (the toy world's sides come out at 0.45 of their albedo). Rendering the colour field through this
 model during training makes the field the albedo. The defaults are the toy world's light (straight
-above; ambient 0.45, diffuse 0.55: ``guidance/toy_world.py``), so a shaded render of the true
+above; ambient 0.45, diffuse 0.55: ``guidance/priors/toy_world.py``), so a shaded render of the true
 albedo and shape is exactly the toy prior's image.
 """
 

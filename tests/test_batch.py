@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 import dream3d
-from dream3d.batch.jobs import read_jobs
+from dream3d.batch.batch_file import read_jobs
 from dream3d.batch.manifest import Manifest, ManifestError
 from dream3d.batch.scheduler import Batch, Coordinator, _resumable
-from dream3d.jobs import DONE, STATES, Job
-from dream3d.rundir import checkpoint_paths
+from dream3d.rundir.job import DONE, STATES, Job
+from dream3d.rundir.folder import checkpoint_paths
 from tests.support import TINY
 from tests.support import dream3d as dream3d_cli
 
@@ -94,8 +94,8 @@ def test_a_manifest_line_that_is_no_job_record_is_one_line(tmp_path, line):
 
 def test_the_web_queue_and_the_batch_keep_the_same_job_record(tmp_path):
     from dream3d.config import build_config
-    from dream3d.result import Result
-    from dream3d.web.jobs import JobQueue
+    from dream3d.rundir.result import Result
+    from dream3d.web.queue import JobQueue
 
     queue = JobQueue(lambda cfg, on_event, should_stop: Result(tmp_path))
     web_job = queue.submit(build_config({"prompt": "a cube"}))

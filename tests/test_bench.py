@@ -1,7 +1,7 @@
 """The benchmarks: one runner, its presets, the per-run table (medians, the Gaussian count column only
 when logged) and the rule matrix's per-cell table."""
 
-from dream3d.bench import TOY_COLUMNS, markdown_table
+from dream3d.eval.bench import TOY_COLUMNS, markdown_table
 
 
 def _row(prompt: str, iou: float, counts: dict[int, int] | None = None) -> dict:
@@ -43,10 +43,10 @@ import torch
 from pathlib import Path
 
 from dream3d import api, cli
-from dream3d.bench import (CELL_HEADERS, RULES, RULES_FULL, RULES_QUICK, TOY, TOY_QUICK, BenchError, Column, cell,
+from dream3d.eval.bench import (CELL_HEADERS, RULES, RULES_FULL, RULES_QUICK, TOY, TOY_QUICK, BenchError, Column, cell,
                            cells, diversity, run_and_eval)
 from dream3d.config import build_config
-from dream3d.nfe import NFECounter
+from dream3d.run.nfe import NFECounter
 
 
 def test_the_toy_benchmark_is_a_preset_of_the_runner(tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from dream3d.sampling import CameraConfig, orbit_cameras, sample_cameras
+from dream3d.run.camera_sampling import CameraConfig, orbit_cameras, sample_cameras
 from dream3d.representations.cameras import Cameras, look_at_cameras, ray_aabb
 
 

@@ -10,7 +10,7 @@ import torch
 
 from dream3d import api
 from dream3d.config import ConfigError, build_config
-from dream3d.loop import RunInterrupted
+from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.ism import ISMConfig, ISMGuidance
 from dream3d.guidance.base import RuleContext
 from dream3d.guidance.sds import CFDConfig, SDSConfig, SDSGuidance

@@ -7,10 +7,12 @@ import signal
 import pytest
 import torch
 
-from dream3d import api, rundir
+from dream3d import api
+
+from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
-from dream3d.loop import RunInterrupted, Trainer
-from dream3d.stop import SignalStop
+from dream3d.run.loop import RunInterrupted, Trainer
+from dream3d.run.stop import SignalStop
 from tests.support import assert_same
 
 # Small enough for the default run, large enough that a step's splat pairs span both threads' chunks;

@@ -10,7 +10,7 @@ import torch
 
 from dream3d import api, registry
 from dream3d.config import build_config
-from dream3d.device import DeviceError, resolve_device
+from dream3d.run.device import DeviceError, resolve_device
 from tests.support import dream3d
 from tests.tiny_diffusers import build_tiny_sd
 
@@ -116,8 +116,8 @@ def test_vae_posterior_sample_draws_from_the_run_generator(tiny_sd):
 def test_resumed_sd_run_ends_where_an_uninterrupted_one_does(tiny_sd, tmp_path):
     """Two steps straight vs one step, a checkpoint round trip into a fresh Trainer and one more step: the
     same parameters bit for bit (the Gaussians densify every step, so the global RNG's state matters too)."""
-    from dream3d import rundir
-    from dream3d.loop import Trainer
+    from dream3d.rundir import folder as rundir
+    from dream3d.run.loop import Trainer
 
     layers = {**TINY, "prompt": "a corgi", "prior": "sd", "model": tiny_sd, "device": "cpu",
               "representation": "gaussians"}
@@ -136,7 +136,7 @@ def test_resumed_sd_run_ends_where_an_uninterrupted_one_does(tiny_sd, tmp_path):
             torch.testing.assert_close(resumed.representation.state_dict()[key], value, rtol=0, atol=0)
 
 
-# the GPU check end to end on the CPU (its dry run): tests/test_gpu_check.py
+# the GPU check end to end on the CPU (its dry run): tests/test_bench_gpu.py
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -7,7 +7,7 @@ import torch
 
 from dream3d import api
 from dream3d.config import build_config
-from dream3d.loop import Trainer
+from dream3d.run.loop import Trainer
 
 # densification every step from step 1 so that the strategy's statistics exist; consistent noise for the
 # per-Gaussian noise buffers

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from dream3d.components import build_prior
+from dream3d.run.build import build_prior
 from dream3d.config import build_config
 from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.prompts import VIEWS

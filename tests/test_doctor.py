@@ -10,7 +10,7 @@ import re
 import torch
 from typer.testing import CliRunner
 
-from dream3d import doctor
+from dream3d.eval import doctor
 from dream3d.cli import app
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from dream3d.bench import markdown_table
-from dream3d.evaluate import _shape_sdf, evaluate_mesh_3d, solid_volume
-from dream3d.guidance.toy_world import SHAPES
+from dream3d.eval.bench import markdown_table
+from dream3d.eval.scores import _shape_sdf, evaluate_mesh_3d, solid_volume
+from dream3d.guidance.priors.toy_world import SHAPES
 from dream3d.representations.mesh import grid_centres, mesh_occupancy
 
 RES = 96
@@ -101,8 +101,8 @@ def _uv_box(texture_uv: np.ndarray) -> trimesh.Trimesh:
 
 
 def test_albedo_error_is_zero_for_the_true_colour_and_grows_with_the_light_baked_in() -> None:
-    from dream3d.evaluate import albedo_error
-    from dream3d.guidance.toy_world import ALBEDOS, parse_prompt
+    from dream3d.eval.scores import albedo_error
+    from dream3d.guidance.priors.toy_world import ALBEDOS, parse_prompt
 
     red = ALBEDOS[parse_prompt("a red cube")[0]].numpy()
     texture = np.zeros((8, 8, 3), dtype=np.uint8)

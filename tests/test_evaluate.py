@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dream3d.evaluate import EVAL_AZIMUTHS, eval_cameras, evaluate_renders, janus_rate
-from dream3d.guidance.toy_world import class_index, render_classes
+from dream3d.eval.scores import EVAL_AZIMUTHS, eval_cameras, evaluate_renders, janus_rate
+from dream3d.guidance.priors.toy_world import class_index, render_classes
 
 
 def _renders(classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import trimesh
 
-from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
+from dream3d.export.files import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
 from dream3d.representations.cameras import Cameras, RenderOutput, look_at_cameras
 from dream3d.representations.mesh import MeshError, extract_mesh, mesh_silhouettes
 from tests.support import validate_glb

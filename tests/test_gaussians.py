@@ -229,7 +229,7 @@ def test_opacity_reset_fires_on_our_schedule_and_not_on_gsplats(tmp_path):
     from gsplat.strategy import DefaultStrategy
 
     from dream3d.config import build_config
-    from dream3d.loop import Trainer
+    from dream3d.run.loop import Trainer
     from tests.support import TINY
 
     gaussians = {"num_points": 128, "refine_start": 100, "reset_every": 4, "refine_stop": 10}
@@ -330,8 +330,8 @@ def _solid_cube_splats(edge: float = 0.6, per_axis: int = 14) -> Gaussians:
 
 def test_mesh_from_splats_matches_their_renders(tmp_path):
     """The exported mesh of a splat object passes the glTF validator and covers what the splats render."""
-    from dream3d.evaluate import mesh_iou
-    from dream3d.export import export_representation
+    from dream3d.eval.scores import mesh_iou
+    from dream3d.export.files import export_representation
     from tests.support import validate_glb
 
     model = _solid_cube_splats()
@@ -354,7 +354,7 @@ def test_density_does_not_depend_on_the_order_of_points():
 
 def test_field_filter_keeps_the_mesh_of_thin_splats_at_the_rendered_surface(tmp_path):
     """Splats thinner than the mesh grid's spacing (a converged shell) still mesh to what they render."""
-    from dream3d.evaluate import mesh_iou
+    from dream3d.eval.scores import mesh_iou
     from dream3d.representations.mesh import extract_mesh
 
     n = 3000

@@ -93,7 +93,7 @@ def test_csd_perp_neg_term_equals_formula():
 
 
 def test_open_vocabulary_priors_get_the_references_negative_prompts_and_perp_neg():
-    from dream3d.components import build_guidance
+    from dream3d.run.build import build_guidance
 
     for prior, expected in (("sd", True), ("if", True), ("toy-unet-mv", False), ("toy", False)):
         for rule in ("csd", "ism", "nfsd"):

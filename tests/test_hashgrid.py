@@ -8,7 +8,7 @@ import torch
 from dream3d.config import build_config
 from dream3d.representations.hashgrid import HashEncoding, HashGridConfig, level_resolutions
 from dream3d.representations.nerf import NeRF, NeRFConfig
-from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 
 # 3 levels of 4, 8 and 16 cells: the first (5^3 = 125 vertices) fits a 2^8 table and is dense, the others hash
 SMALL = HashGridConfig(levels=3, features=2, log2_table_size=8, base_resolution=4, per_level_scale=2.0)

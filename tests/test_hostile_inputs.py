@@ -19,7 +19,7 @@ import pytest
 
 from dream3d import api, cli
 from dream3d.config import build_config
-from dream3d.result import Result
+from dream3d.rundir.result import Result
 from tests.support import TINY, TINY_FLAGS
 
 HUGE = str(10**26)
@@ -338,7 +338,7 @@ def test_sigterm_ends_the_refine_stage_within_5_s(tmp_path):
 
 
 def test_a_second_sigint_exits_at_once(tmp_path):
-    script = ("import time\nfrom dream3d.stop import SignalStop, stage\nstop = SignalStop()\n"
+    script = ("import time\nfrom dream3d.run.stop import SignalStop, stage\nstop = SignalStop()\n"
               "with stage('training', 'the checkpoint is kept', polled=True):\n"
               "    print('ready', flush=True)\n    time.sleep(60)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -359,7 +359,7 @@ def test_a_second_sigint_exits_at_once(tmp_path):
 
 
 def test_web_stop_ends_a_refining_job_and_the_next_visitor_starts(tiny):
-    from dream3d.web.jobs import JobQueue, run_and_export
+    from dream3d.web.queue import JobQueue, run_and_export
 
     def runner(cfg, on_event, should_stop):
         def stop_in_refine(event):
@@ -397,7 +397,7 @@ def test_a_nan_guidance_scale_through_the_web_api_is_a_message_on_the_page(tmp_p
     import asyncio
 
     from dream3d.web.app import WebSettings, build_app
-    from dream3d.web.jobs import JobQueue
+    from dream3d.web.queue import JobQueue
     from dream3d.web.runs import RunsFolder
 
     demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(), RunsFolder(tmp_path))

@@ -10,9 +10,9 @@ import torch
 import trimesh
 
 from dream3d.config import ConfigError, build_config
-from dream3d.evaluate import evaluate_mesh_3d
-from dream3d.export import export_representation
-from dream3d.guidance.toy_world import SDFS, SHAPES, render_shapes
+from dream3d.eval.scores import evaluate_mesh_3d
+from dream3d.export.files import export_representation
+from dream3d.guidance.priors.toy_world import SDFS, SHAPES, render_shapes
 from dream3d.representations.cameras import Cameras, ray_aabb
 from dream3d.representations.mesh import (
     MeshError, auto_threshold, decimate, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
@@ -225,7 +225,7 @@ def test_export_hull_level_is_a_checked_setting_that_reaches_the_mesh(monkeypatc
         seen.update(kwargs)
         raise MeshError("stop here")
 
-    monkeypatch.setattr("dream3d.export.extract_mesh", fake_extract)
+    monkeypatch.setattr("dream3d.export.files.extract_mesh", fake_extract)
     with pytest.raises(MeshError):
         export_representation(SoftSphere(), tmp_path, hull_level="silhouettes", video=False)
     assert seen["hull_level"] == "silhouettes"

@@ -12,8 +12,8 @@ import httpx2
 import pytest
 import yaml
 
-from dream3d import rundir
-from dream3d.components import build_prior
+from dream3d.rundir import folder as rundir
+from dream3d.run.build import build_prior
 from dream3d.config import build_config
 from dream3d.guidance.priors import hub
 from dream3d.guidance.priors.base import PriorError

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from dream3d.components import build_guidance, build_prior
+from dream3d.run.build import build_guidance, build_prior
 from dream3d.config import ConfigError, build_config
-from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from dream3d.guidance.base import RuleContext
 from dream3d.guidance.diffusion import grouped_randint
 from dream3d.guidance.priors.base import PriorError
@@ -464,7 +464,7 @@ def test_our_unet_equals_diffusers_sd_unet_with_joint_view_attention(num_frames)
 # -- toy-mvdream: the same network trained on the toy world --------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_training():
-    from dream3d.train_mvdream import TrainMVDreamConfig
+    from dream3d.toy.train_mvdream import TrainMVDreamConfig
     from dream3d.guidance.priors.toy_mvdream import ToyMVDreamArch
 
     return TrainMVDreamConfig(steps=4, batch_size=2, warmup_steps=0, pool_groups=2, supersample=1, checkpoint_every=2,
@@ -474,7 +474,7 @@ def toy_training():
 
 @pytest.fixture(scope="module")
 def toy_model(toy_training, tmp_path_factory):
-    from dream3d.train_mvdream import train_mvdream
+    from dream3d.toy.train_mvdream import train_mvdream
 
     root = tmp_path_factory.mktemp("toy-mvdream")
     with pytest.MonkeyPatch.context() as patch:
@@ -502,7 +502,7 @@ def test_trained_toy_mvdream_loads_through_the_mvdream_code_path(toy_model):
 
 
 def test_toy_mvdream_resume_gives_the_weights_of_an_uninterrupted_run(toy_training, tmp_path):
-    from dream3d.train_mvdream import train_mvdream
+    from dream3d.toy.train_mvdream import train_mvdream
 
     straight = train_mvdream(toy_training, tmp_path / "a", tmp_path / "a-ck", False, "x")
     train_mvdream(toy_training.model_copy(update={"steps": 2}), tmp_path / "b", tmp_path / "b-ck", False, "x")

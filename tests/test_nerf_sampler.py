@@ -18,7 +18,7 @@ from dream3d.config import build_config
 from dream3d.errors import user_errors
 from dream3d.representations import nerf as nerf_module
 from dream3d.representations.nerf import NeRF, NeRFConfig, SamplerError, resolve_sampler
-from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from tests.support import dream3d
 
 CPU = torch.device("cpu")
@@ -132,22 +132,23 @@ def test_the_occupancy_path_renders_what_the_dense_path_does(monkeypatch):
 def test_the_gpu_check_compares_the_two_paths(monkeypatch, tmp_path):
     """``bench-gpu``'s NeRF row on a short run's NeRF, the occupancy path's two CUDA calls in PyTorch as above:
     both timings, and parity figures that show the paths agree; on the CPU proper, the one-line reason."""
-    from dream3d import gpu_check, rundir
+    from dream3d.eval import bench_gpu
+    from dream3d.rundir import folder as rundir
 
     cfg = build_config({"prompt": "a red cube", "prior": "toy", "resolution": 16, "device": "cpu", "out": str(tmp_path),
                         "nerf": {"grid_resolutions": [8, 16], "occupancy_resolution": 16, "num_samples": 128}})
     run_dir = rundir.create_run_dir(cfg)
     rundir.save_checkpoint(run_dir, {"representation": _shaped_nerf(num_samples=128).state_dict()}, 1, 1)
-    row = gpu_check.nerf_samplers(run_dir, CPU, steps=1)
+    row = bench_gpu.nerf_samplers(run_dir, CPU, steps=1)
     assert row["occupancy"].startswith("nerf.sampler occupancy marches rays") and row["dense_ms_per_step"] > 0
     monkeypatch.setattr(OccGridEstimator, "sampling", _march)
     monkeypatch.setattr(nerf_module, "render_weight_from_density", _packed_weights)
-    monkeypatch.setattr(gpu_check, "resolve_sampler", lambda choice, device: choice)
+    monkeypatch.setattr(bench_gpu, "resolve_sampler", lambda choice, device: choice)
     monkeypatch.setattr(nerf_module, "resolve_sampler", lambda choice, device: choice)
-    row = gpu_check.nerf_samplers(run_dir, CPU, steps=1)
+    row = bench_gpu.nerf_samplers(run_dir, CPU, steps=1)
     assert row["occupancy_ms_per_step"] > 0 and row["speedup"] > 0
     assert row["max_abs_rgb"] < 0.01 and row["max_abs_alpha"] < 0.01 and row["grad_cosine"] > 0.99
-    assert "| grad_cosine |" in gpu_check.markdown({"device": "cpu", "torch": "", "model": "", "stages": {},
+    assert "| grad_cosine |" in bench_gpu.markdown({"device": "cpu", "torch": "", "model": "", "stages": {},
                                                     "nerf_samplers": row})
 
 

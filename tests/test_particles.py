@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dream3d import api
-from dream3d.components import build_representation
+from dream3d.run.build import build_representation
 from dream3d.config import ConfigError, build_config
-from dream3d.loop import RunInterrupted, Trainer
+from dream3d.run.loop import RunInterrupted, Trainer
 from dream3d.guidance.base import GuidanceError, GuidanceOutput, surrogate_loss
 from dream3d.guidance.repulsion import DinoFeatures, RepulsionConfig, build_features, pixel_features, repulsion_loss
 from dream3d.representations.particles import Particles
@@ -114,7 +114,7 @@ def test_repulsion_pushes_two_identical_but_for_noise_particles_apart():
 def test_repulsion_in_a_run_separates_the_particles(tiny, tmp_path):
     """Guidance off, repulsion on: the renders of the particles grow apart (in pixel features)."""
     def spread(trainer):
-        from dream3d.sampling import orbit_cameras
+        from dream3d.run.camera_sampling import orbit_cameras
 
         with torch.no_grad():
             rgb = trainer.representation.render(orbit_cameras(2, 16), trainer.background).rgb

@@ -81,7 +81,7 @@ def test_headline_command_with_the_hub_unreachable_is_the_same_line(empty_hub_ca
 def test_web_form_and_batch_take_auto(tmp_path):
     from dream3d.web.form import FormValues, config_from_form
 
-    from dream3d.batch.jobs import read_jobs
+    from dream3d.batch.batch_file import read_jobs
     from dream3d.batch.scheduler import Batch
 
     values = FormValues(prompt="a red cube", prior="auto", guidance="vsd", representation="nerf")

@@ -8,8 +8,8 @@ import pytest
 import trimesh
 
 from dream3d.config import build_config
-from dream3d.export import texture_image
-from dream3d.refine import load_textured, refine_config
+from dream3d.export.files import texture_image
+from dream3d.export.refine import load_textured, refine_config
 from tests.support import TINY, dream3d, run_cli
 
 

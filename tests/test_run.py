@@ -10,8 +10,8 @@ import yaml
 
 from dream3d import api
 from dream3d.config import build_config
-from dream3d.loop import RunError, RunInterrupted, Trainer
-from dream3d.rundir import checkpoint_paths
+from dream3d.run.loop import RunError, RunInterrupted, Trainer
+from dream3d.rundir.folder import checkpoint_paths
 from tests.support import assert_same, final_params, metrics
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from dream3d import api, rundir
+from dream3d import api
+
+from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
-from dream3d.loop import RunError, disk_errors
+from dream3d.run.loop import RunError, disk_errors
 from tests.support import TINY, dream3d
 
 COMMANDS = {"export": ["--formats", "ply"], "resume": [], "eval": [], "refine": ["--steps", "2"]}
@@ -212,7 +214,7 @@ def _status(url: str) -> int:
 
 def test_gradios_file_route_serves_no_hidden_file_of_a_run(tmp_path):
     from dream3d.web.app import WebSettings, build_app, serving
-    from dream3d.web.jobs import JobQueue
+    from dream3d.web.queue import JobQueue
     from dream3d.web.runs import RunsFolder
 
     run = tmp_path / "runs" / "a-run"

@@ -21,9 +21,11 @@ import pytest
 import torch
 import yaml
 
-from dream3d import api, rundir
+from dream3d import api
+
+from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
-from dream3d.loop import RunError, RunInterrupted, Trainer
+from dream3d.run.loop import RunError, RunInterrupted, Trainer
 from tests.support import TINY
 from tests.support import dream3d
 
@@ -222,7 +224,7 @@ def test_two_concurrent_resumes_exactly_one_trains(run_dir, tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(run_dir):
-    code = "import sys; from dream3d.lock import folder_lock\nwith folder_lock(sys.argv[1]): print('held', flush=True); sys.stdin.read()"
+    code = "import sys; from dream3d.rundir.lock import folder_lock\nwith folder_lock(sys.argv[1]): print('held', flush=True); sys.stdin.read()"
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     try:
@@ -365,7 +367,7 @@ def test_a_metrics_append_that_fails_part_way_is_cut_back(tmp_path):
 
 
 def test_a_failed_atomic_write_keeps_the_previous_file(tmp_path):
-    from dream3d.atomic import write_bytes
+    from dream3d.rundir.atomic import write_bytes
 
     write_bytes(tmp_path / "f.bin", b"old")
     with file_size_limit(100), pytest.raises(OSError, match="File too large") as failure:
@@ -378,7 +380,7 @@ def test_a_failed_atomic_write_keeps_the_previous_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "pickle"])
 def test_an_unloadable_prior_cache_file_is_rebuilt(tmp_path, monkeypatch, caplog, damage):
-    from dream3d.guidance import toy_world
+    from dream3d.guidance.priors import toy_world
     from dream3d.guidance.priors import toy
     from dream3d.guidance.priors.cache import load_cached
 
@@ -405,7 +407,7 @@ def test_an_unwritable_cache_is_a_warning(tmp_path, caplog):
 # -- train-prior ----------------------------------------------------------------------------------------
 
 def test_train_prior_resume_refuses_a_crafted_checkpoint(tmp_path):
-    from dream3d.train_prior import TrainPriorConfig, train_prior
+    from dream3d.toy.train_unet import TrainPriorConfig, train_prior
 
     work = tmp_path / "ck"
     work.mkdir()

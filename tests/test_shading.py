@@ -6,8 +6,8 @@ import torch
 import trimesh
 
 from dream3d.config import build_config
-from dream3d.guidance.toy_world import AMBIENT, DIFFUSE, world_cameras
-from dream3d.refine import trained_light
+from dream3d.guidance.priors.toy_world import AMBIENT, DIFFUSE, world_cameras
+from dream3d.export.refine import trained_light
 from dream3d.representations.cameras import look_at_cameras
 from dream3d.representations.mesh_raster import face_normals, render_textured
 from dream3d.representations.nerf import NeRF, NeRFConfig

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dream3d import api
 from dream3d.config import ConfigError, build_config
-from dream3d.export import Z_UP_TO_Y_UP, export_mesh, export_representation
+from dream3d.export.files import Z_UP_TO_Y_UP, export_mesh, export_representation
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.texture import bake, dilate, rasterize_uv, texture_mesh, unwrap
 from tests.support import TINY_FLAGS, dream3d, run_cli, validate_glb

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dream3d.guidance import toy_world
+from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy
 from dream3d.guidance.priors.base import Prior, PriorError, ddpm_alphas_cumprod
 from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
 from dream3d.guidance.priors.toy import AZIMUTHS, ELEVATIONS, ToyPrior, build_toy_prior, load_shape_renders, toy_dataset
-from dream3d.guidance.toy_world import class_index, render_classes
+from dream3d.guidance.priors.toy_world import class_index, render_classes
 from dream3d.representations.cameras import degrees_between, look_at_cameras
 
 V = len(ELEVATIONS) * len(AZIMUTHS)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dream3d import api
-from dream3d.components import build_prior
+from dream3d.run.build import build_prior
 from dream3d.config import build_config
-from dream3d.train_prior import PriorTrainer, TrainPriorConfig, train_prior
+from dream3d.toy.train_unet import PriorTrainer, TrainPriorConfig, train_prior
 from dream3d.guidance.priors.base import PriorError
 from dream3d.guidance.priors.ddim import ddim_sample
 from dream3d.guidance.priors.toy_unet import SHIPPED_MODEL, ToyUNetArch

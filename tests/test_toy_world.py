@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dream3d.guidance.priors.base import PriorError
-from dream3d.guidance.toy_world import (
+from dream3d.guidance.priors.toy_world import (
     ALBEDOS, CLASSES, COLOURS, SDFS, SHAPES, class_index, parse_prompt, render_classes, render_shapes,
 )
 from dream3d.representations.cameras import Cameras, look_at_cameras

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dream3d import api
-from dream3d.components import build_prior
+from dream3d.run.build import build_prior
 from dream3d.config import build_config
-from dream3d.loop import RunInterrupted
+from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
 from tests.support import cameras
 from tests.support import metrics

@@ -11,9 +11,9 @@ import pytest
 
 from dream3d import api, cli
 from dream3d.config import ConfigError, build_config
-from dream3d.result import Result
+from dream3d.rundir.result import Result
 from dream3d.web.form import FormValues, config_from_form, defaults, guidance_setting, resolution_text
-from dream3d.web.jobs import JobQueue, run_and_export
+from dream3d.web.queue import JobQueue, run_and_export
 from dream3d.web.runs import RunsFolder, obj_zip
 from tests.support import TINY
 

@@ -25,13 +25,13 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dream3d import rundir
+from dream3d.rundir import folder as rundir
 from dream3d.config import AUTO, GUIDANCES, PRIOR_CHOICES, REPRESENTATIONS, ConfigError, RunConfig, load_yaml
 from dream3d.errors import user_errors
-from dream3d.jobs import FAILED, QUEUED, RUNNING, STOPPED
-from dream3d.result import Result
+from dream3d.rundir.job import FAILED, QUEUED, RUNNING, STOPPED
+from dream3d.rundir.result import Result
 from dream3d.web.form import FormValues, config_from_form, defaults, resolution_text
-from dream3d.web.jobs import JobQueue, Snapshot
+from dream3d.web.queue import JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder
 
 log = logging.getLogger(__name__)

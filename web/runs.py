@@ -1,4 +1,4 @@
-"""The runs folder as the web app sees it: earlier runs (``dream3d.result.Result``, the record the API
+"""The runs folder as the web app sees it: earlier runs (``dream3d.rundir.result.Result``, the record the API
 returns), and safe downloads.
 
 Downloads are served from this folder only: ``RunsFolder.resolve`` turns a requested
@@ -13,8 +13,8 @@ import zipfile
 from pathlib import Path
 from urllib.parse import quote
 
-from dream3d.atomic import atomic_path
-from dream3d.result import Result
+from dream3d.rundir.atomic import atomic_path
+from dream3d.rundir.result import Result
 
 DOWNLOAD_ROUTE = "/download"
 

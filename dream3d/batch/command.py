@@ -12,7 +12,7 @@ from rich.live import Live
 
 from dream3d.batch import BatchError, BatchInterrupted
 from dream3d.batch.contact_sheet import contact_sheet
-from dream3d.batch.jobs import read_jobs
+from dream3d.batch.batch_file import read_jobs
 from dream3d.batch.manifest import MANIFEST_NAME, Manifest
 from dream3d.batch.report import Summary, live_table
 from dream3d.batch.scheduler import STOP_FILE, Batch, Coordinator, Executor, OutputLock

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from dream3d.atomic import atomic_path
-from dream3d.jobs import DONE, Job
-from dream3d.result import Result
+from dream3d.rundir.atomic import atomic_path
+from dream3d.rundir.job import DONE, Job
+from dream3d.rundir.result import Result
 
 CAPTION_PX = 16
 COLUMNS = 3

@@ -14,8 +14,8 @@ import signal
 from typing import Any
 
 from dream3d.batch.worker import describe_worker, run_job, use_threads
-from dream3d.jobs import FAILED, FINISHED
-from dream3d.stop import SignalStop
+from dream3d.rundir.job import FAILED, FINISHED
+from dream3d.run.stop import SignalStop
 
 DEAD_WORKER_GRACE_S = 1.0
 

@@ -1,9 +1,9 @@
 """The batch manifest ``batch.jsonl``: one record a job, the authoritative account of what ran.
 
-A record is the ``dream3d.jobs.Job`` the web app's queue keeps too, without its settings (the
+A record is the ``dream3d.rundir.job.Job`` the web app's queue keeps too, without its settings (the
 batch file holds them; the job's id is their hash) and with its prompt cut for display, so the
 manifest stays small although every change rewrites it. Only the coordinating process writes it,
-and every change rewrites the whole file atomically (dream3d/atomic.py), so a kill at any moment
+and every change rewrites the whole file atomically (dream3d/rundir/atomic.py), so a kill at any moment
 leaves the previous or the next version, never a torn one. States:
 
     queued   not started yet (or failed and due for a retry)
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from dream3d.atomic import write_text
+from dream3d.rundir.atomic import write_text
 from dream3d.batch import BatchError
 from dream3d.guidance.prompts import clip
-from dream3d.jobs import STATES, Job
+from dream3d.rundir.job import STATES, Job
 
 MANIFEST_NAME = "batch.jsonl"
 _RECORD = TypeAdapter(Job)

@@ -15,7 +15,7 @@ from typing import Any
 
 from dream3d.batch import BatchError
 from dream3d.batch.worker import describe_worker, run_job, use_threads
-from dream3d.jobs import FAILED
+from dream3d.rundir.job import FAILED
 
 # the local instance of `--ray auto` holds only small job specs and events
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from dream3d.batch.manifest import Manifest
-from dream3d.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
+from dream3d.rundir.job import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
 
 STATE_STYLES = {QUEUED: "dim", RUNNING: "cyan", STOPPED: "yellow", DONE: "green", FAILED: "red"}
 SHOWN_FINISHED = 8  # the table lists every running job and the latest finished ones

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from dream3d import rundir
+from dream3d.rundir import folder as rundir
 from dream3d.batch import BatchError
 from dream3d.batch.manifest import Manifest
 from dream3d.config import ConfigError, build_config, merge
-from dream3d.jobs import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
+from dream3d.rundir.job import DONE, FAILED, QUEUED, RUNNING, STOPPED, Job
 
 STOP_FILE = ".stop"
 LOCK_FILE = ".batch.lock"

@@ -4,7 +4,7 @@ A job either starts fresh (a new run folder) or resumes the run folder of an int
 attempt with ``api.resume``, which finishes it exactly as an uninterrupted run would. It
 reports through ``report`` (any picklable-dict sink: a multiprocessing queue, a Ray queue)
 and returns its final event: done, stopped (checkpointed on a stop request) or failed, as
-``dream3d.jobs.run_job`` (the web app's queue runs its jobs through it too) says it ended.
+``dream3d.rundir.job.run_job`` (the web app's queue runs its jobs through it too) says it ended.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from dream3d import api, jobs
+from dream3d import api
+
+from dream3d.rundir import job
 from dream3d.config import build_config
-from dream3d.loop import Progress
+from dream3d.run.loop import Progress
 
 STEP_REPORT_SECONDS = 0.5
 
@@ -38,11 +40,11 @@ def run_job(spec: dict[str, Any], report: Report, should_stop: Callable[[], bool
         report({"job": job_id, "kind": "started", "run_dir": str(trainer.run_dir), "where": where})
         return api.train(trainer, on_event, stop)
 
-    outcome = jobs.run_job(start, _step_reporter(job_id, report), should_stop)
+    outcome = job.run_job(start, _step_reporter(job_id, report), should_stop)
     final = {"job": job_id, "kind": outcome.state, "seconds": outcome.seconds}
-    if outcome.state == jobs.FAILED:
+    if outcome.state == job.FAILED:
         return {**final, "error": outcome.error, "retryable": outcome.retryable}
-    if outcome.state == jobs.DONE:
+    if outcome.state == job.DONE:
         return {**final, "run_dir": str(outcome.result.run_dir), "train_seconds": outcome.result.summary.get("train_seconds")}
     return final
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dream3d.guidance import toy_world
+from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors.base import Embeddings, Prior, PriorError, ddpm_alphas_cumprod
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.representations.cameras import Cameras, degrees_between, look_at_cameras

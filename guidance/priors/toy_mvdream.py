@@ -18,7 +18,7 @@ from dream3d.guidance.priors.mvdream import MVDreamPrior, unet_config
 from dream3d.guidance.priors.mvdream_unet import MVDreamUNetConfig
 from dream3d.guidance.priors.pixel import PixelPrior
 from dream3d.guidance.priors.toy_unet import VIEW_WORDS
-from dream3d.guidance.toy_world import parse_prompt
+from dream3d.guidance.priors.toy_world import parse_prompt
 from dream3d.guidance.prompts import PromptConfig
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-mvdream"

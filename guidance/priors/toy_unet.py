@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dream3d.guidance.priors.pixel import PixelPrior
 from dream3d.guidance.priors.base import Embeddings
-from dream3d.guidance.toy_world import CLASSES, COLOURS, SHAPES, parse_prompt
+from dream3d.guidance.priors.toy_world import CLASSES, COLOURS, SHAPES, parse_prompt
 from dream3d.guidance.prompts import VIEWS
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "toy-unet"

@@ -7,7 +7,7 @@ import torch
 from dream3d.config import RunConfig, toy_refusal
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
 from dream3d.guidance.base import RuleContext
-from dream3d.device import resolve_device
+from dream3d.run.device import resolve_device
 from dream3d.guidance.priors.base import Prior, PriorError
 from dream3d.guidance.priors.hub import ModelUnavailable
 from dream3d.guidance.prompts import clip

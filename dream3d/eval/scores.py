@@ -32,7 +32,7 @@ import torch
 import trimesh
 from torch import Tensor
 
-from dream3d.guidance.toy_world import (
+from dream3d.guidance.priors.toy_world import (
     ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, mask_iou, parse_prompt, render_shapes, world_cameras,
 )
 from dream3d.representations.cameras import Cameras

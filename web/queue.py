@@ -2,7 +2,7 @@
 
 A single worker thread takes jobs first come, first served (one device, one run), so two
 browsers that press Generate together get both runs, one after the other. A job is the
-``dream3d.jobs.Job`` record the batch manifest keeps too; the queue holds beside it what only a
+``dream3d.rundir.job.Job`` record the batch manifest keeps too; the queue holds beside it what only a
 live page needs (the stop and finished flags, the latest progress event and preview), and the
 page polls a job's ``snapshot`` to draw them.
 """
@@ -19,9 +19,9 @@ from typing import Callable
 
 from dream3d import api
 from dream3d.config import RunConfig
-from dream3d.jobs import QUEUED, RUNNING, STOPPED, Job, run_job
-from dream3d.loop import Progress
-from dream3d.result import Result
+from dream3d.rundir.job import QUEUED, RUNNING, STOPPED, Job, run_job
+from dream3d.run.loop import Progress
+from dream3d.rundir.result import Result
 
 Runner = Callable[[RunConfig, api.EventHandler, api.StopCheck], Result]
 
@@ -35,7 +35,7 @@ def run_and_export(cfg: RunConfig, on_event: api.EventHandler, should_stop: api.
 class Snapshot:
     """What the page shows of a job at one moment. position: runs ahead of it (0 once it runs)."""
 
-    state: str  # dream3d.jobs.STATES
+    state: str  # dream3d.rundir.job.STATES
     position: int
     step: int = 0
     total: int = 0

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dream3d import confine
-from dream3d.rundir import read_summary
+from dream3d.rundir import confine
+from dream3d.rundir.folder import read_summary
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Result:
 
     @classmethod
     def load(cls, run_dir: Path) -> Result:
-        """The run folder's record, read under the run-folder rule (dream3d.confine). The export's files are
+        """The run folder's record, read under the run-folder rule (dream3d.rundir.confine). The export's files are
         the ones summary.json lists that are regular files under the folder's export/, reached through no
         link that leads out of the run folder (a crafted summary or folder cannot name a file elsewhere); a
         summary that cannot be read counts as empty, so one damaged folder does not hide the others."""

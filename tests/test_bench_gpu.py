@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from dream3d import gpu_check
-from dream3d.gpu_check import DRY, STAGES, KernelBuilds, gpu_check as run_check
+from dream3d.eval import bench_gpu
+from dream3d.eval.bench_gpu import DRY, STAGES, KernelBuilds, gpu_check as run_check
 from tests.support import dream3d
 
 
@@ -48,8 +48,8 @@ def test_every_stage_is_on_disk_when_it_finishes(tmp_path, monkeypatch):
     after each stage holds that stage and those before it."""
     demo = {"representation": "nerf", "steps": 3, "wall_seconds": 1.0, "train_seconds": 1.0, "seconds_per_step": 0.3,
             "skipped_steps": 0, "iou": 0.5, "run_dir": str(tmp_path / "none")}
-    monkeypatch.setattr(gpu_check, "toy_demo", lambda *args: demo)
-    monkeypatch.setattr(gpu_check, "_guidance_rows", lambda *args: [])
+    monkeypatch.setattr(bench_gpu, "toy_demo", lambda *args: demo)
+    monkeypatch.setattr(bench_gpu, "_guidance_rows", lambda *args: [])
     seen = []
 
     def on_stage(name: str, results: dict) -> None:
@@ -79,7 +79,7 @@ def test_a_failing_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
 
-    monkeypatch.setattr(gpu_check, "nerf_parity", broken)
+    monkeypatch.setattr(bench_gpu, "nerf_parity", broken)
     seen = []
 
     def stop_after_three(name: str, results: dict) -> None:
@@ -97,13 +97,13 @@ def test_a_failing_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
 
 def test_the_kernel_builds_run_at_once_and_stop_at_the_cap(monkeypatch):
     """Two builds of 3 s each end in about 3 s together; builds past the cap are killed and say so."""
-    monkeypatch.setattr(gpu_check, "_build_script", lambda package: (
+    monkeypatch.setattr(bench_gpu, "_build_script", lambda package: (
         "import json, time; time.sleep(3); print(json.dumps({'loaded': True, 'reason': ''}))"))
     tick = time.monotonic()
     row = KernelBuilds(cap_s=60).join()
     assert time.monotonic() - tick < 5.5
     assert row["gsplat"]["loaded"] and row["nerfacc"]["loaded"]
-    monkeypatch.setattr(gpu_check, "_build_script", lambda package: "import time; time.sleep(60)")
+    monkeypatch.setattr(bench_gpu, "_build_script", lambda package: "import time; time.sleep(60)")
     tick = time.monotonic()
     row = KernelBuilds(cap_s=1).join()
     assert time.monotonic() - tick < 10
@@ -123,7 +123,7 @@ def test_host_waits_are_the_sync_debug_warnings(monkeypatch):
         warnings.warn("called a synchronizing CUDA operation", UserWarning)
         warnings.warn("something else", UserWarning)
 
-    assert gpu_check.sync_warnings(step, 3) == 2.0
+    assert bench_gpu.sync_warnings(step, 3) == 2.0
     assert modes == ["warn", "default"]
 
 
@@ -131,21 +131,21 @@ def test_the_nerf_parity_compares_the_dense_path_on_both_sides(monkeypatch):
     """Issue 25: NeRFConfig() defaults to the auto sampler, which on CUDA is the occupancy path; the parity must
     render the dense path on the device too. A device where auto means occupancy is simulated on the CPU."""
     chosen = []
-    real = gpu_check.NeRF.render
+    real = bench_gpu.NeRF.render
 
     def render(self, *args, **kwargs):
         chosen.append(self.cfg.sampler)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(gpu_check.NeRF, "render", render)
-    gpu_check.nerf_parity(torch.device("cpu"), resolution=8, settings=dict(DRY.nerf_settings))
+    monkeypatch.setattr(bench_gpu.NeRF, "render", render)
+    bench_gpu.nerf_parity(torch.device("cpu"), resolution=8, settings=dict(DRY.nerf_settings))
     assert chosen == ["dense"] * 4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_bench_gpu_dry_run_needs_no_gpu_and_model_flags_apply(monkeypatch, capsys, tmp_path):
     calls = []
-    monkeypatch.setattr(gpu_check, "gpu_check", lambda out, device, sizes: calls.append((device, sizes)) or
+    monkeypatch.setattr(bench_gpu, "gpu_check", lambda out, device, sizes: calls.append((device, sizes)) or
                         {"device": "cpu", "torch": "", "model": sizes.model, "stages": {}})
     status, _ = dream3d(monkeypatch, capsys, "bench-gpu", "--dry-run", "--toy-steps", 5, "--out", tmp_path / "c")
     assert status == 0

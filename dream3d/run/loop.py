@@ -20,15 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dream3d import confine, rundir
-from dream3d.atomic import atomic_path
-from dream3d.components import build_guidance, build_prior, build_representation
+from dream3d.rundir import confine
+
+from dream3d.rundir import folder as rundir
+from dream3d.rundir.atomic import atomic_path
+from dream3d.run.build import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
-from dream3d.device import resolve_device
+from dream3d.run.device import resolve_device
 from dream3d.errors import UserError
-from dream3d.nfe import NFECounter, mean_per_step
-from dream3d.sampling import orbit_cameras, sample_cameras
-from dream3d.stop import RunInterrupted, stage  # RunInterrupted re-exported: a stop request, in the loop or from a signal
+from dream3d.run.nfe import NFECounter, mean_per_step
+from dream3d.run.camera_sampling import orbit_cameras, sample_cameras
+from dream3d.run.stop import RunInterrupted, stage  # RunInterrupted re-exported: a stop request, in the loop or from a signal
 from dream3d.guidance.base import NoiseSource
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import build_features, repulsion_loss

@@ -1,6 +1,6 @@
 """Export of a trained representation: mesh files (GLB/OBJ/PLY) and an orbit video.
 
-Every file is written atomically (dream3d.atomic), so an interrupted export never
+Every file is written atomically (dream3d.rundir.atomic), so an interrupted export never
 leaves a truncated file under its final name.
 """
 
@@ -16,8 +16,8 @@ import trimesh
 from PIL import Image
 from trimesh.visual.material import PBRMaterial, SimpleMaterial
 
-from dream3d.atomic import atomic_path, write_bytes
-from dream3d.sampling import orbit_cameras
+from dream3d.rundir.atomic import atomic_path, write_bytes
+from dream3d.run.camera_sampling import orbit_cameras
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.mesh import extract_mesh
 from dream3d.representations.texture import texture_mesh

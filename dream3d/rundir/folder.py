@@ -2,13 +2,13 @@
 
 runs/<slug>-<timestamp>/ config.yaml, checkpoints/step_XXXXXX.pt, previews/,
 export/, metrics.jsonl, summary.json, .lock. Every file but metrics.jsonl is written to a
-temporary name, synced and renamed (dream3d.atomic); metrics.jsonl is appended one whole
+temporary name, synced and renamed (dream3d.rundir.atomic); metrics.jsonl is appended one whole
 line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
 
 A run folder is untrusted input: checkpoints load with ``weights_only=True`` (tensors and
 plain data, never pickled code), one process at a time trains or exports into it
 (``locked``), and every name in it is read, written or deleted under the run-folder rule
-(dream3d.confine: nothing through a link that leads outside).
+(dream3d.rundir.confine: nothing through a link that leads outside).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dream3d import confine
-from dream3d.atomic import LEFTOVER, write_bytes, write_text
+from dream3d.rundir import confine
+from dream3d.rundir.atomic import LEFTOVER, write_bytes, write_text
 from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, to_yaml
-from dream3d.confine import RunDirError
-from dream3d.lock import FolderBusy, LockError, folder_lock, holds
+from dream3d.rundir.confine import RunDirError
+from dream3d.rundir.lock import FolderBusy, LockError, folder_lock, holds
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def check_run_dir(run_dir: Path) -> None:
     """Raises RunDirError, before anything is written, when a name of the run folder links outside it
-    (dream3d.confine) or its summary.json is damaged."""
+    (dream3d.rundir.confine) or its summary.json is damaged."""
     for name in RUN_NAMES:
         confine.inside(run_dir, run_dir / name)
     read_summary(run_dir)
@@ -213,7 +213,7 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def remove_leftovers(run_dir: Path) -> None:
-    """Deletes the temporary files of writes that were killed (dream3d.atomic.LEFTOVER names; regular files
+    """Deletes the temporary files of writes that were killed (dream3d.rundir.atomic.LEFTOVER names; regular files
     only) from the folders dream3d writes into."""
     export = run_dir / "export"
     particles = [p for p in confine.inside(run_dir, export).glob("p*")

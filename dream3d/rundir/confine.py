@@ -5,8 +5,8 @@ A run folder may come from someone else (a shared disk, a copied or downloaded r
 be a symlink to anywhere. ``inside`` checks a path below a run folder one name at a time and refuses, in one
 RunDirError line naming the link, any that leads outside; a link that stays inside is followed. Readers
 open the checked file with O_NOFOLLOW and take only a regular file (``read_bytes``); writers rename a
-temporary file over the name (dream3d.atomic), which replaces a link rather than writing through it; the lock
-file opens with O_NOFOLLOW (dream3d.lock); cleanup deletes only ``own_files``: regular files, not links, in a
+temporary file over the name (dream3d.rundir.atomic), which replaces a link rather than writing through it; the lock
+file opens with O_NOFOLLOW (dream3d.rundir.lock); cleanup deletes only ``own_files``: regular files, not links, in a
 checked folder, under a name dream3d gives.
 
 The check is made when dream3d uses a path: a folder that another program changes while dream3d works in it

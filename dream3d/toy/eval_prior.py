@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dream3d.components import build_prior
+from dream3d.run.build import build_prior
 from dream3d.config import build_config
-from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.guidance import toy_world
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
+from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors.ddim import ddim_sample
 from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
 
@@ -52,7 +52,7 @@ def save_row(images: Tensor, path: Path) -> None:
     """images [n,3,h,w] in [0,1] -> one PNG row, written atomically."""
     import imageio.v3 as iio
 
-    from dream3d.atomic import atomic_path
+    from dream3d.rundir.atomic import atomic_path
 
     row = (torch.cat(list(images), dim=-1).permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     with atomic_path(path) as tmp:

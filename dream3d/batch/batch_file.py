@@ -4,7 +4,7 @@
     {"prompt": "a red cube", "seed": 3}          prompts.jsonl: any RunConfig field, nested or
     {"prompt": "a cone", "sds.weighting": "uniform"}          dotted, overrides the batch defaults
 
-Each line becomes a ``dream3d.jobs.Job`` (settings: the config layer of its line, prompt included).
+Each line becomes a ``dream3d.rundir.job.Job`` (settings: the config layer of its line, prompt included).
 A job's id is its prompt's slug and a hash of its line's content, so re-running the same
 file (even reordered or extended) finds each job's record in the manifest again.
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 from dream3d.batch import BatchError
 from dream3d.config import MAX_NESTING, ConfigError, check_nesting, merge
-from dream3d.jobs import Job
-from dream3d.rundir import slugify
+from dream3d.rundir.job import Job
+from dream3d.rundir.folder import slugify
 
 
 class BatchFileError(BatchError):

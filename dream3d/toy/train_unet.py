@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.config import ConfigError
-from dream3d.rundir import apply_checkpoint, read_latest_checkpoint
-from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.stop import stage
-from dream3d.guidance import toy_world
+from dream3d.rundir.folder import apply_checkpoint, read_latest_checkpoint
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
+from dream3d.run.stop import stage
+from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
 from dream3d.guidance.prompts import view_index
@@ -274,7 +274,7 @@ def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, comm
     if found:
         apply_checkpoint(path, state, trainer.load_state_dict, "this training run")
     start, clock = trainer.step, time.perf_counter()
-    # a signal lets the current step finish: the loop then checkpoints (dream3d.stop)
+    # a signal lets the current step finish: the loop then checkpoints (dream3d.run.stop)
     with stage("training the prior", f"the checkpoint is in {work}; --resume continues", polled=True):
         while trainer.step < cfg.steps and not should_stop():
             loss = trainer.train_step()

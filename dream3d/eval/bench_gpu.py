@@ -43,12 +43,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dream3d import api, rundir
-from dream3d.atomic import write_text
+from dream3d import api
+
+from dream3d.rundir import folder as rundir
+from dream3d.rundir.atomic import write_text
 from dream3d.config import build_config
-from dream3d.device import resolve_device
-from dream3d.loop import Trainer
-from dream3d.sampling import CameraConfig, sample_cameras
+from dream3d.run.device import resolve_device
+from dream3d.run.loop import Trainer
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from dream3d.representations.gaussians import Gaussians, GaussiansConfig
 from dream3d.representations.nerf import NeRF, NeRFConfig, SamplerError, resolve_sampler
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from dream3d import api, registry
-from dream3d.atomic import write_text
+from dream3d.rundir.atomic import write_text
 from dream3d.config import REPRESENTATIONS, ConfigError
 from dream3d.errors import UserError
 
@@ -81,13 +81,13 @@ class Column:
         return self.header or self.name
 
 
-# The toy benchmark's row: its scores against the toy world (dream3d/evaluate.py) and its cost.
+# The toy benchmark's row: its scores against the toy world (dream3d/eval/scores.py) and its cost.
 TOY_COLUMNS = (
     Column("matched_class", header="matched", total=""),
     Column("iou"),
     Column("r_precision"),
     Column("colour_error"),
-    Column("janus"),  # view consistency (dream3d/evaluate.py)
+    Column("janus"),  # view consistency (dream3d/eval/scores.py)
     Column("view_iou_spread"),
     Column("mesh_iou"),  # NaN when the run exported no GLB, as the 3D ones below
     Column("albedo_error"),  # the GLB's texture against the class's colour (NaN without a texture)

@@ -17,13 +17,13 @@ import torch
 import trimesh
 from PIL import Image
 
-from dream3d import confine
+from dream3d.rundir import confine
 from dream3d.config import LossConfig, RunConfig
 from dream3d.errors import UserError
-from dream3d.export import Z_UP_TO_Y_UP, export_mesh, texture_image, write_orbit_video
+from dream3d.export.files import Z_UP_TO_Y_UP, export_mesh, texture_image, write_orbit_video
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import RepulsionConfig
-from dream3d.loop import Progress, RunInterrupted, Trainer
+from dream3d.run.loop import Progress, RunInterrupted, Trainer
 from dream3d.registry import RULES
 from dream3d.representations.shading import LightConfig
 from dream3d.representations.textured_mesh import TexturedMesh

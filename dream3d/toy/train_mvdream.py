@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from dream3d.sampling import CameraConfig, sample_cameras
-from dream3d.train_prior import (
+from dream3d.run.camera_sampling import CameraConfig, sample_cameras
+from dream3d.toy.train_unet import (
     PriorTrainer, TrainingSettings, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
 )
-from dream3d.guidance import toy_world
+from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera

@@ -92,7 +92,7 @@ def run_job(start: Start, on_event: EventHandler, should_stop: StopCheck, bug_de
 
     ``bug_details``: whether a bug's message reaches the outcome (False for a public web page, which
     shows only the exception's type and points at the server log)."""
-    from dream3d.loop import RunInterrupted
+    from dream3d.run.loop import RunInterrupted
 
     tick = time.perf_counter()
     try:
