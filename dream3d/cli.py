@@ -390,28 +390,32 @@ def bench_gpu(
 
 @app.command("train-prior")
 def train_prior(
-    out: Optional[Path] = typer.Option(None, help="The model folder to write (default assets/toy-unet or assets/toy-mvdream)."),
-    arch: str = typer.Option("unet", help="unet (--prior toy-unet) | mvdream (--prior toy-mvdream: MVDream's multi-view network)."),
+    out: Optional[Path] = typer.Option(None, help="The model folder to write (default assets/toy-<arch>, toy-unet for unet)."),
+    arch: str = typer.Option("unet", help="unet (--prior toy-unet) | mvdream (--prior toy-mvdream: MVDream's multi-view network) | sd (toy-sd, SD 2.1-base's layout)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     checkpoints: Optional[Path] = typer.Option(None, help="Checkpoint folder (default runs/train-prior/<out name>)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads (1 is fastest on a busy machine)."),
 ) -> None:
-    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream)."""
+    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream; --arch sd: toy-sd)."""
     import torch
 
     from dream3d.config import SampleOptions, check_options
     from dream3d.toy.train_unet import TrainPriorConfig, TrainStep, train_prior
 
-    if arch not in ("unet", "mvdream"):
-        raise UserError(f"unknown --arch {arch!r}; valid: unet, mvdream")
+    if arch not in ("unet", "mvdream", "sd"):
+        raise UserError(f"unknown --arch {arch!r}; valid: unet, mvdream, sd")
     config_class, train = TrainPriorConfig, train_prior
     if arch == "mvdream":
         from dream3d.toy.train_mvdream import TrainMVDreamConfig, train_mvdream
 
         config_class, train = TrainMVDreamConfig, train_mvdream
-    out = out or Path("assets/toy-mvdream" if arch == "mvdream" else "assets/toy-unet")
+    if arch == "sd":
+        from dream3d.toy.train_sd import TrainSDConfig, train_sd
+
+        config_class, train = TrainSDConfig, train_sd
+    out = out or Path(f"assets/toy-{arch}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
     check_options(SampleOptions, seed=seed)  # torch's 64-bit seeds
