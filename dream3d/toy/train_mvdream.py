@@ -20,9 +20,8 @@ from pydantic import Field
 from torch import Tensor
 
 from dream3d.run.camera_sampling import CameraConfig, sample_cameras
-from dream3d.toy.train_unet import (
-    PriorTrainer, TrainingSettings, TrainStep, ViewPool, train_prior, write_model_folder, write_pipeline_parts,
-)
+from dream3d.toy.model_folder import export_pipeline, model_card
+from dream3d.toy.train_unet import PriorTrainer, TrainingSettings, TrainStep, ViewPool, train_prior
 from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
@@ -122,31 +121,24 @@ def export_mvdream(trainer: MVDreamTrainer, out: Path, command: str) -> None:
     """Writes the EMA weights as a toy-mvdream folder at ``out`` (our UNet: safetensors and its config)."""
     from safetensors.torch import save_file
 
-    def write(folder: Path) -> None:
-        unet, text_encoder = trainer.ema_models()
-        (folder / "unet").mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(folder / "unet" / UNET_WEIGHTS))
-        config = {"_class_name": "MultiViewUNet", **trainer.cfg.arch.unet().model_dump(mode="json")}
-        (folder / "unet" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        index = {"_class_name": "ToyMVDreamPipeline", "unet": ["dream3d", "MultiViewUNet"]}
-        write_pipeline_parts(trainer, folder, text_encoder, index, model_card(trainer, command))
-
-    write_model_folder(out, write)
-
-
-def model_card(trainer: MVDreamTrainer, command: str) -> str:
     cfg = trainer.cfg
-    return (
-        "# toy-mvdream: MVDream's multi-view network trained on dream3d's toy world\n\n"
+
+    def save_unet(unet: torch.nn.Module, path: Path) -> None:
+        path.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path / UNET_WEIGHTS))
+        config = {"_class_name": "MultiViewUNet", **cfg.arch.unet().model_dump(mode="json")}
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    card = model_card(
+        "toy-mvdream: MVDream's multi-view network trained on dream3d's toy world",
         f"dream3d's `MultiViewUNet` (the MVDream/SD 2.x layout) at toy size, {cfg.arch.resolution}x"
         f"{cfg.arch.resolution} pixels (x = 2 rgb - 1, v-prediction, cosine schedule), denoising 4 views of one "
         "object jointly, each conditioned on its camera (MVDream's 16-number normalised camera-to-world), with a "
         "tiny `CLIPTextModel` over the toy vocabulary. Weights are the EMA of training. Used by "
-        "`dream3d run --prior toy-mvdream`.\n\n"
-        f"Made with:\n\n    {command}\n\n"
-        f"seed {cfg.seed}, {trainer.step} steps. Training configuration:\n\n"
-        f"```json\n{json.dumps(cfg.model_dump(mode='json'), indent=2)}\n```\n"
-    )
+        "`dream3d run --prior toy-mvdream`.",
+        command, cfg.seed, trainer.step, cfg)
+    index = {"_class_name": "ToyMVDreamPipeline", "unet": ["dream3d", "MultiViewUNet"]}
+    export_pipeline(trainer, out, save_unet, index, card)
 
 
 def train_mvdream(cfg: TrainMVDreamConfig, out: Path, work: Path, resume: bool, command: str,

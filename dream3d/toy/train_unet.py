@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy_unet
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_atomic, save_cached
 from dream3d.guidance.prompts import view_index
+from dream3d.toy.model_folder import export_pipeline, model_card
 from dream3d.representations.cameras import Cameras
 
 CHECKPOINT_GLOB = "step-*.pt"
@@ -199,57 +198,20 @@ def save_checkpoint(trainer: PriorTrainer, folder: Path, keep: int) -> Path:
     return path
 
 
-def write_model_folder(out: Path, write: Callable[[Path], None]) -> None:
-    """Builds a model folder with ``write(folder)`` beside ``out``, then renames it into place (no half folder)."""
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def write_pipeline_parts(trainer: PriorTrainer, folder: Path, text_encoder: torch.nn.Module, index: dict[str, Any],
-                         card: str) -> None:
-    """What every toy model folder holds beside its UNet: the text encoder, tokenizer, scheduler,
-    ``model_index.json`` (``index`` plus the shared entries) and the model card."""
-    import diffusers
-
-    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    trainer.tokenizer.save_pretrained(folder / "tokenizer")
-    trainer.scheduler.save_pretrained(folder / "scheduler")
-    index = {**index, "_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", "DDPMScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "README.md").write_text(card)
-
-
 def export_model(trainer: PriorTrainer, out: Path, command: str) -> None:
     """Writes the EMA weights as a diffusers folder at ``out``."""
-
-    def write(folder: Path) -> None:
-        unet, text_encoder = trainer.ema_models()
-        unet.save_pretrained(folder / "unet", safe_serialization=True)
-        index = {"_class_name": "ToyUNetPipeline", "_camera_features": list(toy_unet.CAMERA_FEATURES),
-                 "unet": ["diffusers", "UNet2DConditionModel"]}
-        write_pipeline_parts(trainer, folder, text_encoder, index, model_card(trainer, command))
-
-    write_model_folder(out, write)
-
-
-def model_card(trainer: PriorTrainer, command: str) -> str:
     cfg = trainer.cfg
-    return (
-        "# toy-unet: a text- and camera-conditioned diffusion model of dream3d's toy world\n\n"
+    card = model_card(
+        "toy-unet: a text- and camera-conditioned diffusion model of dream3d's toy world",
         f"A {cfg.arch.resolution}x{cfg.arch.resolution} pixel-space `UNet2DConditionModel` (x = 2 rgb - 1, v- "
         "prediction, cosine schedule) with a tiny `CLIPTextModel` over a word-level toy vocabulary, and the camera "
         "(elevation in radians, sin/cos azimuth; all zeros = no camera) through a projection class embedding "
         "(`_camera_features` in model_index.json). Weights are the EMA of training. Used by "
-        "`dream3d run --prior toy-unet` (camera-free) and `--prior toy-unet-mv` (camera-conditioned).\n\n"
-        f"Made with:\n\n    {command}\n\n"
-        f"seed {cfg.seed}, {trainer.step} steps. Training configuration:\n\n"
-        f"```json\n{json.dumps(cfg.model_dump(mode='json'), indent=2)}\n```\n"
-    )
+        "`dream3d run --prior toy-unet` (camera-free) and `--prior toy-unet-mv` (camera-conditioned).",
+        command, cfg.seed, trainer.step, cfg)
+    index = {"_class_name": "ToyUNetPipeline", "_camera_features": list(toy_unet.CAMERA_FEATURES),
+             "unet": ["diffusers", "UNet2DConditionModel"]}
+    export_pipeline(trainer, out, lambda unet, path: unet.save_pretrained(path, safe_serialization=True), index, card)
 
 
 def train_prior(cfg: TrainPriorConfig, out: Path, work: Path, resume: bool, command: str,
