@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from dream3d.guidance.prompts import interpolate_views, view_index
+from dream3d.guidance.prompts import PromptConfig, interpolate_views, view_index
 from dream3d.representations.cameras import Cameras
+
+if TYPE_CHECKING:
+    from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
 
 
 class PriorError(ValueError):
@@ -43,6 +46,24 @@ class Embeddings:
         if self.views is None:
             return self.cond.expand(len(cameras), *self.cond.shape)
         return interpolate_views(self.views, cameras.elevation, cameras.azimuth)
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    """What a prior is built from (``Prior.from_config``): the run's values a prior may read, as plain values, so
+    the library never sees the app's ``RunConfig``.
+
+    name: the registered name (two names may share a class, as toy and toy-mv); model: a folder, hub id or alias
+    (None: the prior's default); revision: the commit of a hub id a run recorded; device: where it runs, resolved
+    by the caller; diffusers: how a diffusers model is loaded (``DiffusersConfig``); prompts: the negative and view
+    prompts."""
+
+    name: str
+    model: str | None = None
+    revision: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    diffusers: DiffusersConfig | None = None
+    prompts: PromptConfig = field(default_factory=PromptConfig)
 
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:

@@ -1,25 +1,20 @@
-"""Frozen diffusers models as priors: loading, text embeddings (cached on disk), epsilon prediction.
+"""Frozen diffusers models as priors: loading the UNet, scheduler and tokenizer, and epsilon prediction.
 
 A model is an alias (``hub.py``: a short name for hub ids tried in order), a hub id or a local
 folder in the diffusers pipeline layout (``model_index.json`` plus one subfolder per component).
 Aliases and hub ids resolve to a snapshot in the Hugging Face cache, downloaded only when
-missing and the hub is reachable; everything after that
+missing and the hub is reachable (``diffusers_folder.py``); everything after that
 loads from the local folder with ``local_files_only``, from ``.safetensors`` only, and
 never with remote code. Every failure the user can cause is a one-line ``PriorError``.
 
-The shared base loads the UNet, the scheduler (for its alphas and prediction type),
-the tokenizer and, lazily on the first prompt missing from the embedding cache, the
-text encoder. ``sd.py`` adds the VAE (latent space); ``deepfloyd.py`` is the
-pixel-space prior.
+The shared base loads the UNet, the scheduler (for its alphas and prediction type) and the
+tokenizer; the text encoder and the embedding cache are ``text_embeddings.py``'s. ``sd.py`` adds
+the VAE (latent space); ``pixel.py`` and ``deepfloyd.py`` are the pixel-space priors.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dream3d.guidance.diffusion import to_epsilon
-from dream3d.guidance.priors.base import Embeddings, Prior, PriorError
-from dream3d.guidance.priors import hub
-from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
+from dream3d.guidance.priors.base import Embeddings, Prior, PriorError, PriorSettings
+from dream3d.guidance.priors.diffusers_folder import (
+    check_safetensors, read_config, read_model_index, resolve_model, without_progress_bars,
+)
 from dream3d.guidance.priors.precision import LossScale
 from dream3d.guidance.priors.random_models import ByteTokenizer, build_component, random_spec
-from dream3d.guidance.prompts import PromptConfig, clip, view_prompts
+from dream3d.guidance.priors.text_embeddings import TextEmbeddings
+from dream3d.guidance.prompts import PromptConfig
 from dream3d.representations.cameras import Cameras, to_device
 
-# Text encoders dream3d loads, by the class name model_index.json gives (never an arbitrary import).
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # Camera features a model folder may declare (model_index.json "_camera_features", in order) as the
 # input of its UNet's projection class embedding; all zeros means "no camera" (dropped in training).
@@ -52,7 +47,8 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 class DiffusersConfig(BaseModel):
     """How a diffusers prior is loaded and run.
 
-    device: auto (in a run: the run's device), cpu, cuda or cuda:N. dtype applies on CUDA; on the
+    device: auto (in a run: the run's device), cpu, cuda or cuda:N; the app resolves it (``dream3d.run.device``,
+    which checks the GPU index) and builds the prior with ``device=``. dtype applies on CUDA; on the
     CPU weights are always float32. variant picks a weight
     file variant ("fp16" halves the download where the model has one). channels_last
     (CUDA only) and offload_text_encoder (moved to the CPU after embedding) save time and memory.
@@ -65,83 +61,6 @@ class DiffusersConfig(BaseModel):
     variant: str | None = None
     channels_last: bool = True
     offload_text_encoder: bool = False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PriorError(f"diffusers.device is {device} but no CUDA GPU is available; use diffusers.device=cpu or auto")
-    return torch.device(device)
-
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are "owner/name"; anything else with a separator or a leading . or ~ is meant as a folder."""
-    return model.startswith((".", "~", "/")) or model.count("/") != 1
-
-
-def resolve_model(model: str, components: tuple[str, ...], variant: str | None, note: str = "",
-                  revision: str | None = None) -> tuple[Path, hub.HubSource | None]:
-    """The local folder of ``model`` (a folder path, or an alias or hub id fetched into the Hugging Face
-    cache) and, for the hub, where it came from (``hub.resolve``; None for a folder).
-
-    note: what to add to "download it with ..." (e.g. that the model is gated); revision: the commit a run recorded."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return path, None
-    if _looks_like_path(model) and model not in hub.ALIASES:
-        raise PriorError(f"model folder {model} does not exist; pass --model with a diffusers folder, a hub id or "
-                         f"an alias ({', '.join(hub.ALIASES)})")
-    source = hub.resolve(model, components, variant, note, revision)
-    return source.folder, source
-
-
-def read_model_index(folder: Path, model: str) -> dict[str, Any]:
-    """model_index.json of a diffusers folder; PriorError if there is none."""
-    if not folder.is_dir():
-        raise PriorError(f"{model} is not a diffusers model folder (it is a file); pass the folder holding model_index.json")
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except FileNotFoundError:
-        raise PriorError(f"{model} is not a diffusers model folder (no model_index.json); pass a folder saved "
-                         f"with the diffusers pipeline layout, or a hub id") from None
-    except (OSError, ValueError):
-        raise PriorError(f"{model}/model_index.json is not readable JSON") from None
-    if not isinstance(index, dict):
-        raise PriorError(f"{model}/model_index.json is not a diffusers model index")
-    return index
-
-
-def read_config(folder: Path, model: str, component: str, name: str = "config.json") -> dict[str, Any]:
-    try:
-        return json.loads((folder / component / name).read_text())
-    except (OSError, ValueError):
-        raise PriorError(f"{model} has no readable {component}/{name}; it is not a complete diffusers model") from None
-
-
-@contextmanager
-def without_progress_bars() -> Iterator[None]:
-    """Loads without transformers' and diffusers' progress bars: a local folder loads in a moment,
-    and stderr belongs to the caller (the CLI's own progress, its one-line errors)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    shown = transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if shown[0]:
-            transformers_logging.enable_progress_bar()
-        if shown[1]:
-            diffusers_logging.enable_progress_bar()
-
-
-def check_safetensors(folder: Path, model: str, component: str) -> None:
-    if not any((folder / component).glob("*.safetensors")):
-        raise PriorError(f"{model}/{component} has no .safetensors weights; dream3d loads only safetensors "
-                         f"(convert the model, e.g. re-save it with diffusers' save_pretrained)")
 
 
 def resize_square(rgb: Tensor, size: int) -> Tensor:
@@ -158,7 +77,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-class DiffusersPrior(Prior):
+class DiffusersPrior(TextEmbeddings, Prior):
     """The Prior protocol over a diffusers UNet + scheduler + text encoder; subclasses define the image space.
 
     Subclasses set ``name``, ``default_model`` (an alias), ``components`` (the model_index entries they need),
@@ -176,13 +95,17 @@ class DiffusersPrior(Prior):
     download_note: str = ""
     use_cameras: bool = True
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None,
+                 device: torch.device | None = None) -> None:
         """model: a folder, a hub id or an alias (None: ``default_model``); revision: the commit of a hub id that a
-        run recorded (``source``), loaded exactly."""
+        run recorded (``source``), loaded exactly; device: where it runs (None: ``cfg.device``, which must then name
+        one: "auto" is the caller's to resolve)."""
+        if device is None and cfg.device == "auto":
+            raise PriorError("diffusers.device auto stands for the run's device: build the prior with device=")
         self.model = model or self.default_model
         self.cfg = cfg
         self.prompts = prompts
-        self.device = resolve_device(cfg.device)
+        self.device = device if device is not None else torch.device(cfg.device)
         self.dtype = torch.float32 if self.device.type == "cpu" else getattr(torch, cfg.dtype)
         # random:NAME builds the published architecture with random weights (random_models.py), no folder
         self.random = random_spec(self.model)
@@ -203,6 +126,11 @@ class DiffusersPrior(Prior):
         self._embeddings: dict[str, Embeddings] = {}
         self.generator: torch.Generator | None = None
         self.loss_scale = LossScale(self.dtype, self.device)
+
+    @classmethod
+    def from_config(cls, settings: PriorSettings) -> DiffusersPrior:
+        return cls(settings.model, settings.diffusers, settings.prompts, revision=settings.revision,
+                   device=settings.device)
 
     def use_generator(self, generator: torch.Generator) -> None:
         """Draw this prior's own randomness (a VAE posterior sample) from ``generator``, the run's checkpointed one."""
@@ -304,98 +232,6 @@ class DiffusersPrior(Prior):
         if self.random:
             return ByteTokenizer(**self.random["tokenizer"])
         return AutoTokenizer.from_pretrained(self.folder / "tokenizer", local_files_only=True, trust_remote_code=False)
-
-    def _load_text_encoder(self) -> torch.nn.Module:
-        import transformers
-
-        class_name = str(self.index["text_encoder"][-1])
-        if class_name not in TEXT_ENCODERS:
-            raise PriorError(f"{self.model}: its text encoder is a {class_name}; dream3d loads {', '.join(TEXT_ENCODERS)}")
-        model_class = getattr(transformers, class_name)
-        return self._load_model("text_encoder", lambda path, **kw: model_class.from_pretrained(path, dtype=self.dtype, **kw))
-
-    @property
-    def text_encoder(self) -> torch.nn.Module:
-        """Loaded on first use (a prompt whose embeddings are all cached never loads it)."""
-        if self._text_encoder is None:
-            self._text_encoder = self._load_text_encoder()
-        return self._text_encoder
-
-    # -- prompts -----------------------------------------------------------------
-    def embed(self, prompt: str) -> Embeddings:
-        """cond [L,D] (the prompt), uncond [L,D] (the negative prompt), views [4,L,D] or None; float32."""
-        if prompt not in self._embeddings:
-            texts = [prompt, self.prompts.negative_prompt]
-            if self.prompts.view_dependent:
-                texts += view_prompts(prompt)
-            states = self.text_embeddings(texts)
-            views = states[2:] if self.prompts.view_dependent else None
-            self._embeddings[prompt] = Embeddings(prompt, states[0], states[1], views)
-        return self._embeddings[prompt]
-
-    def check_vocabulary(self, texts: list[str]) -> None:
-        """PriorError listing the vocabulary when a word-level tokenizer cannot spell a word of ``texts``.
-
-        A word-level tokenizer has no subwords to fall back on, so its unknown token means the
-        prompt is outside the model's (small) vocabulary; subword tokenizers are not checked."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or type(backend.model).__name__ != "WordLevel":
-            return
-        special = set(self.tokenizer.all_special_tokens)
-        for text in texts:
-            words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
-            unknown = [w for w in dict.fromkeys(words) if w not in backend.get_vocab()]
-            if unknown:
-                vocab = sorted(backend.get_vocab(), key=backend.get_vocab().get)
-                raise PriorError(f"{self.model} does not know {clip(', '.join(map(repr, unknown)))} in prompt {clip(text)!r}; "
-                                 f"its vocabulary: {' '.join(w for w in vocab if w not in special)}")
-
-    def text_embeddings(self, texts: list[str]) -> Tensor:
-        """[N, L, D] float32 on the prior's device: from the disk cache, or encoded and cached."""
-        self.check_vocabulary(texts)
-        paths = [self.cache_path(text) for text in texts]
-        found: dict[int, Tensor] = {}
-        for i, path in enumerate(paths):
-            cached = load_cached(path)
-            if cached is not None:
-                found[i] = cached
-        missing = [i for i in range(len(texts)) if i not in found]
-        if missing:
-            encoded = self.encode_text([texts[i] for i in missing]).float().cpu()
-            for i, states in zip(missing, encoded):
-                save_cached(states.clone(), paths[i])
-                found[i] = states
-        return torch.stack([found[i] for i in range(len(texts))]).to(self.device)
-
-    @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """[N, L, D] last hidden states of the text encoder (in the model's dtype)."""
-        encoder = self.text_encoder.to(self.device)
-        tokens = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
-        mask = {"attention_mask": tokens.attention_mask.to(self.device)} if self.text_attention_mask else {}
-        states = encoder(tokens.input_ids.to(self.device), **mask)[0]
-        if self.cfg.offload_text_encoder:
-            encoder.to("cpu")
-        return states
-
-    @property
-    def max_length(self) -> int:
-        return self.text_max_length or int(self.tokenizer.model_max_length)
-
-    def cache_path(self, text: str) -> Path:
-        """The embedding cache file of ``text``: keyed by the model's text encoder and tokenizer files and the text."""
-        key = json.dumps({"model": self._model_identity(), "text": text, "max_length": self.max_length,
-                          "mask": self.text_attention_mask}, sort_keys=True)
-        return cache_root() / "text-embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-    def _model_identity(self) -> list[Any]:
-        """The folder and the size and mtime of every text encoder and tokenizer file (a re-saved model is a new key);
-        a random model's name and text encoder config."""
-        if self.random:
-            return [self.model, self.random["text_encoder"]]
-        files = sorted(p for c in ("text_encoder", "tokenizer") for p in (self.folder / c).iterdir() if p.is_file())
-        return [str(self.folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
     # -- noise -------------------------------------------------------------------
     def predict_noise(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Cameras | None = None) -> Tensor:

@@ -15,12 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from torch import Tensor
 
 from dream3d.guidance.priors.base import Embeddings, PriorError
 from dream3d.guidance.diffusion import to_epsilon
-from dream3d.guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior, read_config
+from dream3d.guidance.priors.diffusers_folder import read_config
+from dream3d.guidance.priors.diffusers_prior import DiffusersConfig, DiffusersPrior
 from dream3d.guidance.priors.mvdream_unet import (
     IGNORED_CONFIG_KEYS, CheckpointMismatch, MultiViewUNet, MVDreamUNetConfig, load_unet,
 )
@@ -65,8 +67,9 @@ class MVDreamPrior(DiffusersPrior):
     encode = StableDiffusionPrior.encode
     decode = StableDiffusionPrior.decode
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
-        super().__init__(model, cfg, prompts, revision)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision, device)
         self.load_image_space()
 
     def load_image_space(self) -> None:

@@ -6,6 +6,7 @@ whose UNet takes 3 channels; DeepFloyd IF stage I is one (``deepfloyd.py``).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dream3d.guidance.priors.base import PriorError
@@ -17,8 +18,9 @@ class PixelPrior(DiffusersPrior):
     # DeepFloyd IF's pipeline masks the padding of its T5 prompt
     text_attention_mask = True
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
-        super().__init__(model, cfg, prompts, revision)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision, device)
         self.resolution = int(self.unet.config.sample_size)
 
     def check_kind(self) -> None:

@@ -6,6 +6,7 @@ resolution (512 for SD 2.1-base); the gradient passes back through the encoder t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from dream3d.guidance.priors.base import PriorError
@@ -19,8 +20,9 @@ class StableDiffusionPrior(DiffusersPrior):
     default_model = "sd-2.1-base"  # an alias (hub.py): the hub ids tried in order
     components = ("unet", "scheduler", "text_encoder", "tokenizer", "vae")
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None) -> None:
-        super().__init__(model, cfg, prompts, revision)
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__(model, cfg, prompts, revision, device)
         self.vae = self._load_model("vae", self._diffusers_model("AutoencoderKL"))
         self.scaling_factor = float(self.vae.config.scaling_factor)
         downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from dream3d.guidance.priors.base import Embeddings, PriorError
@@ -56,11 +57,12 @@ class ToyMVDreamPrior(MVDreamPrior):
     encode = PixelPrior.encode
     decode = PixelPrior.decode
 
-    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig) -> None:
+    def __init__(self, model: str | None, cfg: DiffusersConfig, prompts: PromptConfig, revision: str | None = None,
+                 device: torch.device | None = None) -> None:
         if model is None and not SHIPPED_MODEL.is_dir():
             raise PriorError("toy-mvdream has no shipped weights yet: train them with `dream3d train-prior --arch "
                              "mvdream` (writes assets/toy-mvdream), or pass --model FOLDER")
-        super().__init__(model, cfg, prompts)
+        super().__init__(model, cfg, prompts, revision, device)
 
     def check_kind(self) -> None:
         if "vae" in self.index:
