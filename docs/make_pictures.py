@@ -2,23 +2,19 @@
 made through the public API, an orbit strip of each and one GIF of both, and a screenshot of the
 web app reopening one of them.
 
-    .venv/bin/python docs/make_pictures.py            # about 4 minutes on a 2-core CPU
-    .venv/bin/python docs/make_pictures.py --steps 200 --runs /tmp/pictures
+    .venv/bin/python docs/make_pictures.py                          # two default runs: minutes each on a CPU
+    .venv/bin/python docs/make_pictures.py --runs /tmp/pictures --reuse  # pictures again from runs made before
 
 The screenshot needs Debian's chromium (apt-get install chromium) and the web extra; the browser
-is driven through Playwright as tests/test_web_browser.py drives it.
+is driven through Playwright with the browser test's helpers (tests/web_server.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -27,12 +23,14 @@ from PIL import Image
 
 import dream3d
 
-IMAGES = Path(__file__).resolve().parent / "images"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from docs/: the browser test's helpers live in tests/
+from tests.web_server import CHROMIUM, CHROMIUM_ARGS, free_port, start_web  # noqa: E402
+
+IMAGES = ROOT / "docs" / "images"
 RUNS = {"nerf": "a blue torus", "gaussians": "a yellow cone"}
 STRIP_FRAMES = 6
 GIF_FRAMES = 24
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 SCREENSHOT_WIDTH = 960
 
 
@@ -44,7 +42,13 @@ def orbit_frames(video: Path, count: int) -> list[np.ndarray]:
     return [frames[i] for i in picks]
 
 
-def make_run(representation: str, prompt: str, runs: Path, steps: int | None) -> Path:
+def make_run(representation: str, prompt: str, runs: Path, steps: int | None, reuse: bool) -> Path:
+    """The orbit video of a run of ``prompt``: the newest finished one in ``runs`` with reuse, else a new one."""
+    if reuse:
+        made = sorted(runs.glob(prompt.replace(" ", "-") + "-*"))
+        videos = [dream3d.Result.load(run).files.get("video") for run in made]
+        if videos and videos[-1] is not None:
+            return videos[-1]
     options = {"representation": representation, "out": str(runs)}
     if steps is not None:
         options["steps"] = steps
@@ -64,35 +68,18 @@ def write_orbits(videos: dict[str, Path]) -> None:
     frames[0].save(IMAGES / "orbit.gif", save_all=True, append_images=frames[1:], duration=120, loop=0, optimize=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def screenshot_web(runs: Path) -> None:
     """Serves ``runs`` with ``dream3d web``, reopens the first run of its gallery and screenshots the page."""
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "dream3d", "web", "--port", str(port), "--out", str(runs)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    port = free_port()
+    server = start_web(port, ["--out", str(runs)])
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("dream3d web did not start")
-                time.sleep(0.5)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.set_default_timeout(60_000)
-            page.goto(url)
+            page.goto(f"http://127.0.0.1:{port}")
             page.click("#gallery button.thumbnail-item")
             page.wait_for_function("() => document.querySelector('#message').innerText.includes('reopened')")
             page.wait_for_selector("#model3d canvas")
@@ -112,12 +99,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the run default)")
     parser.add_argument("--runs", type=Path, default=None, help="runs folder to keep (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="take finished runs of the prompts from --runs")
     parser.add_argument("--no-screenshot", action="store_true", help="only the orbit pictures")
     args = parser.parse_args()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="dream3d-pictures-"))
     IMAGES.mkdir(exist_ok=True)
     started = time.monotonic()
-    videos = {name: make_run(name, prompt, runs, args.steps) for name, prompt in RUNS.items()}
+    videos = {name: make_run(name, prompt, runs, args.steps, args.reuse) for name, prompt in RUNS.items()}
     write_orbits(videos)
     if not args.no_screenshot:
         screenshot_web(runs)

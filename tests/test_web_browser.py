@@ -3,13 +3,8 @@ Debian's chromium (headless, through Playwright). The finished page's screenshot
 under test-artifacts/web/."""
 
 import http.client
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +14,8 @@ import trimesh
 import yaml
 
 from tests.support import TINY
+from tests.web_server import CHROMIUM, CHROMIUM_ARGS, free_port, start_web
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "web"
 PROMPT_LIMIT = 40
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no chromium at {CHROMIUM} (apt-get install chromium)")
@@ -38,34 +29,19 @@ class Server:
     runs: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "steps": 24, "preview_every": 3}))
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "w")
-    command = [sys.executable, "-m", "dream3d", "web", "--port", str(port), "--out", str(root / "runs"),
-               "--config", str(config), "--max-prompt-chars", str(PROMPT_LIMIT)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"dream3d web did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-    yield Server(url, "127.0.0.1", port, root / "runs")
+    try:
+        process = start_web(port, ["--out", str(root / "runs"), "--config", str(config),
+                                   "--max-prompt-chars", str(PROMPT_LIMIT)], log)
+    except RuntimeError:
+        pytest.fail(f"dream3d web did not start:\n{(root / 'server.log').read_text()}")
+    yield Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, root / "runs")
     process.terminate()
     process.wait(20)
     log.close()
