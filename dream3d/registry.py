@@ -8,7 +8,7 @@ messages all read these tables; adding a rule is its module plus one ``RULES.add
 
 A rule is built as ``RuleClass(prior, section, context)`` with ``context`` a
 ``guidance.base.RuleContext``; a representation as ``Class(section, generator=..., noise=...)``;
-a prior by its builder, called with the run's config.
+a prior as ``PriorClass.from_config(settings)`` with ``settings`` a ``guidance.priors.base.PriorSettings``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class RuleSpec:
 @dataclass(frozen=True)
 class PriorSpec:
     name: str
-    builds: str  # "module:function", called with the RunConfig
+    builds: str  # "module:Class", built as Class.from_config(PriorSettings)
     summary: str
     guidance_scale: float  # SDS's default CFG scale with this prior (DreamFusion convention)
     rule_guidance_scales: dict[str, float] = field(default_factory=dict)  # a rule's own default, where it differs
@@ -116,22 +116,22 @@ RULES.add(RuleSpec("nfsd", "dream3d.guidance.nfsd:NFSDConfig", "dream3d.guidance
                    multiview_refusal=PER_IMAGE_T))
 
 PRIORS: Registry[PriorSpec] = Registry("prior")
-PRIORS.add(PriorSpec("toy", "dream3d.run.build:toy_prior", "closed-form denoiser of the toy world, camera-free",
+PRIORS.add(PriorSpec("toy", "dream3d.guidance.priors.toy:ToyPrior", "closed-form denoiser of the toy world, camera-free",
                      3.0, closed_form=True))
-PRIORS.add(PriorSpec("toy-mv", "dream3d.run.build:toy_prior",
+PRIORS.add(PriorSpec("toy-mv", "dream3d.guidance.priors.toy:ToyPrior",
                      "closed-form denoiser of the toy world, camera-conditioned (the default)", 3.0, closed_form=True))
-PRIORS.add(PriorSpec("toy-unet", "dream3d.run.build:toy_unet_prior",
+PRIORS.add(PriorSpec("toy-unet", "dream3d.guidance.priors.toy_unet:ToyUNetPrior",
                      "the trained toy diffusion model (assets/toy-unet), camera-free", 3.0, loads_model=True))
-PRIORS.add(PriorSpec("toy-unet-mv", "dream3d.run.build:toy_unet_prior",
+PRIORS.add(PriorSpec("toy-unet-mv", "dream3d.guidance.priors.toy_unet:ToyUNetMVPrior",
                      "the trained toy diffusion model, camera-conditioned", 3.0, loads_model=True))
-PRIORS.add(PriorSpec("sd", "dream3d.run.build:stable_diffusion_prior", "Stable Diffusion 1.x/2.x (latent)", 100.0,
+PRIORS.add(PriorSpec("sd", "dream3d.guidance.priors.sd:StableDiffusionPrior", "Stable Diffusion 1.x/2.x (latent)", 100.0,
                      {"cfd": 70.0}, loads_model=True, open_vocabulary=True))
-PRIORS.add(PriorSpec("if", "dream3d.run.build:deepfloyd_prior", "DeepFloyd IF stage I (64x64 pixels)", 20.0,
+PRIORS.add(PriorSpec("if", "dream3d.guidance.priors.deepfloyd:DeepFloydIFPrior", "DeepFloyd IF stage I (64x64 pixels)", 20.0,
                      loads_model=True, open_vocabulary=True))
 # MVDream's CFG 50 is the diffusers convention, eps_u + 50 (eps_y - eps_u): DreamFusion's 49 (docs/mvdream.md)
-PRIORS.add(PriorSpec("mvdream", "dream3d.run.build:mvdream_prior", "MVDream (SD 2.1-base, 4 views jointly)", 49.0,
+PRIORS.add(PriorSpec("mvdream", "dream3d.guidance.priors.mvdream:MVDreamPrior", "MVDream (SD 2.1-base, 4 views jointly)", 49.0,
                      loads_model=True, views=4))
-PRIORS.add(PriorSpec("toy-mvdream", "dream3d.run.build:toy_mvdream_prior",
+PRIORS.add(PriorSpec("toy-mvdream", "dream3d.guidance.priors.toy_mvdream:ToyMVDreamPrior",
                      "the MVDream network at toy size (dream3d train-prior --arch mvdream); CFG untuned", 3.0,
                      loads_model=True, views=4))
 

@@ -8,21 +8,22 @@ from dream3d.config import RunConfig, toy_refusal
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
 from dream3d.guidance.base import RuleContext
 from dream3d.run.device import resolve_device
-from dream3d.guidance.priors.base import Prior, PriorError
+from dream3d.guidance.priors.base import Prior, PriorError, PriorSettings
 from dream3d.guidance.priors.hub import ModelUnavailable
 from dream3d.guidance.prompts import clip
 from dream3d.representations.particles import Particles
 
 
 def build_prior(cfg: RunConfig) -> Prior:
-    """The run's prior (diffusers, slow to import, is imported only by the priors that use it). A diffusers
-    prior lives on the run's device unless ``diffusers.device`` names another. A model that is neither cached
-    nor downloadable now fails in one line that also says what runs offline (the toy world)."""
-    if cfg.diffusers.device == "auto":
-        cfg = cfg.model_copy(update={"diffusers": cfg.diffusers.model_copy(
-            update={"device": str(resolve_device(cfg.device))})})
+    """The run's prior, ``PriorClass.from_config`` with the run's values (diffusers, slow to import, is imported
+    only by the priors that use it). A diffusers prior lives on the run's device unless ``diffusers.device`` names
+    another. A model that is neither cached nor downloadable now fails in one line that also says what runs offline
+    (the toy world)."""
+    device = resolve_device(cfg.device if cfg.diffusers.device == "auto" else cfg.diffusers.device)
+    settings = PriorSettings(name=cfg.prior, model=cfg.model_resolved or cfg.model, revision=cfg.model_revision,
+                             device=device, diffusers=cfg.diffusers, prompts=cfg.prompts)
     try:
-        return resolve(PRIORS[cfg.prior].builds)(cfg)
+        return resolve(PRIORS[cfg.prior].builds).from_config(settings)
     except ModelUnavailable as e:
         raise PriorError(offline_hint(cfg.prompt, cfg.prior, str(e))) from None
 
@@ -66,47 +67,3 @@ def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
     spec = REPRESENTATIONS[cfg.representation]
     noise = cfg.noise_field if cfg.consistent_noise else None
     return resolve(spec.builds)(getattr(cfg, spec.name), generator=torch.Generator().manual_seed(seed), noise=noise)
-
-
-# -- the priors' builders (PriorSpec.builds) ----------------------------------------
-
-def _model(cfg: RunConfig) -> str | None:
-    """The model to load: the hub id a run recorded (with its commit, ``cfg.model_revision``), else what was asked."""
-    return cfg.model_resolved or cfg.model
-
-
-def toy_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.toy import build_toy_prior
-
-    return build_toy_prior(cfg.prior)
-
-
-def toy_unet_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.toy_unet import ToyUNetMVPrior, ToyUNetPrior
-
-    prior_class = ToyUNetMVPrior if cfg.prior == "toy-unet-mv" else ToyUNetPrior
-    return prior_class(cfg.model, cfg.diffusers, cfg.prompts)
-
-
-def stable_diffusion_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.sd import StableDiffusionPrior
-
-    return StableDiffusionPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
-
-
-def deepfloyd_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.deepfloyd import DeepFloydIFPrior
-
-    return DeepFloydIFPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
-
-
-def mvdream_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.mvdream import MVDreamPrior
-
-    return MVDreamPrior(_model(cfg), cfg.diffusers, cfg.prompts, revision=cfg.model_revision)
-
-
-def toy_mvdream_prior(cfg: RunConfig) -> Prior:
-    from dream3d.guidance.priors.toy_mvdream import ToyMVDreamPrior
-
-    return ToyMVDreamPrior(cfg.model, cfg.diffusers, cfg.prompts)

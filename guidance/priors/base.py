@@ -86,6 +86,12 @@ class Prior(Protocol):
     num_train_timesteps: int
     unet: torch.nn.Module | None  # what VSD/ESD attach a LoRA to; None for closed-form priors
 
+    @classmethod
+    def from_config(cls, settings: PriorSettings) -> Prior:
+        """The prior a run configures (the registry's ``PriorSpec.builds`` names the class); raises PriorError in
+        one line, or ``hub.ModelUnavailable`` when a model is neither cached nor downloadable now."""
+        raise NotImplementedError
+
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [B,3,H,W] in [0,1] -> x [B,C,h,w], differentiable; resizes to the prior's resolution."""
         ...

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dream3d.guidance.priors import toy_world
-from dream3d.guidance.priors.base import Embeddings, Prior, PriorError, ddpm_alphas_cumprod
+from dream3d.guidance.priors.base import Embeddings, Prior, PriorError, PriorSettings, ddpm_alphas_cumprod
 from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
 from dream3d.representations.cameras import Cameras, degrees_between, look_at_cameras
 
@@ -151,6 +151,11 @@ class ToyPrior(Prior):
         self.alphas_cumprod = ddpm_alphas_cumprod(self.num_train_timesteps)
         self._embeddings: dict[str, Embeddings] = {}
         self._data = {torch.device("cpu"): toy_dataset()}
+
+    @classmethod
+    def from_config(cls, settings: PriorSettings) -> ToyPrior:
+        """"toy" or "toy-mv" (``build_toy_prior``); the toy world needs no model and runs on the CPU."""
+        return build_toy_prior(settings.name)
 
     def encode(self, rgb: Tensor) -> Tensor:
         """rgb [B,3,H,W] in [0,1] -> x [B,3,64,64] in [-1,1] (differentiable)."""
