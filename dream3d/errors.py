@@ -22,7 +22,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     and the libraries' own one-line errors."""
     from dream3d.guidance.base import GuidanceError
     from dream3d.guidance.priors.base import PriorError
-    from dream3d.representations.mesh import MeshError
+    from dream3d.representations.marching_cubes import MeshError
     from dream3d.representations.nerf import SamplerError
     from dream3d.representations.splat_ply import PLYError
 

@@ -17,9 +17,13 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-from dream3d.representations.mesh import cross2
-
 FieldFn = Callable[[Tensor], Tensor]
+
+
+def cross2(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """z of the cross product of 2D vectors [...,2] -> [...]."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
 
 # Charts whose boundary would grow past this length (world units, the object spans about 1) are
 # closed. On the bumpy surface of a trained field xatlas's chart growing is slow for large charts;

@@ -10,7 +10,7 @@ import trimesh
 from dream3d.eval.bench import markdown_table
 from dream3d.eval.scores import _shape_sdf, evaluate_mesh_3d, solid_volume
 from dream3d.guidance.priors.toy_world import SHAPES
-from dream3d.representations.mesh import grid_centres, mesh_occupancy
+from dream3d.eval.mesh_coverage import grid_centres, mesh_occupancy
 
 RES = 96
 

@@ -12,7 +12,9 @@ import trimesh
 
 from dream3d.export.files import Z_UP_TO_Y_UP, export_mesh, export_representation, write_orbit_video
 from dream3d.representations.cameras import Cameras, RenderOutput, look_at_cameras
-from dream3d.representations.mesh import MeshError, extract_mesh, mesh_silhouettes
+from dream3d.eval.mesh_coverage import mesh_silhouettes
+from dream3d.representations.marching_cubes import MeshError
+from dream3d.representations.mesh_extraction import extract_mesh
 from tests.support import validate_glb
 
 REPO = Path(__file__).resolve().parents[1]

@@ -355,7 +355,7 @@ def test_density_does_not_depend_on_the_order_of_points():
 def test_field_filter_keeps_the_mesh_of_thin_splats_at_the_rendered_surface(tmp_path):
     """Splats thinner than the mesh grid's spacing (a converged shell) still mesh to what they render."""
     from dream3d.eval.scores import mesh_iou
-    from dream3d.representations.mesh import extract_mesh
+    from dream3d.representations.mesh_extraction import extract_mesh
 
     n = 3000
     k = torch.arange(n) + 0.5

@@ -14,10 +14,11 @@ from dream3d.eval.scores import evaluate_mesh_3d
 from dream3d.export.files import export_representation
 from dream3d.guidance.priors.toy_world import SDFS, SHAPES, render_shapes
 from dream3d.representations.cameras import Cameras, ray_aabb
-from dream3d.representations.mesh import (
-    MeshError, auto_threshold, decimate, extract_mesh, hull_cameras, mesh_occupancy, mesh_silhouettes, sample_grid,
-    weld,
-)
+from dream3d.eval.mesh_coverage import mesh_occupancy, mesh_silhouettes
+from dream3d.representations.marching_cubes import MeshError, auto_threshold, sample_grid
+from dream3d.representations.mesh_cleanup import decimate, weld
+from dream3d.representations.mesh_extraction import extract_mesh
+from dream3d.representations.visual_hull import hull_cameras
 
 RES = 64
 WALL = 0.12  # thickness of the density's wall, under the surface

@@ -32,11 +32,11 @@ import torch
 import trimesh
 from torch import Tensor
 
+from dream3d.eval.mesh_coverage import grid_centres, mesh_occupancy, mesh_silhouettes
 from dream3d.guidance.priors.toy_world import (
     ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, mask_iou, parse_prompt, render_shapes, world_cameras,
 )
 from dream3d.representations.cameras import Cameras
-from dream3d.representations.mesh import grid_centres, mesh_occupancy, mesh_silhouettes
 from dream3d.representations.mesh_raster import sample_texture
 
 EVAL_AZIMUTHS = 8

@@ -19,7 +19,7 @@ from trimesh.visual.material import PBRMaterial, SimpleMaterial
 from dream3d.rundir.atomic import atomic_path, write_bytes
 from dream3d.run.camera_sampling import orbit_cameras
 from dream3d.representations.cameras import Cameras, RenderOutput
-from dream3d.representations.mesh import extract_mesh
+from dream3d.representations.mesh_extraction import extract_mesh
 from dream3d.representations.texture import texture_mesh
 
 MESH_FORMATS = ("glb", "obj", "ply")
@@ -235,7 +235,7 @@ def export_representation(
         {format: path} for the mesh files (+ "mtl" and "texture" for a textured OBJ), plus
         "video" -> orbit.mp4 (white background).
     Raises:
-        representations.mesh.MeshError: the field has no surface to extract.
+        representations.marching_cubes.MeshError: the field has no surface to extract.
     """
     out_dir = Path(out_dir)
     device = _device_of(rep)
