@@ -200,7 +200,9 @@ def refine(
     run_dir: Path = typer.Argument(..., help="A run folder with a UV-textured export."),
     steps: Optional[int] = typer.Option(None, help="Refinement steps (default 100)."),
 ) -> None:
-    """Refine the exported mesh's texture with the run's prior and guidance at small t, then export it again."""
+    """Refine the exported mesh's texture, then export again.
+
+    The run's prior and guidance refine it at small t."""
     from dream3d import api
     from dream3d.export.refine import REFINE_STEPS
 
@@ -213,7 +215,9 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt."),
     mesh: bool = typer.Option(False, "--mesh", help="Score the exported textured mesh instead of the representation."),
 ) -> None:
-    """Score a toy-prompt run against the toy world's ground truth; writes summary.json."""
+    """Score a toy-prompt run against the toy world.
+
+    Compares with the toy world's ground truth; writes summary.json."""
     from dream3d import api
 
     SignalStop()
@@ -251,9 +255,9 @@ def batch(
     repulsion: Optional[float] = REPULSION,
     noise: Optional[str] = NOISE,
 ) -> None:
-    """Make an asset for every prompt in FILE; re-running continues where it stopped.
+    """Make an asset for every prompt in FILE.
 
-    The run options are every job's defaults."""
+    Re-running continues where it stopped. The run options are every job's defaults."""
     from dream3d.batch.command import run_batch_command, show_status
     from dream3d.config import load_yaml, merge, parse_overrides
 
@@ -296,7 +300,9 @@ def bench_guidance(
     particles: Optional[int] = typer.Option(None, help="Particles per ambiguous run (default 4)."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps of every run (default 100)."),
 ) -> None:
-    """Compare the guidance rules: fidelity, diversity and cost per step; writes bench.md / bench.json."""
+    """Compare the guidance rules: fidelity, diversity, cost.
+
+    Cost is time per step; writes bench.md / bench.json."""
     from dream3d.eval import bench
 
     matrix = bench.with_choices(
@@ -362,8 +368,10 @@ def bench_gpu(
     parts_only: bool = typer.Option(False, help="Only time one SDS step's parts (text, UNet x2, VAE encode/backward)."),
     batch: int = typer.Option(1, help="With --parts-only: the batch."),
 ) -> None:
-    """The GPU check (docs/gpu.md): CPU-vs-GPU parity, kernel builds, host waits, toy demos, SDS/VSD steps vs the
-    bare UNet+VAE cost; results written after every stage."""
+    """Check the GPU: CPU parity, kernels, speed (docs/gpu.md).
+
+    CPU-vs-GPU parity, kernel builds, host waits, toy demos, SDS/VSD steps vs the bare UNet+VAE cost;
+    results written after every stage."""
     import dataclasses
 
     from dream3d.eval import bench_gpu
@@ -398,7 +406,9 @@ def train_prior(
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads (1 is fastest on a busy machine)."),
 ) -> None:
-    """Train the toy-world diffusion model that --prior toy-unet / toy-unet-mv load (--arch mvdream: toy-mvdream; --arch sd: toy-sd)."""
+    """Train a toy-world diffusion model (--arch picks which).
+
+    --arch unet: the model that --prior toy-unet / toy-unet-mv load; mvdream: toy-mvdream; sd: toy-sd."""
     import torch
 
     from dream3d.config import SampleOptions, check_options
@@ -458,7 +468,9 @@ def sample(
     guidance_scale: Optional[float] = typer.Option(None, help="CFG scale (default: the prior's)."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Draw DDIM samples of PROMPT from a pixel-space prior and save them as one PNG row."""
+    """Draw DDIM samples of PROMPT as one PNG row.
+
+    The prior is a pixel-space one."""
     from dream3d.config import SampleOptions, check_options
     from dream3d.toy.eval_prior import save_row, sample_views
 
@@ -480,7 +492,9 @@ def eval_prior(
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="Also write the results here as JSON."),
 ) -> None:
-    """Score toy-unet(-mv) samples of every toy class: classification accuracy and silhouette IoU."""
+    """Score a toy prior's samples of every toy class.
+
+    toy-unet(-mv) samples: classification accuracy and silhouette IoU."""
     import json
 
     from dream3d.rundir.atomic import write_text
@@ -509,8 +523,10 @@ def eval_prior(
 
 @app.command("models")
 def models() -> None:
-    """The model aliases (--model NAME): each one's hub ids in the order they are tried, which are in the
-    local Hugging Face cache, and their sizes."""
+    """List the model aliases (--model NAME).
+
+    Each one's hub ids in the order they are tried, which are in the local Hugging Face cache, and their
+    sizes."""
     from dream3d.guidance.priors.hub import listing
 
     for line in listing():
@@ -519,8 +535,10 @@ def models() -> None:
 
 @app.command("doctor")
 def doctor() -> None:
-    """What will run where on this machine: device, torch/CUDA versions, free GPU memory, gsplat's and nerfacc's
-    CUDA kernels (built or buildable), each representation's rasterizer and sampler, half precision, cached models."""
+    """Show what will run where on this machine.
+
+    Device, torch/CUDA versions, free GPU memory, gsplat's and nerfacc's CUDA kernels (built or buildable),
+    each representation's rasterizer and sampler, half precision, cached models."""
     from dream3d.eval.doctor import render
 
     render(Console(width=max(Console().width, 140)))
@@ -536,7 +554,7 @@ def web(
     max_prompt_chars: int = typer.Option(200, help="Longer prompts are refused."),
     max_steps: int = typer.Option(2000, help="Runs of more steps are refused (one worker serves every visitor)."),
 ) -> None:
-    """Serve the web app (needs the web extra: pip install 'dream3d[web]')."""
+    """Serve the web app (needs: pip install 'dream3d[web]')."""
     if not 1 <= port <= 65535:
         raise UserError(f"--port must lie in 1..65535, got {port}")
     if max_prompt_chars < 1:
