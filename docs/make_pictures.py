@@ -1,5 +1,5 @@
 """Regenerates the README's pictures in docs/images/: two toy-world runs (a NeRF and 3D Gaussians)
-made through the public API, an orbit strip of each and one GIF of both, and a screenshot of the
+made through the public API, an orbit strip of each (rendered from its trained representation) and one GIF of both turning, and a screenshot of the
 web app reopening one of them.
 
     .venv/bin/python docs/make_pictures.py                          # two default runs: minutes each on a CPU
@@ -17,11 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import imageio.v2 as imageio
 import numpy as np
+import torch
 from PIL import Image
 
 import dream3d
+from dream3d import api
+from dream3d.representations.cameras import look_at_cameras
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from docs/: the browser test's helpers live in tests/
@@ -31,39 +33,52 @@ IMAGES = ROOT / "docs" / "images"
 RUNS = {"nerf": "a blue torus", "gaussians": "a yellow cone"}
 STRIP_FRAMES = 6
 GIF_FRAMES = 24
+FRAME_SIZE = 128
+DISTANCE = 2.0  # closer than the export's video (2.5): the toy shapes fill more of the frame
+FOVY = 45.0
+GIF_ELEVATION = 30.0  # above the video's 15 degrees, so that a torus shows its hole
+RENDER_BATCH = 8
 SCREENSHOT_WIDTH = 960
 
 
-def orbit_frames(video: Path, count: int) -> list[np.ndarray]:
-    """``count`` frames evenly spaced over the orbit video (one full turn)."""
-    with imageio.get_reader(video, "ffmpeg") as reader:
-        frames = [frame for frame in reader]
-    picks = np.linspace(0, len(frames), count, endpoint=False).astype(int)
-    return [frames[i] for i in picks]
+def render_views(run_dir: Path, elevations: np.ndarray, azimuths: np.ndarray) -> list[np.ndarray]:
+    """The run's trained representation seen from each (elevation, azimuth) in degrees, as uint8 frames."""
+    _, representation = api.load_representation(run_dir)
+    n = len(azimuths)
+    cameras = look_at_cameras(torch.tensor(elevations, dtype=torch.float32), torch.tensor(azimuths, dtype=torch.float32),
+                              torch.full((n,), DISTANCE), FOVY, FRAME_SIZE, FRAME_SIZE)
+    frames = []
+    with torch.no_grad():
+        for start in range(0, n, RENDER_BATCH):
+            rgb = representation.render(cameras[start:start + RENDER_BATCH], torch.ones(3)).rgb.clamp(0, 1)
+            frames += list((rgb.numpy() * 255).round().astype(np.uint8))
+    return frames
 
 
 def make_run(representation: str, prompt: str, runs: Path, steps: int | None, reuse: bool) -> Path:
-    """The orbit video of a run of ``prompt``: the newest finished one in ``runs`` with reuse, else a new one."""
+    """The folder of a run of ``prompt``: the newest finished one in ``runs`` with reuse, else a new one."""
     if reuse:
-        made = sorted(runs.glob(prompt.replace(" ", "-") + "-*"))
-        videos = [dream3d.Result.load(run).files.get("video") for run in made]
-        if videos and videos[-1] is not None:
-            return videos[-1]
+        made = [run for run in sorted(runs.glob(prompt.replace(" ", "-") + "-*")) if dream3d.Result.load(run).files]
+        if made:
+            return made[-1]
     options = {"representation": representation, "out": str(runs)}
     if steps is not None:
         options["steps"] = steps
     started = time.monotonic()
     result = dream3d.generate(prompt, **options)
     print(f"{representation}: '{prompt}' in {time.monotonic() - started:.0f} s -> {result.run_dir}")
-    return result.files["video"]
+    return result.run_dir
 
 
-def write_orbits(videos: dict[str, Path]) -> None:
-    for name, video in videos.items():
-        strip = np.concatenate(orbit_frames(video, STRIP_FRAMES), axis=1)
+def write_orbits(run_dirs: dict[str, Path]) -> None:
+    # the strip climbs as it turns (0 to 60 degrees of elevation), so a round shape shows more than one face
+    strip_views = np.linspace(0, 60, STRIP_FRAMES), np.linspace(0, 360, STRIP_FRAMES, endpoint=False)
+    gif_views = np.full(GIF_FRAMES, GIF_ELEVATION), np.linspace(0, 360, GIF_FRAMES, endpoint=False)
+    for name, run_dir in run_dirs.items():
+        strip = np.concatenate(render_views(run_dir, *strip_views), axis=1)
         Image.fromarray(strip).save(IMAGES / f"orbit-{name}.png", optimize=True)
     # both runs side by side in one small looping GIF
-    columns = [orbit_frames(video, GIF_FRAMES) for video in videos.values()]
+    columns = [render_views(run_dir, *gif_views) for run_dir in run_dirs.values()]
     frames = [Image.fromarray(np.concatenate(row, axis=1)).quantize(64) for row in zip(*columns)]
     frames[0].save(IMAGES / "orbit.gif", save_all=True, append_images=frames[1:], duration=120, loop=0, optimize=True)
 
@@ -105,8 +120,8 @@ def main() -> None:
     runs = args.runs or Path(tempfile.mkdtemp(prefix="dream3d-pictures-"))
     IMAGES.mkdir(exist_ok=True)
     started = time.monotonic()
-    videos = {name: make_run(name, prompt, runs, args.steps, args.reuse) for name, prompt in RUNS.items()}
-    write_orbits(videos)
+    run_dirs = {name: make_run(name, prompt, runs, args.steps, args.reuse) for name, prompt in RUNS.items()}
+    write_orbits(run_dirs)
     if not args.no_screenshot:
         screenshot_web(runs)
     print(f"pictures in {IMAGES} after {time.monotonic() - started:.0f} s:")
