@@ -110,6 +110,18 @@ def image_gradient(guidance, rgb, step, seed, prompt="a prompt"):
     return rgb.grad, out
 
 
+def replay_noising(prior, rgb, seed):
+    """What a rule with the timestep range [20, 980] drew from ``Generator(seed)`` for images rgb [B,H,W,C]:
+    t, then the noise. Returns (t [B], noise [B,C,H,W], abar [B,1,1,1], x_t), x = 2 rgb - 1 noised to t."""
+    replay = torch.Generator().manual_seed(seed)
+    B, H, W, C = rgb.shape
+    t = torch.randint(20, 981, (B,), generator=replay)
+    noise = torch.randn(B, C, H, W, generator=replay)
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x = 2 * rgb.detach().permute(0, 3, 1, 2) - 1
+    return t, noise, abar, abar.sqrt() * x + (1 - abar).sqrt() * noise
+
+
 def as_image_gradient(g, batch):
     """x = 2 rgb - 1 and d loss / d x = g / B (the one surrogate convention)."""
     return (2 * g / batch).permute(0, 2, 3, 1)

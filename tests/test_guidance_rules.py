@@ -12,7 +12,9 @@ from dream3d.guidance.ism import ISMConfig, ISMGuidance
 from dream3d.guidance.priors.base import Embeddings
 from dream3d.guidance.prompts import view_index
 from dream3d.representations.cameras import look_at_cameras
-from tests.support import AnalyticPrior, as_image_gradient, cameras, dream3d, image_gradient, run_cli
+from tests.support import (
+    AnalyticPrior, as_image_gradient, cameras, dream3d, image_gradient, replay_noising, run_cli,
+)
 
 
 # -- CSD ----------------------------------------------------------------------------
@@ -24,12 +26,7 @@ def test_csd_gradient_equals_formula(normalize):
     rgb = torch.rand(B, 8, 8, 3)
     grad, out = image_gradient(CSDGuidance(prior, cfg), rgb, step, seed=3)
 
-    replay = torch.Generator().manual_seed(3)
-    t = torch.randint(20, 981, (B,), generator=replay)  # max 0.98 until step 5000
-    noise = torch.randn(B, 3, 8, 8, generator=replay)
-    x = 2 * rgb.permute(0, 3, 1, 2) - 1
-    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    t, _, abar, x_t = replay_noising(prior, rgb, seed=3)  # max 0.98 until step 5000
     eps_y, eps_0, eps_neg = (prior.eps(x_t, t, v) for v in (len("a prompt") / 10, -0.2, len("ugly") / 10))
     beta = 0.5  # [0, 1, 5000] at step 2500
     g = (1 - abar) * omega * ((eps_y - eps_0) - beta * (eps_neg - eps_0))
@@ -72,12 +69,7 @@ def test_csd_perp_neg_term_equals_formula():
     rgb = torch.rand(B, 8, 8, 3)
     grad, out = image_gradient(CSDGuidance(prior, cfg), rgb, step, seed=3)
 
-    replay = torch.Generator().manual_seed(3)
-    t = torch.randint(20, 981, (B,), generator=replay)
-    noise = torch.randn(B, 3, 8, 8, generator=replay)
-    x = 2 * rgb.permute(0, 3, 1, 2) - 1
-    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    t, _, abar, x_t = replay_noising(prior, rgb, seed=3)
     cams = cameras(B)
     pos = torch.tensor([blended_view(float(a)) for a in cams.azimuth])
     eps = lambda value: torch.cat([prior.eps(x_t[i:i + 1], t[i:i + 1], float(v)) for i, v in enumerate(value)])  # noqa: E731
@@ -117,12 +109,7 @@ def test_nfsd_gradient_equals_formula(negative):
     rgb = torch.rand(B, 8, 8, 3)
     grad, _ = image_gradient(NFSDGuidance(prior, cfg), rgb, 0, seed=2)
 
-    replay = torch.Generator().manual_seed(2)
-    t = torch.randint(20, 981, (B,), generator=replay)
-    noise = torch.randn(B, 3, 8, 8, generator=replay)
-    x = 2 * rgb.permute(0, 3, 1, 2) - 1
-    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    t, _, abar, x_t = replay_noising(prior, rgb, seed=2)
     eps_y, eps_0 = prior.eps(x_t, t, len("a prompt") / 10), prior.eps(x_t, t, -0.2)
     eps_neg = eps_0 if negative is None else prior.eps(x_t, t, len(negative) / 10)
     delta_d = torch.where((t < 500).view(-1, 1, 1, 1), eps_0, eps_0 - eps_neg)

@@ -4,63 +4,28 @@ import pytest
 import torch
 
 from dream3d.guidance.base import RuleContext, surrogate_loss
-from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
 from dream3d.guidance.diffusion import sds_weight, timestep_range
 from dream3d.guidance.sds import SDSConfig, SDSGuidance
-from dream3d.representations.cameras import look_at_cameras
-
-
-class LinearPrior:
-    """A stand-in prior whose epsilon is a known function of (x_t, t, embedding)."""
-
-    name, resolution, num_train_timesteps, unet = "linear", 8, 1000, None
-
-    def __init__(self):
-        self.alphas_cumprod = ddpm_alphas_cumprod()
-
-    def encode(self, rgb):
-        return 2 * rgb - 1
-
-    def decode(self, x):
-        return (x + 1) / 2
-
-    def embed(self, prompt):
-        return Embeddings(prompt, torch.tensor([0.7]), torch.tensor([-0.2]))
-
-    def predict_noise(self, x_t, t, embeddings, cameras=None):
-        return 0.5 * x_t + embeddings.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
-
-
-def cameras(batch):
-    return look_at_cameras(torch.zeros(batch), torch.zeros(batch), torch.full((batch,), 2.5), 45.0, 8, 8)
+from tests.support import AnalyticPrior, as_image_gradient, cameras, image_gradient, replay_noising
 
 
 @pytest.mark.parametrize("weighting", ["sds", "uniform", "fantasia3d"])
 def test_gradient_equals_formula(weighting):
-    prior, B, omega = LinearPrior(), 3, 7.0
+    prior, B, omega = AnalyticPrior(), 3, 7.0
     guidance = SDSGuidance(prior, SDSConfig(guidance_scale=omega, weighting=weighting),
                             RuleContext(steps=100, guidance_scale=100.0))
-    rgb = torch.rand(B, 8, 8, 3, requires_grad=True)
-    gen = torch.Generator().manual_seed(1)
-    out = guidance(rgb, "p", cameras(B), step=0, generator=gen)
-    out.loss.backward()
+    rgb = torch.rand(B, 8, 8, 3)
+    grad, out = image_gradient(guidance, rgb, step=0, seed=1, prompt="a prompt")  # embeds as 0.8, uncond -0.2
 
-    replay = torch.Generator().manual_seed(1)
-    t = torch.randint(20, 981, (B,), generator=replay)
-    noise = torch.randn(B, 3, 8, 8, generator=replay)
-    x = 2 * rgb.detach().permute(0, 3, 1, 2) - 1
-    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
-    eps_y, eps_u = 0.5 * x_t + 0.7 + t.view(-1, 1, 1, 1) / 1000, 0.5 * x_t - 0.2 + t.view(-1, 1, 1, 1) / 1000
+    t, noise, abar, x_t = replay_noising(prior, rgb, seed=1)
+    eps_y, eps_u = 0.5 * x_t + 0.8 + t.view(-1, 1, 1, 1) / 1000, 0.5 * x_t - 0.2 + t.view(-1, 1, 1, 1) / 1000
     w = {"sds": 1 - abar, "uniform": torch.ones_like(abar), "fantasia3d": abar.sqrt() * (1 - abar)}[weighting]
     g = w * (eps_y + omega * (eps_y - eps_u) - noise)
-    # d loss / d x = g / B and x = 2 rgb - 1
-    expected = (2 * g / B).permute(0, 2, 3, 1)
-    torch.testing.assert_close(rgb.grad, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, as_image_gradient(g, B), rtol=1e-5, atol=1e-6)
     assert out.info["t"] == pytest.approx(float(t.float().mean()))
 
 
-class BrokenPrior(LinearPrior):
+class BrokenPrior(AnalyticPrior):
     def predict_noise(self, x_t, t, embeddings, cameras=None):
         eps = super().predict_noise(x_t, t, embeddings, cameras)
         eps[:, :, 0, 0] = float("nan")
@@ -88,7 +53,7 @@ def test_surrogate_loss_gradient_is_g_over_batch():
 
 def test_timestep_range_and_sqrt_anneal():
     assert timestep_range(0.02, 0.98, 1000) == (20, 980)
-    guidance = SDSGuidance(LinearPrior(), SDSConfig(sqrt_anneal=True), RuleContext(steps=100, guidance_scale=1.0))
+    guidance = SDSGuidance(AnalyticPrior(), SDSConfig(sqrt_anneal=True), RuleContext(steps=100, guidance_scale=1.0))
     gen = torch.Generator()
     assert guidance.sample_timesteps(2, 0, gen).tolist() == [980, 980]
     assert guidance.sample_timesteps(1, 25, gen).item() == int(980 - 960 * 0.5)
@@ -96,7 +61,7 @@ def test_timestep_range_and_sqrt_anneal():
 
 
 def test_schedule_on_t_range():
-    guidance = SDSGuidance(LinearPrior(), SDSConfig(max_step_percent=[10, 0.98, 0.5, 11]),
+    guidance = SDSGuidance(AnalyticPrior(), SDSConfig(max_step_percent=[10, 0.98, 0.5, 11]),
                             RuleContext(steps=100, guidance_scale=1.0))
     gen = torch.Generator().manual_seed(0)
     assert guidance.sample_timesteps(500, 20, gen).max() <= 500

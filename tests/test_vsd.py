@@ -13,8 +13,7 @@ from dream3d.run.build import build_prior
 from dream3d.config import build_config
 from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
-from tests.support import cameras
-from tests.support import metrics
+from tests.support import cameras, metrics, replay_noising
 from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
@@ -65,12 +64,7 @@ def test_gradient_equals_formula(models, kind, lam):
     cams = cameras(B)
     e = prior.embed("a cat")
 
-    replay = torch.Generator().manual_seed(4)
-    t = torch.randint(20, 981, (B,), generator=replay)
-    noise = torch.randn(B, 4, 8, 8, generator=replay)
-    x = 2 * rgb.permute(0, 3, 1, 2) - 1
-    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    t, _, abar, x_t = replay_noising(prior, rgb, seed=4)
     with torch.no_grad():
         eps_y = prior.predict_noise(x_t, t, e.conditional(cams))
         eps_u = prior.predict_noise(x_t, t, e.uncond.expand(B, -1, -1))
