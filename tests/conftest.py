@@ -10,6 +10,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # One prior dataset cache for the whole test session (built on first use, reused by later runs).
 os.environ.setdefault("DREAM3D_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "dream3d-test"))
 
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny random-weight Stable Diffusion folder, one per test module."""
+    from tests.tiny_diffusers import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny random-weight diffusers folders by kind: sd, sd-v (v-prediction) and if, one set per test module."""
+    from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
+
+    root = tmp_path_factory.mktemp("models")
+    return {"sd": build_tiny_sd(root / "sd"), "sd-v": build_tiny_sd(root / "sd-v", prediction_type="v_prediction"),
+            "if": build_tiny_if(root / "if")}
+
+
+@pytest.fixture
+def embedding_cache(tmp_path, monkeypatch):
+    """A cache of this test's own (the session's is shared): random models built per module must not meet
+    embeddings cached for another. Returns the text-embedding folder in it."""
+    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "text-embeddings"
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Config layers for a tiny run writing under tmp_path."""

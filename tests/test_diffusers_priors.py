@@ -14,25 +14,9 @@ from dream3d.guidance.base import RuleContext
 from dream3d.guidance.sds import SDSConfig, SDSGuidance
 from dream3d.representations.cameras import look_at_cameras
 from tests.support import dream3d
-from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "sd": build_tiny_sd(root / "sd"),
-        "sd-v": build_tiny_sd(root / "sd-v", prediction_type="v_prediction"),
-        "if": build_tiny_if(root / "if"),
-    }
-
-
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "text-embeddings"
+pytestmark = pytest.mark.usefixtures("embedding_cache")
 
 
 def load(prior, model, **config):

@@ -18,20 +18,10 @@ from dream3d.config import build_config
 from dream3d.guidance.priors import hub
 from dream3d.guidance.priors.base import PriorError
 from tests.support import REPO, TINY_FLAGS, dream3d
-from tests.tiny_diffusers import build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
 COMMIT = "1" * 40
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
-
-
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("embedding_cache")
 
 
 def not_found(repo_id):

@@ -23,6 +23,7 @@ from tests.support import metrics
 from tests.tiny_diffusers import TEXT_DIM, clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("embedding_cache")
 
 TINY = MVDreamUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
                          num_head_channels=8, context_dim=TEXT_DIM, image_size=8)
@@ -73,11 +74,6 @@ def build_tiny_mvdream(folder, seed=0):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return build_tiny_mvdream(tmp_path_factory.mktemp("models") / "mvdream")
-
-
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
 
 
 def load(model, **config):

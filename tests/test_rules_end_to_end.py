@@ -5,19 +5,9 @@ import pytest
 
 from dream3d.config import GUIDANCES
 from tests.support import run_cli
-from tests.tiny_diffusers import build_tiny_sd
 
 pytest.importorskip("diffusers")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "sd")
-
-
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("embedding_cache")
 
 
 # each rule's run options; "rsd" is SDS with kernel repulsion between 3 particles

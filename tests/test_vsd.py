@@ -14,21 +14,9 @@ from dream3d.config import build_config
 from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
 from tests.support import cameras, metrics, replay_noising
-from tests.tiny_diffusers import build_tiny_if, build_tiny_sd
 
 diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"sd": build_tiny_sd(root / "sd"), "sd-v": build_tiny_sd(root / "sd-v", prediction_type="v_prediction"),
-            "if": build_tiny_if(root / "if")}
-
-
-@pytest.fixture(autouse=True)
-def embedding_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAM3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("embedding_cache")
 
 
 def toy_unet_mv():
