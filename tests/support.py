@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from dream3d import api, cli
+from dream3d.config import build_config
+from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.priors.base import Embeddings, ddpm_alphas_cumprod
 from dream3d.representations.cameras import look_at_cameras
 
@@ -52,6 +54,17 @@ def run_cli(monkeypatch, capsys, out, *args, check_export=True):
     if check_export:
         assert (run_dir / "export" / "model.glb").stat().st_size > 0 and (run_dir / "export" / "orbit.mp4").is_file()
     return run_dir
+
+
+def interrupt_and_resume(layers, out):
+    """Runs the config of ``layers`` with a stop after 6 steps, resumes it to the end; returns its run folder
+    (the newest in ``out``)."""
+    stop = iter([False] * 6 + [True])
+    with pytest.raises(RunInterrupted):
+        api.run(build_config(*layers), should_stop=lambda: next(stop))
+    interrupted = max(Path(out).iterdir(), key=lambda p: p.stat().st_mtime)
+    api.resume(interrupted)
+    return interrupted
 
 
 def metrics(run_dir):

@@ -3,14 +3,12 @@ gives is N(0,1) per pixel and the same for a surface point seen from two cameras
 the per-Gaussian values follow densification; a consistent-noise run resumes exactly; the CLI runs."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from dream3d import api
 from dream3d.config import ConfigError, build_config
-from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.ism import ISMConfig, ISMGuidance
 from dream3d.guidance.base import RuleContext
 from dream3d.guidance.sds import CFDConfig, SDSConfig, SDSGuidance
@@ -19,7 +17,7 @@ from dream3d.representations.gaussians import Gaussians, GaussiansConfig
 from dream3d.representations.nerf import NeRF, NeRFConfig
 from dream3d.representations.noise import NoiseFieldConfig
 from tests.support import AnalyticPrior, as_image_gradient, cameras, run_cli
-from tests.support import assert_same, final_params, metrics
+from tests.support import assert_same, final_params, interrupt_and_resume, metrics
 
 
 def two_cameras(size):
@@ -251,11 +249,7 @@ def test_consistent_noise_run_resumes_exactly(representation, tiny, one_thread):
                      "noise_field": {"refresh": 0.01, "grid_resolution": 16}}]
     straight = api.run(build_config(*layers)).run_dir
     assert "noise_values" in final_params(straight) or "noise_grid" in final_params(straight)
-    stop = iter([False] * 6 + [True])
-    with pytest.raises(RunInterrupted):
-        api.run(build_config(*layers), should_stop=lambda: next(stop))
-    interrupted = max(Path(tiny["out"]).glob("a-red-cube-*"), key=lambda p: p.stat().st_mtime)
-    api.resume(interrupted)
+    interrupted = interrupt_and_resume(layers, tiny["out"])
     assert metrics(interrupted) == metrics(straight)
     assert_same(final_params(straight), final_params(interrupted))
 

@@ -1,7 +1,6 @@
 """Particles (--particles N) and kernel repulsion (--repulsion W, docs/guidance-math.md#particles-and-repulsion)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +8,11 @@ import torch
 from dream3d import api
 from dream3d.run.build import build_representation
 from dream3d.config import ConfigError, build_config
-from dream3d.run.loop import RunInterrupted, Trainer
+from dream3d.run.loop import Trainer
 from dream3d.guidance.base import GuidanceError, GuidanceOutput, surrogate_loss
 from dream3d.guidance.repulsion import DinoFeatures, RepulsionConfig, build_features, pixel_features, repulsion_loss
 from dream3d.representations.particles import Particles
-from tests.support import assert_same, final_params, metrics
+from tests.support import assert_same, final_params, interrupt_and_resume, metrics
 
 
 def test_particle_i_is_the_single_representation_of_seed_plus_i(tiny):
@@ -64,11 +63,7 @@ def test_gaussian_particles_densify_apart_and_resume_exactly(tiny):
     layers = [tiny, {"prompt": "a red sphere", "representation": "gaussians", "gaussians": gaussians, "particles": 2,
                      "repulsion": {"weight": 0.0}}]
     straight = api.run(build_config(*layers))
-    stop = iter([False] * 6 + [True])
-    with pytest.raises(RunInterrupted):
-        api.run(build_config(*layers), should_stop=lambda: next(stop))
-    interrupted = max(Path(tiny["out"]).glob("a-red-sphere-*"), key=lambda p: p.stat().st_mtime)
-    api.resume(interrupted)
+    interrupted = interrupt_and_resume(layers, tiny["out"])
     assert metrics(interrupted) == metrics(straight.run_dir)
     params = final_params(straight.run_dir)
     assert_same(params, final_params(interrupted))

@@ -12,7 +12,7 @@ from dream3d import api
 from dream3d.config import build_config
 from dream3d.run.loop import RunError, RunInterrupted, Trainer
 from dream3d.rundir.folder import checkpoint_paths
-from tests.support import assert_same, final_params, metrics
+from tests.support import assert_same, final_params, interrupt_and_resume, metrics
 
 
 def test_run_writes_the_run_folder(tiny):
@@ -110,10 +110,6 @@ def test_gaussians_run_exports_splats_and_resumes_exactly(tiny, tmp_path):
     assert 64 < len(splats["means"]) <= 80
     assert trimesh.load(result.files["glb"], force="mesh", skip_materials=True).faces.shape[0] > 0
 
-    stop = iter([False] * 6 + [True])
-    with pytest.raises(RunInterrupted):
-        api.run(build_config(*layers), should_stop=lambda: next(stop))
-    interrupted = max(Path(tiny["out"]).glob("a-red-sphere-*"), key=lambda p: p.stat().st_mtime)
-    api.resume(interrupted)
+    interrupted = interrupt_and_resume(layers, tiny["out"])
     assert metrics(interrupted) == metrics(result.run_dir)
     assert_same(final_params(result.run_dir), final_params(interrupted))
