@@ -100,7 +100,8 @@ def _run_flags(
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
                  resolution=resolution, particles=particles, noise=noise, device=device)
     if init_points is not None:
-        flags["gaussians"] = {"init_points": str(init_points)}
+        takers = [spec.name for spec in REPRESENTATIONS if spec.takes_init_points]
+        flags.update({name: {"init_points": str(init_points)} for name in takers})
     if repulsion is not None:
         flags["repulsion"] = {"weight": repulsion}
     return {k: v for k, v in flags.items() if v is not None}

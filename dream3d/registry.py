@@ -58,6 +58,8 @@ class RepresentationSpec:
     config: str  # "module:Class", the config section
     builds: str  # "module:Class", called as Class(section, generator=..., noise=...)
     summary: str
+    renders_normals: bool = True  # renders normals (loss.lambda_orient needs them)
+    takes_init_points: bool = False  # its section's init_points starts it from a PLY's points (--init-points)
 
 
 Spec = TypeVar("Spec", RuleSpec, PriorSpec, RepresentationSpec)
@@ -139,4 +141,5 @@ REPRESENTATIONS: Registry[RepresentationSpec] = Registry("representation")
 REPRESENTATIONS.add(RepresentationSpec("nerf", "dream3d.representations.nerf:NeRFConfig", "dream3d.representations.nerf:NeRF",
                                        "a NeRF: dense multi-resolution grids, or an Instant-NGP hash grid with nerf.encoding=hashgrid (density blob)"))
 REPRESENTATIONS.add(RepresentationSpec("gaussians", "dream3d.representations.gaussians:GaussiansConfig",
-                                       "dream3d.representations.gaussians:Gaussians", "3D Gaussian splats"))
+                                       "dream3d.representations.gaussians:Gaussians", "3D Gaussian splats",
+                                       renders_normals=False, takes_init_points=True))

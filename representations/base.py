@@ -11,9 +11,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from dream3d.representations.cameras import Cameras, RenderOutput
+from dream3d.representations.shading import LightConfig
+
+
+class RepresentationConfig(BaseModel):
+    """A representation's config section (``NAME:`` in config.yaml). Its hooks tell the run's config what it needs
+    to check of a representation without naming it; the defaults fit a representation that needs nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def render_cost(self) -> float:
+        """Peak memory of a training render per pixel, relative to the NeRF at 64 samples per ray (8 KiB)."""
+        return 1.0
+
+    def device_refusal(self, device: torch.device) -> str | None:
+        """Why this configuration cannot render on ``device``, in one line; None when it can."""
+        return None
+
+    def trained_light(self) -> LightConfig | None:
+        """The light the colours are learned under (then the colour field is the albedo); None for radiance."""
+        return None
 
 
 class Representation(torch.nn.Module):

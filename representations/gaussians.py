@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import ConfigDict, model_validator
 from torch import Tensor
 
 from gsplat.strategy import DefaultStrategy
 from gsplat.strategy.ops import remove, reset_opa
 
-from dream3d.representations.base import Representation
+from dream3d.representations.base import Representation, RepresentationConfig
 from dream3d.representations.cameras import Cameras, RenderOutput
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
 from dream3d.representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
 from dream3d.representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
 
 
-class GaussiansConfig(BaseModel):
+class GaussiansConfig(RepresentationConfig):
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="after")

@@ -41,10 +41,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from nerfacc import OccGridEstimator, accumulate_along_rays, render_weight_from_density
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from torch import Tensor
 
-from dream3d.representations.base import Representation
+from dream3d.representations.base import Representation, RepresentationConfig
 from dream3d.representations.cameras import Cameras, RenderOutput, ray_aabb, to_device
 from dream3d.representations.hashgrid import HashEncoding, HashGridConfig
 from dream3d.representations.kernels import cuda_extension_loads
@@ -89,7 +89,7 @@ def resolve_sampler(choice: Sampler, device: torch.device) -> Literal["dense", "
     return "occupancy" if choice == "occupancy" or (choice == "auto" and marching) else "dense"
 
 
-class NeRFConfig(BaseModel):
+class NeRFConfig(RepresentationConfig):
     model_config = ConfigDict(extra="forbid")
 
     bound: float = 1.0  # the scene is the cube [-bound, bound]^3
@@ -111,6 +111,15 @@ class NeRFConfig(BaseModel):
     # "lambert": the colour field is albedo, rendered lit by ``light`` (representations/shading.py); "none": radiance
     shading: Shading = "none"
     light: LightConfig = LightConfig()
+
+    def render_cost(self) -> float:
+        return self.num_samples / 64
+
+    def device_refusal(self, device: torch.device) -> str | None:
+        return occupancy_unavailable(device) if self.sampler == "occupancy" and device.type != "cuda" else None
+
+    def trained_light(self) -> LightConfig | None:
+        return self.light if self.shading == "lambert" else None
 
 
 class NeRF(Representation):

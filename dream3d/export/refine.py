@@ -74,9 +74,10 @@ def load_textured(folder: Path) -> trimesh.Trimesh:
 
 
 def trained_light(cfg: RunConfig) -> LightConfig | None:
-    """The light a run's colours were learned under (a NeRF with ``nerf.shading=lambert``), in which its texture,
-    the albedo, is rendered for refinement and evaluation; None for a run that learned radiance."""
-    return cfg.nerf.light if cfg.representation == "nerf" and cfg.nerf.shading == "lambert" else None
+    """The light a run's colours were learned under (its representation's ``trained_light``, e.g. a NeRF with
+    ``nerf.shading=lambert``), in which its texture, the albedo, is rendered for refinement and evaluation; None
+    for a run that learned radiance."""
+    return cfg.representation_section.trained_light()
 
 
 def textured_mesh(mesh: trimesh.Trimesh, lr: float = 0.05, light: LightConfig | None = None) -> TexturedMesh:

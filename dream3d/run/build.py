@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dream3d.config import RunConfig, toy_refusal
+from dream3d.config import RunConfig
+from dream3d.config.presets import toy_refusal
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
 from dream3d.guidance.base import RuleContext
 from dream3d.run.device import resolve_device

@@ -1,76 +1,41 @@
-"""The typed run configuration: defaults, YAML load/save and ``key=value`` overrides.
+"""The run's configuration schema: ``RunConfig``, its sections and their validators.
 
-Every component is chosen by name (``prior``, ``guidance``, ``representation``) from
-``dream3d.registry`` and carries its own typed section (one per registered rule and
-representation, named as the entry); unknown names, keys and wrong types are errors. The
-saved ``config.yaml`` of a run re-runs the same job.
+Every component is chosen by name (``prior``, ``guidance``, ``representation``) from ``dream3d.registry`` and
+carries its own typed section (one per registered rule and representation, named as the entry); unknown names,
+keys and wrong types are errors. What a validator needs to know of a component is a capability on its registry
+spec or a hook of its section (``representations.base.RepresentationConfig``), never its name: the names the
+config uses are the presets' (``presets.py``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from dream3d.errors import UserError
 from dream3d import registry
+from dream3d.config.io import ConfigError, merge, one_line
+from dream3d.config.limits import (
+    EXPORT_VIDEO_BATCH, MAX_PARTICLES, MAX_PROMPT_CHARS, MAX_STEPS, MESH_BYTES_PER_CELL, RENDER_BYTES_PER_PIXEL,
+    check_fits, check_seed,
+)
+from dream3d.config.presets import AUTO, DEFAULT_REPRESENTATION, DEFAULT_RULE, apply_presets
 from dream3d.run.device import DEVICE_PATTERN, resolve_device
 from dream3d.run.camera_sampling import CameraConfig
 from dream3d.guidance.priors.diffusers_prior import DiffusersConfig
 from dream3d.guidance.prompts import PromptConfig
 from dream3d.guidance.repulsion import RepulsionConfig
 from dream3d.guidance.schedule import CheckedSchedule
+from dream3d.representations.base import RepresentationConfig
 from dream3d.representations.noise import NoiseFieldConfig
 
 PRIORS = registry.PRIORS.names
-# --prior auto (the default) picks one of PRIORS from the prompt and the rule when the config is built
-AUTO = "auto"
 PRIOR_CHOICES = (AUTO, *PRIORS)
 GUIDANCES = registry.RULES.names
 REPRESENTATIONS = registry.REPRESENTATIONS.names
 EXPORT_FORMATS = ("glb", "obj", "ply")
-
-
-# Upper bounds on what sizes a run's work, each derived from a fact of the code or of the machine
-# (the error names it). They live here, in the typed config, so the CLI, the web app and the batch
-# runner refuse the same inputs before anything is written.
-MAX_STEPS = 999_999  # checkpoints are step_XXXXXX.pt and found by sorting names: 6 digits sort right
-MAX_PARTICLES = 64
-# the diffusion priors' text encoders (CLIP, T5) read 77 tokens, a few hundred characters: more is cut off unread
-MAX_PROMPT_CHARS = 1000
-# torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; particle i is seeded seed + i
-SEED_RANGE = (-(2**63), 2**64 - MAX_PARTICLES)
-# Measured peak memory of one training render, forward and backward, on CPU: ~5 KB per pixel for
-# the NeRF at 64 samples per ray, 4-11 KB for the Gaussians. Rounded up to 8 KiB per pixel
-# (per 64 ray samples for the NeRF); the video renders frames in batches of EXPORT_VIDEO_BATCH.
-RENDER_BYTES_PER_PIXEL = 8 * 1024
-EXPORT_VIDEO_BATCH = 8
-# marching cubes holds the float32 density grid, scikit-image's float64 copy and its masks
-MESH_BYTES_PER_CELL = 16
-
-
-def machine_memory() -> int:
-    """Bytes of physical memory of this machine (where representations render and mesh)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
-
-
-def check_fits(what: str, need: float, how: str) -> None:
-    """Raises ValueError (one line) if ``need`` bytes exceed this machine's memory; ``how`` says how ``need`` was counted."""
-    have = machine_memory()
-    if need > have:
-        raise ValueError(f"{what} would need about {_gib(need)} of memory ({how}), more than this machine's {_gib(have)}")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration the user gave cannot be used; the message is one line."""
 
 
 class _Section(BaseModel):
@@ -178,55 +143,6 @@ class RefineConfig(_Section):
         return self
 
 
-def multiview_defaults(prior: str, steps: int) -> dict[str, Any]:
-    """MVDream-threestudio's distillation settings scaled to a run of ``steps``: groups of 4 cameras 90 degrees
-    apart, x0-reconstruction SDS with CFG rescale 0.5 and t annealed from 0.98 to U[0.02, 0.5] over the first
-    80% of the run; for mvdream 64 then 256 pixels from half-way (the toy keeps its own sizes). The user's
-    values win."""
-    anneal = max(int(0.8 * steps), 1)
-    views = registry.PRIORS[prior].views
-    sizes = {"resolution": [64, 256], "resolution_milestones": [steps // 2]} if prior == "mvdream" else {}
-    return {"camera": {"group_views": views, "batch_size": views, "elevation_range": [0.0, 30.0]}, **sizes,
-            "sds": {"recon_loss": True, "recon_std_rescale": 0.5, "min_step_percent": [0, 0.98, 0.02, anneal],
-                    "max_step_percent": [0, 0.98, 0.5, anneal]}}
-
-
-def toy_refusal(prompt: str) -> str | None:
-    """Why the toy world's grammar (a colour and/or a shape, a few other words) does not take ``prompt``, in one
-    line with the vocabulary; None when it does."""
-    from dream3d.guidance.priors.base import PriorError
-    from dream3d.guidance.priors.toy_world import parse_prompt
-
-    try:
-        parse_prompt(prompt)
-    except PriorError as e:
-        return str(e)
-    return None
-
-
-def auto_prior(data: dict[str, Any]) -> str:
-    """The prior ``--prior auto`` picks for a config layer: a toy-world prompt gets a toy prior (the trained
-    toy-unet-mv where the rule trains on a UNet or a --model is given, else the closed-form toy-mv), any other
-    prompt Stable Diffusion; both in their multi-view form (toy-mvdream, mvdream) where the config asks for
-    groups of views (camera.group_views > 1, as a multi-view recipe sets). A model alias (``--model if-i-xl``)
-    picks the prior it is for."""
-    from dream3d.guidance.priors.hub import ALIASES
-
-    if data.get("model") in ALIASES:
-        return ALIASES[data["model"]].prior
-    camera = data.get("camera")
-    views = camera.get("group_views") if isinstance(camera, dict) else None
-    multiview = isinstance(views, int) and views > 1
-    prompt = data.get("prompt")
-    if isinstance(prompt, str) and toy_refusal(prompt) is None:
-        guidance = data.get("guidance", RunSettings.model_fields["guidance"].default)
-        trains_unet = guidance in registry.RULES and registry.RULES[guidance].needs_unet
-        if multiview:
-            return "toy-mvdream"
-        return "toy-unet-mv" if trains_unet or data.get("model") is not None else "toy-mv"
-    return "mvdream" if multiview else "sd"
-
-
 class RunSettings(_Section):
     """The run's own settings; ``RunConfig`` adds one section per registered rule and representation."""
 
@@ -239,10 +155,10 @@ class RunSettings(_Section):
     # config.yaml loads exactly these (remove both to resolve the alias again)
     model_resolved: str | None = None
     model_revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
-    guidance: str = "sds"
+    guidance: str = DEFAULT_RULE
     # where the forward noise comes from: fresh draws, or fixed noise attached to the 3D representation
     noise: Literal["independent", "consistent"] = "independent"
-    representation: str = "nerf"
+    representation: str = DEFAULT_REPRESENTATION
     steps: int = Field(600, gt=0)
     seed: int = 0
     # where the representation, cameras, renders, prior and guidance live: auto (CUDA if any), cpu, cuda, cuda:N
@@ -270,13 +186,9 @@ class RunSettings(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _multiview_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("prior", AUTO) == AUTO:
-            data = {**data, "prior": auto_prior(data)}
-        if isinstance(data, dict) and data.get("prior") in registry.PRIORS and registry.PRIORS[data["prior"]].views > 1:
-            steps = data.get("steps", cls.model_fields["steps"].default)
-            return merge(multiview_defaults(data["prior"], steps if isinstance(steps, int) else 1), data)
-        return data
+    def _presets(cls, data: Any) -> Any:
+        # presets.py: --prior auto resolved, then the prior's preset under the given layers
+        return apply_presets(data, cls.model_fields["steps"].default) if isinstance(data, dict) else data
 
     @field_validator("prompt")
     @classmethod
@@ -298,7 +210,7 @@ class RunSettings(_Section):
     @field_validator("seed")
     @classmethod
     def _seed(cls, value: int) -> int:
-        return _check_seed(value)
+        return check_seed(value)
 
     @field_validator("prior")
     @classmethod
@@ -340,7 +252,7 @@ class RunSettings(_Section):
         if len(sizes) > 1 and len(self.resolution_milestones) != len(sizes) - 1:
             raise ValueError("resolution_milestones needs one step per resolution change")
         views = self.particles * self.camera.batch_size
-        per_pixel = RENDER_BYTES_PER_PIXEL * (self.nerf.num_samples / 64 if self.representation == "nerf" else 1)
+        per_pixel = RENDER_BYTES_PER_PIXEL * self.representation_section.render_cost()
         check_fits(f"resolution {max(sizes)}", views * max(sizes) ** 2 * per_pixel,
                    f"{views} view(s) of {max(sizes)}^2 pixels, ~{per_pixel:.0f} bytes a pixel for a training render")
         return self
@@ -360,14 +272,12 @@ class RunSettings(_Section):
         return self
 
     @model_validator(mode="after")
-    def _nerf_sampler(self) -> "RunSettings":
-        # a run on the CPU is known before any work; a GPU whose nerfacc build fails shows at the first render
-        if self.representation == "nerf" and self.nerf.sampler == "occupancy" and self.device in ("auto", "cpu"):
-            from dream3d.representations.nerf import occupancy_unavailable
-
-            device = resolve_device(self.device)
-            if device.type != "cuda":
-                raise ValueError(occupancy_unavailable(device))
+    def _device_refusal(self) -> "RunSettings":
+        # a run on the CPU is known before any work; a GPU whose kernels fail to build shows at the first render
+        if self.device in ("auto", "cpu"):
+            refusal = self.representation_section.device_refusal(resolve_device(self.device))
+            if refusal:
+                raise ValueError(refusal)
         return self
 
     @model_validator(mode="after")
@@ -390,8 +300,9 @@ class RunSettings(_Section):
         if self.camera.group_views != views:
             raise ValueError(f"prior {self.prior} denoises {views} views of one object together: set "
                              f"camera.group_views={views} (and camera.batch_size a multiple of {views})")
-        if self.sds.perp_neg:
-            raise ValueError(f"sds.perp_neg needs view prompts, and prior {self.prior} is told each view's camera instead")
+        if getattr(getattr(self, self.guidance), "perp_neg", False):
+            raise ValueError(f"{self.guidance}.perp_neg needs view prompts, and prior {self.prior} is told each view's "
+                             "camera instead")
         return self
 
     @model_validator(mode="after")
@@ -432,29 +343,28 @@ class RunSettings(_Section):
         return self.steps + self.refine.steps
 
     @model_validator(mode="after")
-    def _gaussians(self) -> "RunSettings":
-        if self.representation == "gaussians" and self.loss.lambda_orient != 0:
-            raise ValueError("loss.lambda_orient needs normals, which the gaussians representation does not render")
-        if self.gaussians.init_points:
-            if self.representation != "gaussians":
-                raise ValueError(f"--init-points (gaussians.init_points) starts the gaussians representation, "
+    def _representation_capabilities(self) -> "RunSettings":
+        if not registry.REPRESENTATIONS[self.representation].renders_normals and self.loss.lambda_orient != 0:
+            raise ValueError(f"loss.lambda_orient needs normals, which the {self.representation} representation does "
+                             "not render")
+        for spec in registry.REPRESENTATIONS:
+            points = getattr(self, spec.name).init_points if spec.takes_init_points else None
+            if points and self.representation != spec.name:
+                raise ValueError(f"--init-points ({spec.name}.init_points) starts the {spec.name} representation, "
                                  f"not {self.representation}")
-            if not Path(self.gaussians.init_points).is_file():
-                raise ValueError(f"init points file {self.gaussians.init_points} does not exist")
+            if points and not Path(points).is_file():
+                raise ValueError(f"init points file {points} does not exist")
         return self
+
+    @property
+    def representation_section(self) -> RepresentationConfig:
+        """The chosen representation's config section (``NAME:`` in config.yaml)."""
+        return getattr(self, self.representation)
 
     def resolution_at(self, step: int) -> int:
         if isinstance(self.resolution, int):
             return self.resolution
         return self.resolution[sum(step >= m for m in self.resolution_milestones)]
-
-
-def _check_seed(value: int) -> int:
-    lo, hi = SEED_RANGE
-    if not lo <= value <= hi:
-        raise ValueError(f"the seed must lie in [-2**63, 2**64 - {MAX_PARTICLES}] (torch seeds are 64-bit and "
-                         f"particle i takes seed + i), got {value}")
-    return value
 
 
 def _non_finite(tree: Any, where: str = "") -> tuple[str, float] | None:
@@ -482,102 +392,29 @@ def _sections() -> dict[str, Any]:
 RunConfig = create_model("RunConfig", __base__=RunSettings, __module__=__name__, **_sections())
 
 
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    return f"{where}: {message}" if where else message
+def _sections() -> dict[str, Any]:
+    """One config section per registered rule and representation, named as the entry."""
+    sections = {}
+    for spec in (*registry.RULES, *registry.REPRESENTATIONS):
+        config_class = registry.resolve(spec.config)
+        sections[spec.name] = (config_class, Field(default_factory=config_class))
+    return sections
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["sds.weighting=uniform", "steps=300"]`` -> nested dict; values are parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} sets a key below a value")
-        try:
-            node[leaf] = safe_yaml(raw, f"override {key!r}")
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value does not parse") from None
-    return tree
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (update wins)."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-# no config nests deeper than a few levels; PyYAML and json build nested values by recursion, which a
-# 20,000-deep list turns into a RecursionError
-MAX_NESTING = 100
-
-
-def safe_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load(text)``, refused in one ConfigError (naming ``what``) when it nests deeper than MAX_NESTING.
-
-    The depth is counted on PyYAML's event stream, which its parser makes without recursion."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > MAX_NESTING:
-                raise ConfigError(f"{what} is nested more than {MAX_NESTING} levels deep")
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-    return yaml.safe_load(text)
-
-
-def check_nesting(value: Any, what: str) -> Any:
-    """``value`` (from json.loads) as it is, or one ConfigError when it nests deeper than MAX_NESTING."""
-    level, depth = [value], 0
-    while level:
-        depth += 1
-        if depth > MAX_NESTING:
-            raise ConfigError(f"{what} is nested more than {MAX_NESTING} levels deep")
-        level = [child for node in level if isinstance(node, (dict, list))
-                 for child in (node.values() if isinstance(node, dict) else node)]
-    return value
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = safe_yaml(Path(path).read_text(encoding="utf-8"), f"config {path}")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config {path} does not parse as YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of keys to values")
-    return data
+RunConfig = create_model("RunConfig", __base__=RunSettings, __module__=__name__, **_sections())
 
 
 def build_config(*layers: dict[str, Any]) -> RunConfig:
-    """Validates the merge of the layers (later wins) into a RunConfig; raises ConfigError in one line."""
+    """Validates the merge of the layers (later wins) into a RunConfig; raises ConfigError in one line.
+
+    The prior's preset goes under the merged layers (``presets.py`` says the order)."""
     data: dict[str, Any] = {}
     for layer in layers:
         data = merge(data, layer)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
 
 
 def check_export_options(formats: list[str] | None, resolution: int | None) -> None:
@@ -586,47 +423,4 @@ def check_export_options(formats: list[str] | None, resolution: int | None) -> N
     try:
         ExportConfig.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
-
-
-# DDIM picks its steps among the 1000 training timesteps of every shipped prior's scheduler
-MAX_DDIM_STEPS = 1000
-# prior samples are drawn in one batch of images of at most this size (toy-unet 32, IF stage I 64)
-SAMPLE_PIXELS = 64 * 64
-
-
-class SampleOptions(_Section):
-    """``dream3d sample`` and ``dream3d eval-prior``: the numbers that size the work, checked up front."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    n: int = Field(4, gt=0)  # images drawn at once (eval-prior: 36 classes x views)
-    steps: int = Field(50, gt=0, le=MAX_DDIM_STEPS)
-    seed: int = 0
-    elevation: float = 15.0
-    azimuth: float | None = None
-    guidance_scale: float | None = None
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, value: int) -> int:
-        return _check_seed(value)
-
-    @field_validator("n")
-    @classmethod
-    def _n_fits(cls, value: int) -> int:
-        check_fits(f"{value} samples", value * SAMPLE_PIXELS * RENDER_BYTES_PER_PIXEL,
-                   f"one batch of {value} images of up to {SAMPLE_PIXELS} pixels, ~{RENDER_BYTES_PER_PIXEL} bytes a pixel")
-        return value
-
-
-def check_options(model: type[BaseModel], **values: Any) -> Any:
-    """``model`` validated from command-line values; raises ConfigError in one line."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
-
-
-def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        raise ConfigError(one_line(e)) from None
