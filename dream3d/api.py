@@ -28,6 +28,7 @@ from dream3d.run.device import resolve_device
 from dream3d.eval.scores import albedo_error, evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export.files import Z_UP_TO_Y_UP, export_representation, texture_image
 from dream3d.guidance.priors.base import Prior
+from dream3d.representations.base import Representation
 from dream3d.run.loop import Progress, RunInterrupted, Trainer, disk_errors
 from dream3d.export.refine import (
     REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light,
@@ -170,7 +171,7 @@ def _refine_export(trainer: Trainer, on_event: EventHandler, should_stop: StopCh
             should_stop, unchanged)
 
 
-def load_representation(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
+def load_representation(run_dir: Path) -> tuple[RunConfig, Representation]:
     """The config and the latest checkpointed representation of a run."""
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
@@ -190,7 +191,7 @@ def export(
     formats: Sequence[str] | None = None,
     resolution: int | None = None,
     threshold: float | None = None,
-    representation: torch.nn.Module | None = None,
+    representation: Representation | None = None,
 ) -> dict[str, Path]:
     """Writes export/ (mesh files and orbit video) for a run; options default to the run's config.
 
@@ -206,7 +207,7 @@ def export(
 
 
 def _export(
-    run_dir: Path, cfg: RunConfig, representation: torch.nn.Module, formats: Sequence[str] | None,
+    run_dir: Path, cfg: RunConfig, representation: Representation, formats: Sequence[str] | None,
     resolution: int | None, threshold: float | None,
 ) -> dict[str, Path]:
     ex = cfg.export
@@ -303,7 +304,7 @@ def evaluate(run_dir: Path, mesh: bool = False) -> dict:
         return _evaluate(run_dir, *load_representation(run_dir))
 
 
-def _evaluate(run_dir: Path, cfg: RunConfig, representation: torch.nn.Module) -> dict:
+def _evaluate(run_dir: Path, cfg: RunConfig, representation: Representation) -> dict:
     background = torch.tensor(cfg.background)
     per_particle = []
     for name, member in _particles(representation):
@@ -346,7 +347,7 @@ def _mean_metrics(per_particle: list[dict]) -> dict:
     return metrics
 
 
-def _particles(representation: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _particles(representation: Representation) -> list[tuple[str, Representation]]:
     """(export subfolder, representation) per particle: ("", it) for a single one, ("p{i}", member i) for Particles."""
     if isinstance(representation, Particles):
         return [(f"p{i}", member) for i, member in enumerate(representation.members)]

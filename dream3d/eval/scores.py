@@ -37,6 +37,7 @@ from dream3d.guidance.priors.toy_world import (
     ALBEDOS, CLASS_SHAPE, CLASSES, SDFS, SHAPES, composite, mask_iou, parse_prompt, render_shapes, world_cameras,
 )
 from dream3d.representations.cameras import Cameras
+from dream3d.representations.base import Representation
 from dream3d.representations.mesh_raster import sample_texture
 
 EVAL_AZIMUTHS = 8
@@ -130,14 +131,14 @@ def _render(cameras: Cameras, shapes: list[int]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def evaluate_representation(representation: torch.nn.Module, prompt: str, background: Tensor) -> dict[str, float | str]:
+def evaluate_representation(representation: Representation, prompt: str, background: Tensor) -> dict[str, float | str]:
     """Renders the representation from the evaluation views and scores it against the prompt."""
     out = representation.render(eval_cameras(), background)
     return evaluate_renders(out.rgb, out.alpha, prompt)
 
 
 @torch.no_grad()
-def mesh_iou(mesh: trimesh.Trimesh, representation: torch.nn.Module, background: Tensor) -> float:
+def mesh_iou(mesh: trimesh.Trimesh, representation: Representation, background: Tensor) -> float:
     """Silhouette IoU of a mesh (world frame, +z up) against the representation's renders, over the 16 views."""
     cameras = eval_cameras()
     rendered = representation.render(cameras, background).alpha[..., 0] > 0.5

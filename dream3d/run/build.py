@@ -7,11 +7,12 @@ import torch
 from dream3d.config import RunConfig
 from dream3d.config.presets import toy_refusal
 from dream3d.registry import PRIORS, REPRESENTATIONS, RULES, resolve
-from dream3d.guidance.base import RuleContext
+from dream3d.guidance.base import DistillationRule, RuleContext
 from dream3d.run.device import resolve_device
 from dream3d.guidance.priors.base import Prior, PriorError, PriorSettings
 from dream3d.guidance.priors.hub import ModelUnavailable
 from dream3d.guidance.prompts import clip
+from dream3d.representations.base import Representation
 from dream3d.representations.particles import Particles
 
 
@@ -46,7 +47,7 @@ def model_source(prior: Prior) -> dict[str, str]:
     return {"model_resolved": source.repo, "model_revision": source.revision} if source and source.revision else {}
 
 
-def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
+def build_guidance(cfg: RunConfig, prior: Prior) -> DistillationRule:
     """The rule ``cfg.guidance`` with its config section; raises GuidanceError/PriorError in one line."""
     spec, prior_spec = RULES[cfg.guidance], PRIORS[cfg.prior]
     context = RuleContext(name=spec.name, steps=cfg.steps, seed=cfg.seed,
@@ -55,7 +56,7 @@ def build_guidance(cfg: RunConfig, prior: Prior) -> torch.nn.Module:
     return resolve(spec.builds)(prior, getattr(cfg, spec.name), context)
 
 
-def build_representation(cfg: RunConfig) -> torch.nn.Module:
+def build_representation(cfg: RunConfig) -> Representation:
     """The run's representation, or ``Particles`` of ``cfg.particles`` of them (particle i seeded seed + i);
     each carries consistent-noise state when the run uses it."""
     if cfg.particles > 1:
@@ -63,7 +64,7 @@ def build_representation(cfg: RunConfig) -> torch.nn.Module:
     return _one_representation(cfg, cfg.seed)
 
 
-def _one_representation(cfg: RunConfig, seed: int) -> torch.nn.Module:
+def _one_representation(cfg: RunConfig, seed: int) -> Representation:
     # the NeRF's field starts deterministic (NeRF particles start equal); the generator seeds its noise
     spec = REPRESENTATIONS[cfg.representation]
     noise = cfg.noise_field if cfg.consistent_noise else None

@@ -31,10 +31,11 @@ from dream3d.errors import UserError
 from dream3d.run.nfe import NFECounter, mean_per_step
 from dream3d.run.camera_sampling import orbit_cameras, sample_cameras
 from dream3d.run.stop import RunInterrupted, stage  # RunInterrupted re-exported: a stop request, in the loop or from a signal
-from dream3d.guidance.base import NoiseSource
+from dream3d.guidance.base import DistillationRule, NoiseSource
 from dream3d.guidance.priors.base import Prior
 from dream3d.guidance.repulsion import build_features, repulsion_loss
 from dream3d.guidance.schedule import evaluate
+from dream3d.representations.base import Representation
 from dream3d.representations.cameras import Cameras, RenderOutput
 
 
@@ -119,8 +120,8 @@ class Trainer:
     """Holds one run's state: representation, guidance, optimizers, generator, step counters."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: torch.nn.Module | None = None,
-        guidance: torch.nn.Module | None = None,
+        self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: Representation | None = None,
+        guidance: DistillationRule | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
