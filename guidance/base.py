@@ -84,7 +84,22 @@ class DistillationRule(torch.nn.Module):
 
     Subclasses implement ``gradient``; their config has a ``grad_clip`` schedule (or None). Rules that
     can take the forward noise from outside (3D-consistent noise) set ``takes_noise`` and accept a
-    ``noise`` keyword [B,C,h,w] in ``gradient``.
+    ``noise`` keyword [B,C,h,w] in ``gradient``. Registered as ``RuleSpec(name, "module:Config", "module:Class",
+    ...)``, a rule is built as ``Class(prior, section, context)``.
+
+    Args:
+        prior: the frozen diffusion model it distils (``Prior``).
+        cfg: its config section (``NAME:`` in config.yaml), a ``TimestepConfig`` for most rules.
+        context: a ``RuleContext`` (rules that need the run's length, seed or the prior's CFG scale take it).
+
+    Examples:
+        >>> rule = SDSGuidance(prior, SDSConfig(), RuleContext(steps=steps, guidance_scale=100.0))
+        >>> for step in range(steps):
+        ...     output = representation.render(cameras, background, generator)
+        ...     out = rule(output.rgb, prompt, cameras, step, generator)  # forward: encode, gradient, surrogate
+        ...     out.loss.backward()  # d loss / d x = g / B reaches the representation through the render
+        ...     optimizer.step()
+        ...     log(out.info)  # t, grad_norm and the rule's own scalars
     """
 
     takes_noise = False

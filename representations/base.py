@@ -38,7 +38,31 @@ class RepresentationConfig(BaseModel):
 
 
 class Representation(torch.nn.Module):
-    """A 3D representation trained by score distillation (NeRF, Gaussians, or ``Particles`` of them)."""
+    """A 3D representation trained by score distillation (NeRF, Gaussians, ``Particles`` of them, the export's
+    ``TexturedMesh``). Registered as ``RepresentationSpec(name, "module:Config", "module:Class", ...)``, it is built
+    as ``Class(section, generator=..., noise=...)`` with its config section, a ``RepresentationConfig``.
+
+    Args:
+        section: its config section (``NAME:`` in config.yaml).
+        generator: seeds its initial state (particle i gets seed + i).
+        noise: the consistent-noise settings when the run uses them (``--noise consistent``), else None.
+
+    Examples:
+        >>> rep = NeRF(NeRFConfig(), generator=torch.Generator().manual_seed(0), noise=None)
+        >>> optimizers = {g["name"]: torch.optim.Adam([g]) for g in rep.param_groups()}
+        >>> for step in range(steps):
+        ...     output = rep.render(cameras, background, generator)
+        ...     loss = guidance(output.rgb, prompt, cameras, step, generator).loss
+        ...     rep.before_backward(step, output)
+        ...     loss.backward()
+        ...     for opt in optimizers.values():
+        ...         opt.step()
+        ...         opt.zero_grad()
+        ...     rep.after_step(step, output, optimizers)
+        ...     log(rep.stats())
+        >>> mesh_field, colours = rep.density(points), rep.albedo(points)  # the export
+        >>> extra_files = rep.export_extras(folder)
+    """
 
     # The export's default ``hull_margin`` (grid cells under the visual hull within which the density,
     # not the hull, places the surface): about the thickness of the density's soft surface layer.
@@ -63,10 +87,22 @@ class Representation(torch.nn.Module):
 
     # -- hooks around a step ------------------------------------------------------
     def before_backward(self, step: int, output: RenderOutput) -> None:
-        """Called after the loss is formed, before ``backward`` (e.g. keep screen-space gradients)."""
+        """Called after the loss is formed, before ``backward`` (e.g. keep screen-space gradients).
+
+        Args:
+            step: the step being taken (0-based).
+            output: this step's render.
+        """
 
     def after_step(self, step: int, output: RenderOutput, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        """Called after the optimisers stepped (densification, occupancy-grid updates)."""
+        """Called after the optimisers stepped (densification, occupancy-grid updates).
+
+        Args:
+            step: the step just taken.
+            output: its render (with the gradients ``before_backward`` kept).
+            optimizers: one per parameter group, by the group's ``name``; a hook that adds or removes
+                parameters (densification) updates their state.
+        """
 
     def stats(self) -> dict[str, float]:
         """Floats to log each step."""

@@ -75,9 +75,26 @@ def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.0
 class Prior(Protocol):
     """A frozen noise predictor. The priors derive from it (``ToyPrior``, ``DiffusersPrior``), so they
     inherit its hooks' defaults; a stand-in that only predicts noise (a test's) may match it structurally.
+    Registered as ``PriorSpec(name, "module:Class", ...)``, a prior is built as ``Class.from_config(settings)``.
 
     ``x`` is what the diffusion model sees: VAE latents or pixels scaled to [-1, 1],
     [B, C, r, r] with r = ``resolution`` (for pixel priors; latents are smaller).
+
+    Args:
+        settings: a ``PriorSettings`` (to ``from_config``): its name, model, revision, device, the diffusers and
+            prompts sections.
+
+    Examples:
+        >>> prior = ToyPrior.from_config(PriorSettings(name="toy-mv"))
+        >>> prior.use_generator(generator)
+        >>> emb = prior.embed("a red cube")  # once per prompt; PriorError on a prompt it cannot take
+        >>> for step in range(steps):
+        ...     x = prior.encode(rgb)  # [B,3,H,W] in [0,1] -> x, differentiable
+        ...     x_t = add_noise(x, eps, alpha_bar(prior, t, x.device))
+        ...     cond = emb.conditional(cameras)  # [B, ...] each camera's prompt
+        ...     uncond = emb.uncond.expand_as(cond)
+        ...     eps_hat = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
+        >>> preview = prior.decode(x)
     """
 
     name: str
