@@ -18,6 +18,15 @@ TINY = TrainSDConfig(
                                        attention_heads=2, text_dim=16, text_layers=1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread, as test_toy_unet: two threads of these small convolutions wait on each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
