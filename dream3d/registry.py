@@ -82,6 +82,10 @@ class Registry(Generic[Spec]):
         self._entries[spec.name] = spec
         return spec
 
+    def remove(self, name: str) -> Spec:
+        """Takes an entry out (a test's throwaway component)."""
+        return self._entries.pop(name)
+
     def __getitem__(self, name: str) -> Spec:
         if name not in self._entries:
             raise UnknownName(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names)}")

@@ -2,12 +2,21 @@
 presets, so adding one is its module plus a registry line (docs/architecture.md)."""
 
 import ast
+import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from dream3d import registry
-from tests.support import REPO
+from dream3d import api, registry
+from dream3d.config import build_config, schema
+from dream3d.guidance.base import DistillationRule, TimestepConfig
+from dream3d.guidance.diffusion import add_noise, alpha_bar, forward_noise, sample_timesteps
+from dream3d.guidance.priors.base import Embeddings, Prior, ddpm_alphas_cumprod
+from dream3d.registry import PriorSpec, RepresentationSpec, RuleSpec
+from dream3d.representations.nerf import NeRF, NeRFConfig
+from tests.support import REPO, TINY
 
 NAMES = {*registry.RULES.names, *registry.PRIORS.names, *registry.REPRESENTATIONS.names}
 # Where the app may name components: whole files, or only inside the named functions.
@@ -95,3 +104,88 @@ def test_the_allowed_places_are_allowed_only_where_listed():
     assert not leaks("dream3d/config/presets.py", 'x = "mvdream"\n')
     assert not leaks("dream3d/cli.py", 'def sample(prior="toy-unet-mv"):\n    pass\n')
     assert leaks("dream3d/cli.py", 'def run(representation="gaussians"):\n    pass\n')
+
+
+# -- adding one of each: the few lines docs/architecture.md shows -------------------------------------------
+
+class HalfSDSConfig(TimestepConfig):
+    scale: float = 0.5
+
+
+class HalfSDS(DistillationRule):
+    """SDS without CFG, its gradient scaled: (eps_hat - eps) * scale."""
+
+    def __init__(self, prior, cfg, context):
+        super().__init__(prior, cfg)
+
+    def gradient(self, x, embeddings, cameras, step, generator):
+        t = sample_timesteps(self.cfg.min_step_percent, self.cfg.max_step_percent, self.prior.num_train_timesteps,
+                             x.shape[0], step, generator)
+        eps = forward_noise(x, generator)
+        x_t = add_noise(x, eps, alpha_bar(self.prior, t, x.device))
+        eps_hat = self.prior.predict_noise(x_t, t, embeddings.conditional(cameras), cameras)
+        return (eps_hat - eps) * self.cfg.scale, {"t": t.float().mean()}
+
+
+class GreyPrior(Prior):
+    """The denoiser of a world whose every image is mid-grey (x0 = 0): eps = x_t / sqrt(1 - abar)."""
+
+    name, resolution, num_train_timesteps, unet = "grey", 16, 1000, None
+
+    def __init__(self):
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+
+    @classmethod
+    def from_config(cls, settings):
+        return cls()
+
+    def encode(self, rgb):
+        return 2 * torch.nn.functional.interpolate(rgb, size=(16, 16), mode="bilinear") - 1
+
+    def decode(self, x):
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def embed(self, prompt):
+        return Embeddings(prompt, torch.zeros(1), torch.zeros(1))
+
+    def predict_noise(self, x_t, t, embeddings, cameras=None):
+        return x_t / (1 - self.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+
+
+class SmallNeRFConfig(NeRFConfig):
+    grid_resolutions: list[int] = [8, 16]
+    num_samples: int = 16
+
+
+class SmallNeRF(NeRF):
+    """A NeRF at toy size under its own name and defaults."""
+
+
+THROWAWAY = [
+    (registry.RULES, RuleSpec("half-sds", f"{__name__}:HalfSDSConfig", f"{__name__}:HalfSDS", "SDS, halved")),
+    (registry.PRIORS, PriorSpec("grey", f"{__name__}:GreyPrior", "every image mid-grey", 1.0, closed_form=True)),
+    (registry.REPRESENTATIONS, RepresentationSpec("small-nerf", f"{__name__}:SmallNeRFConfig", f"{__name__}:SmallNeRF",
+                                                  "a NeRF at toy size")),
+]
+
+
+@pytest.fixture
+def one_of_each(monkeypatch):
+    for table, spec in THROWAWAY:
+        table.add(spec)
+    monkeypatch.setattr(schema, "RunConfig", schema.run_config_model())  # the new sections
+    yield
+    for table, spec in THROWAWAY:
+        table.remove(spec.name)
+
+
+@pytest.mark.parametrize("choice", [{"guidance": "half-sds"}, {"prior": "grey"}, {"representation": "small-nerf"}])
+def test_a_registered_rule_prior_and_representation_each_run(one_of_each, choice, tmp_path):
+    cfg = build_config({"prompt": "a red cube", "prior": "toy-mv", "out": str(tmp_path), **TINY,
+                        "steps": 4, "checkpoint_every": 4, "preview_every": 4,
+                        "export": {**TINY["export"], "formats": ["ply"], "video": False}, **choice})
+    result = api.run(cfg)
+    assert (cfg.guidance, cfg.prior, cfg.representation) == (
+        choice.get("guidance", "sds"), choice.get("prior", "toy-mv"), choice.get("representation", "nerf"))
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(math.isfinite(s["loss"]) for s in steps)

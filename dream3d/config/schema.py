@@ -380,16 +380,17 @@ def _non_finite(tree: Any, where: str = "") -> tuple[str, float] | None:
     return None
 
 
-def _sections() -> dict[str, Any]:
-    """One config section per registered rule and representation, named as the entry."""
+def run_config_model() -> type[RunSettings]:
+    """RunSettings plus one config section per registered rule and representation, named as the entry. Built
+    when this module is imported; a component registered later needs the model built again (as a test does)."""
     sections = {}
     for spec in (*registry.RULES, *registry.REPRESENTATIONS):
         config_class = registry.resolve(spec.config)
         sections[spec.name] = (config_class, Field(default_factory=config_class))
-    return sections
+    return create_model("RunConfig", __base__=RunSettings, __module__=__name__, **sections)
 
 
-RunConfig = create_model("RunConfig", __base__=RunSettings, __module__=__name__, **_sections())
+RunConfig = run_config_model()
 
 
 def _sections() -> dict[str, Any]:
