@@ -122,3 +122,14 @@ def test_tiny_training_resumes_to_the_same_weights_and_writes_an_sd_folder(tmp_p
     card = (out / "README.md").read_text()
     assert "dream3d train-prior --arch sd --resume" in card and "seed 0, 4 steps" in card
     assert (Path(out) / "tokenizer" / "merges.txt").is_file()
+
+
+def test_cli_train_prior_takes_arch_sd(monkeypatch, capsys, tmp_path):
+    from tests.support import dream3d
+
+    common = ["train-prior", "--arch", "sd", "--out", tmp_path / "m", "--checkpoints", tmp_path / "ck"]
+    status, err = dream3d(monkeypatch, capsys, *common, "--resume")
+    assert status == 1 and "no checkpoint" in err and len(err.splitlines()) == 1
+    status, err = dream3d(monkeypatch, capsys, *common, "--steps", 100)
+    assert status == 1 and "vae_steps" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists() and not (tmp_path / "ck").exists()
