@@ -84,7 +84,7 @@ def write_orbits(run_dirs: dict[str, Path]) -> None:
 
 
 def screenshot_web(runs: Path) -> None:
-    """Serves ``runs`` with ``dream3d web``, reopens the first run of its gallery and screenshots the page."""
+    """Serves ``runs`` with ``dream3d web``, reopens the first run of its gallery and screenshots the page above it."""
     from playwright.sync_api import sync_playwright
 
     port = free_port()
@@ -100,7 +100,9 @@ def screenshot_web(runs: Path) -> None:
             page.wait_for_selector("#model3d canvas")
             page.wait_for_timeout(5000)  # the viewer fetches the GLB and draws it after the page settles
             shot = Path(tempfile.mkdtemp()) / "web.png"
-            page.screenshot(path=str(shot), full_page=True)
+            # down to the gallery: once a run is reopened its thumbnails scroll out of their frame
+            gallery_top = page.locator("#gallery").bounding_box()["y"]
+            page.screenshot(path=str(shot), full_page=True, clip={"x": 0, "y": 0, "width": 1400, "height": gallery_top})
             browser.close()
     finally:
         server.terminate()
