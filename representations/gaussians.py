@@ -113,7 +113,7 @@ class Gaussians(Representation):
 
     # Converged splats make a thinner surface layer than a NeRF's (the field's blur, field_filter 0.02, is
     # about 1.3 cells of the 128^3 grid); the NeRF's 3 cells put the mesh inside the splats' hull
-    # (docs/benchmarks.md, "Gaussians: the 3D columns").
+    # (docs/benchmarks-history.md, "Gaussians: the 3D columns").
     hull_margin = 1.5
 
     def __init__(self, cfg: GaussiansConfig, generator: torch.Generator | None = None,

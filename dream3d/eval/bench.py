@@ -111,7 +111,7 @@ RULE_COLUMNS = (
 
 # A rule is a named preset: the key=value run overrides that select it. Every registered rule, plus
 # SDS + kernel repulsion, which needs at least 3 particles; weight from a probe of 0 / 100 / 1000 on
-# "a red shape" (docs/benchmarks.md): 100 found more classes at some cost in IoU, 1000 broke the shapes.
+# "a red shape" (docs/benchmarks-history.md): 100 found more classes at some cost in IoU, 1000 broke the shapes.
 RULES: dict[str, tuple[str, ...]] = {
     **{name: (f"guidance={name}",) for name in registry.RULES.names},
     "rsd": ("particles=4", "repulsion.weight=100"),
@@ -151,7 +151,7 @@ TOY = Matrix(
 )
 TOY_QUICK = replace(TOY, faithful=("a red sphere", "a green cube"))
 
-# 100 steps at 32x32: the shapes have formed (IoU ~0.86 on "a green cube", docs/benchmarks.md) at a
+# 100 steps at 32x32: the shapes have formed (IoU ~0.86 on "a green cube", docs/benchmarks-history.md) at a
 # cost the matrix can afford; the export is one GLB on a 32^3 grid (the Gaussians' at 64^3 cost 12 s a run).
 RULES_FULL = Matrix(
     faithful=("a red sphere", "a green cube", "a blue cylinder", "a yellow cone"), seeds=(0,), columns=RULE_COLUMNS,

@@ -37,11 +37,11 @@ AZIMUTHS: tuple[float, ...] = tuple(15.0 * k for k in range(24))
 # toy-mv's camera conditioning. A kernel weight alone conditions only at large t: at small t the image
 # distances dwarf any finite log-weight, and the posterior snaps to whichever view of the class looks most
 # like the render. A cone whose base hangs low then passes, from elevation 0, for the view from 12 degrees,
-# and SDS keeps the skirt (docs/benchmarks.md, "The prior's camera window"). So only views within
+# and SDS keeps the skirt (docs/benchmarks-history.md, "The prior's camera window"). So only views within
 # VIEW_WINDOW_DEG of the nearest dataset view count at all: a camera between grid views keeps the views
 # around it (the grid spacing is 11 degrees in elevation, 15 in azimuth), not the next ring out. Between
 # those the image must not choose either: a render from elevation 4 whose base hangs low came back as the
-# view from 12 degrees, not 1 (docs/benchmarks.md, "Views mixed by the camera"), so the kernel weights
+# view from 12 degrees, not 1 (docs/benchmarks-history.md, "Views mixed by the camera"), so the kernel weights
 # mix the views' own posteriors.
 VIEW_SIGMA_DEG = 6.0
 VIEW_WINDOW_DEG = 10.0
