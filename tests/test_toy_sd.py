@@ -91,7 +91,7 @@ def test_caption_shares():
 
 
 def test_tiny_training_resumes_to_the_same_weights_and_writes_an_sd_folder(tmp_path):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     straight = train_sd(TINY, tmp_path / "a", tmp_path / "a-work", False, "dream3d train-prior --arch sd")
@@ -115,7 +115,8 @@ def test_tiny_training_resumes_to_the_same_weights_and_writes_an_sd_folder(tmp_p
     assert pipeline.vae.config.latent_channels == 4 and pipeline.vae.config.scaling_factor == resumed.scaling_factor
     schedule = pipeline.scheduler.config
     assert (schedule.prediction_type, schedule.beta_schedule, schedule.beta_start, schedule.beta_end,
-            schedule.num_train_timesteps) == ("epsilon", "scaled_linear", 0.00085, 0.012, 1000)
+            schedule.num_train_timesteps, schedule.clip_sample) == ("epsilon", "scaled_linear", 0.00085, 0.012, 1000, False)
+    assert not DDIMScheduler.from_config(schedule).config.clip_sample  # a swapped-in sampler leaves latents unclipped
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     images = pipeline("a red cube, back view", num_inference_steps=2, output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -36,9 +36,11 @@ from dream3d.toy.model_folder import model_card, write_model_folder
 from dream3d.toy.sd_text import MAX_LENGTH, CaptionShares, build_tokenizer, caption, save_tokenizer
 from dream3d.toy.train_unet import TrainingSettings, TrainStep, ViewPool, train_prior
 
-# SD 2.1-base's scheduler_config.json (PNDM is the sampler it names; only the training schedule matters here)
+# SD 2.1-base's scheduler_config.json: PNDM is the sampler it names; clip_sample, not PNDM's, is kept for the
+# samplers a pipeline swaps in (DDIM's default clips x0 to [-1, 1], which latents exceed)
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-                "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
+                "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                "clip_sample": False}
 # LDM's kl-f8 autoencoder weight on the KL, against a reconstruction loss summed over an image's values
 LDM_KL_WEIGHT = 1e-6
 ENCODE_CHUNK = 16  # renders per VAE call when encoding the pool: larger chunks ran slower on the CPU
@@ -146,7 +148,7 @@ def build_models(arch: ToySDArch, tokenizer: Any) -> tuple[torch.nn.Module, torc
 def build_scheduler() -> Any:
     from diffusers import PNDMScheduler
 
-    return PNDMScheduler(**SD_SCHEDULER)
+    return PNDMScheduler.from_config(SD_SCHEDULER)
 
 
 class SDTrainer:
