@@ -9,7 +9,6 @@ with this data, network and loss, so checkpoints, EMA, resume and the training l
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -21,10 +20,10 @@ from torch import Tensor
 
 from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from dream3d.toy.model_folder import export_pipeline, model_card
-from dream3d.toy.train_unet import PriorTrainer, TrainingSettings, TrainStep, ViewPool, train_prior
+from dream3d.toy.train_unet import PriorTrainer, TrainingSettings, TrainStep, ViewPool, cache_key, shape_pool, train_prior
 from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors import toy_unet
-from dream3d.guidance.priors.cache import cache_root, load_cached, save_cached
+from dream3d.guidance.priors.cache import cache_root
 from dream3d.guidance.priors.mvdream import UNET_WEIGHTS, mvdream_camera
 from dream3d.guidance.priors.mvdream_unet import MultiViewUNet
 from dream3d.guidance.priors.toy_mvdream import ToyMVDreamArch
@@ -49,14 +48,7 @@ def render_group_pool(cfg: TrainMVDreamConfig) -> ViewPool:
     cams = sample_cameras(camera_cfg, r, torch.Generator().manual_seed(cfg.seed))
     spec = {"world": toy_world.WORLD_VERSION, "groups": cfg.pool_groups, "views": VIEWS, "resolution": r,
             "ss": cfg.supersample, "seed": cfg.seed}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "toy-mvdream-pool" / f"{key}.pt"
-    planes = load_cached(path)
-    if planes is None:
-        shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
-        planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
-        save_cached(planes, path)
-    return ViewPool(planes["mask"], planes["shade"], cams)
+    return shape_pool(cams, cfg.supersample, cache_root() / "toy-mvdream-pool" / f"{cache_key(spec)}.pt")
 
 
 def draw_groups(pool: ViewPool, cfg: TrainMVDreamConfig, generator: torch.Generator

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from dream3d.representations.cameras import Cameras
 from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from dream3d.toy.model_folder import model_card, write_model_folder
 from dream3d.toy.sd_text import MAX_LENGTH, CaptionShares, build_tokenizer, caption, save_tokenizer
-from dream3d.toy.train_unet import TrainingSettings, TrainStep, ViewPool, train_prior
+from dream3d.toy.train_unet import TrainingSettings, TrainStep, ViewPool, cache_key, shape_pool, train_prior
 
 # SD 2.1-base's scheduler_config.json: PNDM is the sampler it names; clip_sample, not PNDM's, is kept for the
 # samplers a pipeline swaps in (DDIM's default clips x0 to [-1, 1], which latents exceed)
@@ -98,7 +97,7 @@ class TrainSDConfig(TrainingSettings):
 def pool_key(cfg: TrainSDConfig) -> str:
     spec = {"world": toy_world.WORLD_VERSION, "views": cfg.pool_views, "resolution": cfg.arch.resolution,
             "ss": cfg.supersample, "seed": cfg.seed, "elevation": list(cfg.elevation_range)}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_key(spec)
 
 
 def pool_cameras(cfg: TrainSDConfig) -> Cameras:
@@ -109,14 +108,7 @@ def pool_cameras(cfg: TrainSDConfig) -> Cameras:
 
 def render_pool(cfg: TrainSDConfig) -> ViewPool:
     """Every shape at the pool's cameras, from the disk cache or rendered."""
-    cams = pool_cameras(cfg)
-    path = cache_root() / "toy-sd-pool" / f"{pool_key(cfg)}.pt"
-    planes = load_cached(path)
-    if planes is None:
-        shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
-        planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
-        save_cached(planes, path)
-    return ViewPool(planes["mask"], planes["shade"], cams)
+    return shape_pool(pool_cameras(cfg), cfg.supersample, cache_root() / "toy-sd-pool" / f"{pool_key(cfg)}.pt")
 
 
 def build_models(arch: ToySDArch, tokenizer: Any) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:

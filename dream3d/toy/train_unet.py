@@ -79,20 +79,29 @@ class TrainStep:
     it_per_s: float
 
 
+def cache_key(spec: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able ``spec``: the name of what the spec renders in the disk cache."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shape_pool(cameras: Cameras, supersample: int, path: Path) -> ViewPool:
+    """Every toy shape rendered at ``cameras``, from the disk cache at ``path`` or rendered and cached there (the
+    toy trainers' data: the pool costs minutes to render, and a resume or a second run reads it back)."""
+    planes = load_cached(path)
+    if planes is None:
+        shapes = [toy_world.render_shapes(cameras, [s] * len(cameras), supersample) for s in range(len(toy_world.SHAPES))]
+        planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
+        save_cached(planes, path)
+    return ViewPool(planes["mask"], planes["shade"], cameras)
+
+
 def render_pool(cfg: TrainPriorConfig) -> ViewPool:
-    """The view pool of ``cfg`` from the disk cache, rendered (seeded) and cached on a miss."""
+    """The view pool of ``cfg``: pool_views seeded random cameras."""
     r = cfg.arch.resolution
     cams = sample_cameras(CameraConfig(batch_size=cfg.pool_views), r, torch.Generator().manual_seed(cfg.seed))
     spec = {"world": toy_world.WORLD_VERSION, "views": cfg.pool_views, "resolution": r, "ss": cfg.supersample,
             "seed": cfg.seed}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "toy-unet-pool" / f"{key}.pt"
-    planes = load_cached(path)
-    if planes is None:
-        shapes = [toy_world.render_shapes(cams, [s] * len(cams), cfg.supersample) for s in range(len(toy_world.SHAPES))]
-        planes = {k: torch.stack([out[k] for out in shapes]) for k in ("mask", "shade")}
-        save_cached(planes, path)
-    return ViewPool(planes["mask"], planes["shade"], cams)
+    return shape_pool(cams, cfg.supersample, cache_root() / "toy-unet-pool" / f"{cache_key(spec)}.pt")
 
 
 def camera_features(cameras: Cameras) -> Tensor:
