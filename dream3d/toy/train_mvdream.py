@@ -98,9 +98,7 @@ class MVDreamTrainer(PriorTrainer):
         """The v-prediction MSE of one batch of 4-view objects (one t per object)."""
         generator = generator or self.generator
         x0, captions, cameras = draw_groups(self.pool, self.cfg, generator)
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.cfg.arch.max_tokens, truncation=True,
-                                return_tensors="pt")
-        states = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        states = self.text_states(captions)
         t = torch.randint(self.scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
         t = t.repeat_interleave(VIEWS)
         noise = torch.randn(x0.shape, generator=generator)

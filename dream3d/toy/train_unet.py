@@ -145,6 +145,12 @@ class PriorTrainer:
         self.step = 0
         self.pool = render_pool(cfg)
 
+    def text_states(self, captions: list[str]) -> Tensor:
+        """The text encoder's hidden states of ``captions`` [N, max_tokens, width], padding masked."""
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.cfg.arch.max_tokens, truncation=True,
+                                return_tensors="pt")
+        return self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
@@ -152,9 +158,7 @@ class PriorTrainer:
         """The v-prediction MSE of one batch drawn from ``generator`` (default: the training one)."""
         generator = generator or self.generator
         x0, captions, features = draw_batch(self.pool, self.cfg, generator)
-        tokens = self.tokenizer(captions, padding="max_length", max_length=self.cfg.arch.max_tokens, truncation=True,
-                                return_tensors="pt")
-        states = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        states = self.text_states(captions)
         t = torch.randint(self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         x_t = self.scheduler.add_noise(x0, noise, t)
