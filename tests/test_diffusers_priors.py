@@ -127,6 +127,59 @@ def test_view_dependent_prompt_picks_the_view_embedding(models):
     assert not torch.equal(views[0], views[2])
 
 
+def view_suffix_trace(prior, azimuths):
+    """What one SDS step on cameras at ``azimuths`` feeds the text encoder (its token-id rows) and the UNet (the
+    conditional half of its encoder states, one row per camera)."""
+    rows, unet_states = [], []
+
+    def read_text(module, args, kwargs):
+        rows.extend(map(tuple, (args[0] if args else kwargs["input_ids"]).tolist()))
+
+    def read_states(module, args, kwargs):
+        unet_states.append(kwargs["encoder_hidden_states"].detach().float())
+
+    hooks = [prior.text_encoder.register_forward_pre_hook(read_text, with_kwargs=True),
+             prior.unet.register_forward_pre_hook(read_states, with_kwargs=True)]
+    try:
+        guidance = SDSGuidance(prior, SDSConfig(), RuleContext(steps=10, guidance_scale=100.0))
+        guidance(torch.rand(len(azimuths), 8, 8, 3), "a cat", cameras(azimuths), step=0,
+                 generator=torch.Generator().manual_seed(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows, unet_states[0][: len(azimuths)]  # the UNet's batch is [conditional; unconditional]
+
+
+def token_rows(prior, texts):
+    tokens = prior.tokenizer(texts, padding="max_length", max_length=prior.max_length, truncation=True)
+    return set(map(tuple, tokens.input_ids))
+
+
+def test_each_cameras_view_suffix_reaches_the_text_encoder_and_the_unet(models):
+    """With view prompts on (the config's default), the text encoder reads the prompt with every view's suffix, and
+    the UNet's conditional input for each camera is the encoding of its own view's text."""
+    prior = load("sd", models["sd"])
+    assert prior.prompts.view_dependent
+    rows, states = view_suffix_trace(prior, [0.0, 90.0, 180.0, -90.0])
+    assert token_rows(prior, [f"a cat, {v} view" for v in VIEWS]) <= set(rows)
+    expected = prior.text_embeddings([f"a cat, {v} view" for v in ("front", "side", "back", "side")])
+    torch.testing.assert_close(states, expected)
+    assert not torch.equal(states[0], states[2])  # the front and back cameras do get different words
+
+
+def test_the_view_suffix_check_fails_when_suffixes_are_dropped(models, monkeypatch):
+    """The test above can fail: with the suffixes switched off behind the config's back, the UNet sees the bare
+    prompt for every camera."""
+    from dream3d.guidance.priors import text_embeddings
+
+    prior = load("sd", models["sd"])
+    monkeypatch.setattr(text_embeddings, "view_prompts", lambda prompt: [prompt] * len(VIEWS))
+    rows, states = view_suffix_trace(prior, [0.0, 180.0])
+    assert not token_rows(prior, [f"a cat, {v} view" for v in VIEWS]) & set(rows)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(states, prior.text_embeddings(["a cat, front view", "a cat, back view"]))
+
+
 def test_prompt_without_view_suffixes(models):
     prior = load("sd", models["sd"], prompts={"view_dependent": False, "negative_prompt": "blurry"})
     e = prior.embed("a cat")
