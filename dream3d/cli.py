@@ -485,8 +485,8 @@ def sample(
 
 @app.command("eval-prior")
 def eval_prior(
-    model: Optional[str] = typer.Option(None, help="A toy-unet diffusers folder (default: the shipped one)."),
-    prior: str = typer.Option("toy-unet", help="toy-unet (scores toy-unet and toy-unet-mv) | toy-mvdream."),
+    model: Optional[str] = typer.Option(None, help="A diffusers folder (default: the shipped one; needed for sd)."),
+    prior: str = typer.Option("toy-unet", help="toy-unet (scores toy-unet and toy-unet-mv) | toy-mvdream | sd (a toy-sd folder)."),
     views: int = typer.Option(4, help="Cameras per class (toy-mvdream: 4-view sets per class)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     guidance_scale: Optional[float] = typer.Option(None, help="Sampling CFG scale (default 9, from a sweep)."),
@@ -500,26 +500,32 @@ def eval_prior(
 
     from dream3d.rundir.atomic import write_text
     from dream3d.config import SampleOptions, check_options
-    from dream3d.toy.eval_prior import evaluate_multiview_prior, evaluate_prior
+    from dream3d.toy.eval_prior import evaluate_multiview_prior, evaluate_prior, evaluate_sd_prior
     from dream3d.guidance.priors.toy_world import CLASSES
 
-    if prior not in ("toy-unet", "toy-mvdream"):
-        raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: toy-unet, toy-mvdream")
+    evaluators = {"toy-unet": (evaluate_prior, ("toy-unet-mv", "toy-unet")),
+                  "toy-mvdream": (evaluate_multiview_prior, ("toy-mvdream",)), "sd": (evaluate_sd_prior, ("sd",))}
+    if prior not in evaluators:
+        raise UserError(f"unknown --prior {prior!r} for eval-prior; valid: {', '.join(evaluators)}")
+    if prior == "sd" and model is None:
+        raise UserError("eval-prior --prior sd needs --model: a toy model in SD's layout (dream3d train-prior --arch sd)")
     if views < 1:
         raise UserError(f"views: must be at least 1, got {views}")
     check_options(SampleOptions, n=len(CLASSES) * views, steps=steps, seed=seed, guidance_scale=guidance_scale)
-    multiview = prior == "toy-mvdream"
-    evaluate = evaluate_multiview_prior if multiview else evaluate_prior
+    evaluate, rows = evaluators[prior]
     results = evaluate(model, views, steps, guidance_scale, seed)
     if out is not None:
         write_text(out, json.dumps(results, indent=2) + "\n")
     typer.echo("| prior | class accuracy | median silhouette IoU | mean silhouette IoU |\n|---|---|---|---|")
-    for name in ("toy-mvdream",) if multiview else ("toy-unet-mv", "toy-unet"):
+    for name in rows:
         row = results[name]
         ious = [f"{row[k]:.3f}" if k in row else "-" for k in ("median_iou", "mean_iou")]
         typer.echo(f"| {name} | {row['accuracy']:.3f} | {' | '.join(ious)} |")
-    if multiview:
-        typer.echo(f"4-view sets whose views all get one class: {results['toy-mvdream']['view_agreement']:.3f}")
+    if "view_agreement" in results[rows[0]]:
+        typer.echo(f"4-view sets whose views all get one class: {results[rows[0]]['view_agreement']:.3f}")
+    if "view_accuracy" in results[rows[0]]:
+        typer.echo("view accuracy (the nearest render's view is the one asked): "
+                   + ", ".join(f"{v} {a:.3f}" for v, a in results[rows[0]]["view_accuracy"].items()))
 
 
 @app.command("models")

@@ -528,8 +528,8 @@ def test_eval_prior_scores_toy_mvdream_sets(toy_model, monkeypatch, capsys, tmp_
     results = json.loads((tmp_path / "eval.json").read_text())["toy-mvdream"]
     assert len(results["correct"]) == 36 * 4
     assert 0 <= results["accuracy"] <= 1 and 0 <= results["median_iou"] <= 1 and 0 <= results["view_agreement"] <= 1
-    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd")
-    assert status == 1 and "unknown --prior 'sd' for eval-prior; valid: toy-unet, toy-mvdream" in err
+    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "if")
+    assert status == 1 and "unknown --prior 'if' for eval-prior; valid: toy-unet, toy-mvdream, sd" in err
 
 
 def test_toy_mvdream_without_weights_says_how_to_train_them(monkeypatch, capsys, tmp_path):

@@ -134,3 +134,24 @@ def test_cli_train_prior_takes_arch_sd(monkeypatch, capsys, tmp_path):
     status, err = dream3d(monkeypatch, capsys, *common, "--steps", 100)
     assert status == 1 and "vae_steps" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m").exists() and not (tmp_path / "ck").exists()
+
+
+def test_eval_prior_scores_an_sd_layout_model_through_the_sd_path(monkeypatch, capsys, tmp_path):
+    """eval-prior --prior sd samples a toy-sd folder as `--prior sd --model FOLDER` does (a view suffix per camera)
+    and reports class accuracy, silhouette IoU and the view accuracy of each view it asked for."""
+    from tests.support import dream3d
+
+    train_sd(TINY, tmp_path / "m", tmp_path / "work", False, "dream3d train-prior --arch sd")
+    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd", "--model", tmp_path / "m", "--views", 2,
+                          "--steps", 2, "--out", tmp_path / "eval.json")
+    assert status == 0, err
+    results = json.loads((tmp_path / "eval.json").read_text())["sd"]
+    assert len(results["correct"]) == 2 * len(CLASSES) and 0 <= results["accuracy"] <= 1
+    assert 0 <= results["median_iou"] <= 1 and set(results["view_accuracy"]) <= {"front", "side", "back", "overhead"}
+
+
+def test_eval_prior_sd_needs_a_model(monkeypatch, capsys):
+    from tests.support import dream3d
+
+    status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd")
+    assert status == 1 and "--model" in err and len(err.splitlines()) == 1

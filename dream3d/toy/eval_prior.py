@@ -1,4 +1,4 @@
-"""Samples of a pixel-space diffusers prior, and the toy-unet acceptance: are they the prompted class and view?
+"""Samples of a diffusers prior of the toy world, and the toy priors' acceptance: are they the prompted class and view?
 
 Every toy class is sampled (DDIM) at a few random cameras. A sample is classified as the
 class whose ground-truth render is nearest (mean squared error) at the camera it was asked
@@ -22,6 +22,7 @@ from dream3d.run.camera_sampling import CameraConfig, sample_cameras
 from dream3d.guidance.priors import toy_world
 from dream3d.guidance.priors.ddim import ddim_sample
 from dream3d.guidance.priors.diffusers_prior import DiffusersPrior
+from dream3d.guidance.prompts import VIEWS, view_index
 
 # sampling-convention CFG (eps_u + s (eps_c - eps_u)) for the toy model, from a sweep of the shipped model
 # (eval-prior --views 2): toy-unet-mv class accuracy 0.847 at 3, 0.889 at 6, 0.917 at 9 (docs/benchmarks.md)
@@ -118,3 +119,36 @@ def evaluate_multiview_prior(model: str | None = None, groups: int = 1, steps: i
             "seed": seed, "toy-mvdream": {"accuracy": sum(correct) / len(correct), "correct": correct,
                                           "median_iou": statistics.median(ious), "mean_iou": sum(ious) / len(ious),
                                           "view_agreement": agreement}}
+
+
+def evaluate_sd_prior(model: str, views: int = 4, steps: int = 50, guidance_scale: float | None = None,
+                      seed: int = 0) -> dict[str, Any]:
+    """A toy model in Stable Diffusion's layout (toy-sd), sampled through ``--prior sd`` as a run uses it: the
+    prompt with the view suffix of each camera, no camera input.
+
+    Each class is sampled at ``views`` cameras from elevation -10 to 90 degrees (toy-sd's training range). A
+    sample's class and view are those of its nearest ground-truth render over every class and every one of the
+    cameras (MSE); it is view-correct when that render's view (front, side, back, overhead) is the one its
+    prompt asked for. The silhouette IoU is at the requested camera."""
+    guidance_scale = SAMPLE_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    prior = load_pixel_prior("sd", model)
+    classes = torch.arange(len(toy_world.CLASSES)).repeat_interleave(views)
+    camera_cfg = CameraConfig(batch_size=len(classes), elevation_range=(-10.0, 90.0))
+    cams = sample_cameras(camera_cfg, prior.resolution, torch.Generator().manual_seed(seed))
+    truth = toy_world.class_images(cams)  # [36, N, 3, r, r]
+    prompts = [f"a {toy_world.CLASSES[c].name}" for c in classes]
+    images = ddim_sample(prior, prompts, cams, steps, guidance_scale, torch.Generator().manual_seed(seed),
+                         view_prompts=True)
+    flat = images.flatten(1)
+    err = torch.stack([torch.cdist(flat, t.flatten(1)).square() for t in truth])  # [36, N samples, N cameras]
+    nearest = err.permute(1, 0, 2).flatten(1).argmin(1)  # [N] class * N + camera of each sample's nearest render
+    predicted, camera = nearest // len(cams), nearest % len(cams)
+    asked = view_index(cams.elevation, cams.azimuth)  # [N] the view each sample's prompt named
+    got = asked[camera]
+    correct = (predicted == classes).tolist()
+    gt_masks = truth[classes, torch.arange(len(classes))].lt(1 - BACKGROUND_TOLERANCE).any(1)
+    ious = toy_world.mask_iou(silhouette(images), gt_masks).tolist()
+    by_view = {name: (got[asked == v] == v).float().mean().item() for v, name in enumerate(VIEWS) if (asked == v).any()}
+    return {"views_per_class": views, "ddim_steps": steps, "guidance_scale": guidance_scale, "seed": seed,
+            "sd": {"accuracy": sum(correct) / len(correct), "correct": correct, "median_iou": statistics.median(ious),
+                   "mean_iou": sum(ious) / len(ious), "view_accuracy": by_view}}

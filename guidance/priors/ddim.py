@@ -11,10 +11,14 @@ from dream3d.representations.cameras import Cameras
 
 @torch.no_grad()
 def ddim_sample(prior: DiffusersPrior, prompts: list[str], cameras: Cameras | None = None, steps: int = 50,
-                guidance_scale: float = 3.0, generator: torch.Generator | None = None) -> Tensor:
-    """One image per prompt, rgb [n,3,r,r] in [0,1] (cameras: n, or None), deterministic DDIM (eta 0).
+                guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+                view_prompts: bool = False) -> Tensor:
+    """One image per prompt, rgb [n,3,r,r] in [0,1] (cameras: n, or None), deterministic DDIM (eta 0), in the
+    prior's own space (pixels, or SD's latents decoded by its VAE).
 
     CFG here is the sampling convention eps_u + s (eps_c - eps_u) against the prior's negative prompt.
+    ``view_prompts``: each sample is conditioned on its camera's view prompt ("..., back view"), as a run's rule
+    conditions a render, instead of on the bare prompt.
     """
     from diffusers import DDIMScheduler
 
@@ -24,16 +28,21 @@ def ddim_sample(prior: DiffusersPrior, prompts: list[str], cameras: Cameras | No
     scheduler.set_timesteps(steps)
     n = len(prompts)
     embeddings = [prior.embed(p) for p in prompts]
-    states = torch.stack([e.cond for e in embeddings] + [e.uncond for e in embeddings])
+    if view_prompts and cameras is not None:
+        cond = [e.conditional(cameras[i : i + 1])[0] for i, e in enumerate(embeddings)]
+    else:
+        cond = [e.cond for e in embeddings]
+    states = torch.stack(cond + [e.uncond for e in embeddings])
     both = None if cameras is None else Cameras.cat([cameras, cameras])
-    r = prior.resolution
-    x = torch.randn(n, 3, r, r, generator=generator).to(prior.device)
+    x = torch.randn(n, *prior.sample_shape(), generator=generator).to(prior.device)
     for t in scheduler.timesteps:
         eps = prior.predict_noise(torch.cat([x, x]), t.expand(2 * n).long(), states, both)
         cond, uncond = eps.chunk(2)
         eps = uncond + guidance_scale * (cond - uncond)
         abar = prior.alphas_cumprod.to(x.device)[t]
-        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if prior.x0_bound is not None:
+            x0 = x0.clamp(-prior.x0_bound, prior.x0_bound)
         x = scheduler.step(x0, t, x).prev_sample
     return prior.decode(x).cpu()
 

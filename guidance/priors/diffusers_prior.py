@@ -90,6 +90,8 @@ class DiffusersPrior(TextEmbeddings, Prior):
     name: str
     default_model: str
     components: tuple[str, ...] = ("unet", "scheduler", "text_encoder", "tokenizer")
+    # the bound of a clean x (pixels scaled to [-1, 1]); None for a space without one (SD's scaled latents)
+    x0_bound: float | None = 1.0
     text_max_length: int | None = None
     text_attention_mask: bool = False
     download_note: str = ""
@@ -153,6 +155,11 @@ class DiffusersPrior(TextEmbeddings, Prior):
     @property
     def unet_config(self) -> dict[str, Any]:
         return self.component_config("unet")
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the x the UNet denoises: the pixels at ``resolution`` unless a subclass
+        says otherwise."""
+        return 3, self.resolution, self.resolution
 
     @property
     def pipeline_class(self) -> str:

@@ -28,6 +28,12 @@ class StableDiffusionPrior(DiffusersPrior):
         downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = int(self.unet.config.sample_size) * downsampling
 
+    x0_bound = None  # scaled latents are about unit variance, not bounded
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = int(self.unet.config.sample_size)
+        return int(self.unet.config.in_channels), size, size
+
     def check_kind(self) -> None:
         if "vae" not in self.index:
             raise PriorError(f"{self.model} is a pixel-space model ({self.pipeline_class}, no VAE), not Stable "
