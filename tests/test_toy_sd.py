@@ -155,3 +155,17 @@ def test_eval_prior_sd_needs_a_model(monkeypatch, capsys):
 
     status, err = dream3d(monkeypatch, capsys, "eval-prior", "--prior", "sd")
     assert status == 1 and "--model" in err and len(err.splitlines()) == 1
+
+
+def test_a_short_sds_run_through_toy_sd_ends_with_the_prompted_class(tmp_path):
+    """The path most users take, with weights that know something: SDS on `--prior sd --model assets/toy-sd` (VAE
+    encode, latent scaling, view suffixes, CFG at SD's 100) for 60 steps makes the prompted object, by the toy
+    eval's R-precision (share of views whose nearest class is the prompt's)."""
+    from dream3d import api
+    from dream3d.config import build_config
+    from tests.support import REPO
+
+    cfg = build_config({"prompt": "a blue torus", "prior": "sd", "model": str(REPO / "assets" / "toy-sd"),
+                        "steps": 60, "out": str(tmp_path), "export": {"formats": ["glb"], "video": False}})
+    scores = api.evaluate(api.run(cfg).run_dir)
+    assert scores["matched_class"] == "blue torus" and scores["r_precision"] >= 0.75, scores

@@ -13,7 +13,7 @@ from dream3d.run.build import build_prior
 from dream3d.config import build_config
 from dream3d.run.loop import RunInterrupted
 from dream3d.guidance.vsd import ADAPTER, ESDConfig, VSDConfig, VSDGuidance, camera_condition
-from tests.support import cameras, metrics, replay_noising
+from tests.support import REPO, cameras, metrics, replay_noising
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("embedding_cache")
@@ -165,10 +165,12 @@ def fixed_renders(prior, gen, batch=2):
 
 
 @pytest.mark.parametrize("config", [VSDConfig, ESDConfig])
-@pytest.mark.parametrize("kind", ["sd", "toy-unet-mv"])
+@pytest.mark.parametrize("kind", ["sd", "toy-sd", "toy-unet-mv"])
 def test_every_lora_tensor_trains(models, kind, config):
-    """Three rule steps (the guidance's own forward, as the loop calls it) move every LoRA tensor."""
-    prior = load(models["sd"]) if kind == "sd" else toy_unet_mv()
+    """Three rule steps (the guidance's own forward, as the loop calls it) move every LoRA tensor: on a tiny random
+    SD, on toy-sd (trained weights in SD's layout, through --prior sd) and on toy-unet-mv."""
+    prior = {"sd": lambda: load(models["sd"]), "toy-sd": lambda: load(REPO / "assets" / "toy-sd"),
+             "toy-unet-mv": toy_unet_mv}[kind]()
     guidance = VSDGuidance(prior, config(lora_lr=1e-3))
     before = lora_snapshot(guidance)
     assert len(before) > 0
