@@ -78,21 +78,13 @@ def build_text_encoder(arch: ToyMVDreamArch, vocab_size: int) -> torch.nn.Module
 class MVDreamTrainer(PriorTrainer):
     """PriorTrainer (optimizer, EMA, checkpoints) over MultiViewUNet and 4-view batches."""
 
-    def __init__(self, cfg: TrainMVDreamConfig) -> None:  # type: ignore[override]
-        from diffusers.training_utils import EMAModel
+    cfg: TrainMVDreamConfig
 
-        self.cfg = cfg  # type: ignore[assignment]
-        torch.manual_seed(cfg.seed)
-        self.tokenizer = toy_unet.build_tokenizer()
-        self.unet = MultiViewUNet(cfg.arch.unet())
-        self.text_encoder = build_text_encoder(cfg.arch, len(self.tokenizer))
-        self.scheduler = toy_unet.build_scheduler()
-        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
-        self.ema = EMAModel(self.params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=0.75)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        self.pool = render_group_pool(cfg)
+    def build_networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return MultiViewUNet(self.cfg.arch.unet()), build_text_encoder(self.cfg.arch, len(self.tokenizer))
+
+    def build_pool(self) -> ViewPool:
+        return render_group_pool(self.cfg)
 
     def loss(self, generator: torch.Generator | None = None) -> Tensor:
         """The v-prediction MSE of one batch of 4-view objects (one t per object)."""

@@ -136,14 +136,21 @@ class PriorTrainer:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.tokenizer = toy_unet.build_tokenizer()
-        self.unet, self.text_encoder = toy_unet.build_models(cfg.arch, len(self.tokenizer))
+        self.unet, self.text_encoder = self.build_networks()
         self.scheduler = toy_unet.build_scheduler()
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.ema = EMAModel(self.params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=0.75)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
-        self.pool = render_pool(cfg)
+        self.pool = self.build_pool()
+
+    def build_networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The UNet and the text encoder, drawn from the seeded global generator."""
+        return toy_unet.build_models(self.cfg.arch, len(self.tokenizer))
+
+    def build_pool(self) -> ViewPool:
+        return render_pool(self.cfg)
 
     def text_states(self, captions: list[str]) -> Tensor:
         """The text encoder's hidden states of ``captions`` [N, max_tokens, width], padding masked."""
