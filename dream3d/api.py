@@ -20,7 +20,6 @@ import torch
 import trimesh
 
 from dream3d.rundir import confine
-
 from dream3d.rundir import folder as rundir
 from dream3d.run.build import build_guidance, build_prior, build_representation, model_source
 from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides

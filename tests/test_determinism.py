@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dream3d import api
-
 from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
 from dream3d.run.loop import RunInterrupted, Trainer

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from dream3d import api
-
 from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
 from dream3d.run.loop import RunError, disk_errors

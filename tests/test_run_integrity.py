@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from dream3d import api
-
 from dream3d.rundir import folder as rundir
 from dream3d.config import build_config
 from dream3d.run.loop import RunError, RunInterrupted, Trainer

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import torch
 
 from dream3d import api
-
 from dream3d.rundir import job
 from dream3d.config import build_config
 from dream3d.run.loop import Progress

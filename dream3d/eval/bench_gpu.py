@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dream3d import api
-
 from dream3d.rundir import folder as rundir
 from dream3d.rundir.atomic import write_text
 from dream3d.config import build_config

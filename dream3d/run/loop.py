@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from dream3d.rundir import confine
-
 from dream3d.rundir import folder as rundir
 from dream3d.rundir.atomic import atomic_path
 from dream3d.run.build import build_guidance, build_prior, build_representation
