@@ -44,7 +44,7 @@ from pathlib import Path
 
 from dream3d import api, cli
 from dream3d.eval.bench import (CELL_HEADERS, RULES, RULES_FULL, RULES_QUICK, TOY, TOY_QUICK, BenchError, Column, cell,
-                           cells, diversity, run_and_eval)
+                           cells, diversity, run_and_eval, with_choices)
 from dream3d.config import build_config
 from dream3d.run.nfe import NFECounter
 
@@ -84,7 +84,8 @@ def test_diversity_counts_classes_and_their_entropy(classes, distinct, bits):
 
 
 def _run(kind, prompt, seed, classes, iou=0.5, cost=1.0):
-    particles = [{"matched_class": c, "iou": iou, "r_precision": 1.0, "colour_error": 0.1} for c in classes]
+    particles = [{"matched_class": c, "iou": iou, "r_precision": 1.0, "colour_error": 0.1, "janus": 1 - iou,
+                  "volume_iou": iou - 0.1} for c in classes]
     return {"rule": "sds", "representation": "nerf", "set": kind, "prompt": prompt, "seed": seed,
             "particles": particles, "seconds_per_step": cost, "nfe_per_step": 2 * cost, "peak_memory_mb": 100 * cost}
 
@@ -105,6 +106,7 @@ def test_cell_scores_every_particle_and_pools_seeds_per_ambiguous_prompt():
     entry = cell(rows)
     assert (entry["runs"], entry["failed"]) == (7, 1)
     assert entry["iou"] == 0.6  # median of the 4 faithful particles 0.9, 0.5, 0.6, 0.6
+    assert entry["volume_iou"] == pytest.approx(0.5) and entry["janus"] == pytest.approx(0.4)
     # cost: the faithful runs only
     assert (entry["seconds_per_step"], entry["nfe_per_step"], entry["peak_memory_mb"]) == (2.0, 4.0, 200.0)
     assert entry["diversity_by_prompt"]["a cube"] == {"distinct_classes": 3, "entropy_bits": 1.5}
@@ -119,6 +121,15 @@ def test_rules_are_run_overrides_that_win_over_the_shared_settings():
     assert "particles=4" in RULES_FULL.options("sds", "nerf", ambiguous=True)
     assert not any(o.startswith("particles=") for o in RULES_FULL.options("sds", "nerf", ambiguous=False))
     assert "particles=3" in RULES_QUICK.options("sds", "nerf", ambiguous=True)  # the quick diversity counts 3 shapes
+
+
+def test_view_prompt_variants_run_by_name_only():
+    """SDS without view suffixes and with Perp-Neg: selectable for a prior with view prompts, never in the default
+    matrix (a toy prior's config refuses Perp-Neg)."""
+    assert not {"sds-no-view", "sds-perp-neg"} & set(RULES_FULL.rules)
+    matrix = with_choices(RULES_FULL, rules=("sds-no-view", "sds-perp-neg"), prior="sd")
+    assert matrix.options("sds-no-view", "nerf", ambiguous=False)[-2:] == ["guidance=sds", "prompts.view_dependent=false"]
+    assert matrix.options("sds-perp-neg", "nerf", ambiguous=False)[-1] == "sds.perp_neg=true"
 
 
 class _ClosedForm:

@@ -8,9 +8,9 @@ run's eval itself when it optimised one). Two tables:
 
 - per run (``TOY``, the 12-prompt toy benchmark): one line per run and a median line;
 - per (rule, representation) (``RULES_FULL``, the guidance-rule comparison). Faithful prompts name
-  one class: a cell's IoU, R-precision and colour error are medians over every particle of every
-  faithful run. Ambiguous prompts ("a cube": any colour) allow several classes and run with
-  ``particles`` particles; diversity is the number of distinct matched classes over every particle
+  one class: a cell's IoU, volume IoU, R-precision, colour error and janus measure are medians over
+  every particle of every faithful run. Ambiguous prompts ("a cube": any colour) allow several
+  classes and run with ``particles`` particles; diversity is the number of distinct matched classes over every particle
   and seed of a prompt, and the entropy (bits) of that class distribution, averaged over prompts.
   Cost columns (seconds, network evaluations and peak memory per step) are medians over the
   faithful runs, which optimise one particle unless the rule itself asks for more.
@@ -116,6 +116,13 @@ RULES: dict[str, tuple[str, ...]] = {
     **{name: (f"guidance={name}",) for name in registry.RULES.names},
     "rsd": ("particles=4", "repulsion.weight=100"),
 }
+# SDS as a prior with view prompts (sd, if) can also run it: without the view suffixes, and with Perp-Neg. Chosen
+# by name (--rules), never by default: the toy priors have no view prompts, and their configs refuse Perp-Neg.
+VIEW_VARIANTS: dict[str, tuple[str, ...]] = {
+    "sds-no-view": ("guidance=sds", "prompts.view_dependent=false"),
+    "sds-perp-neg": ("guidance=sds", "sds.perp_neg=true"),
+}
+RUNNABLE_RULES = {**RULES, **VIEW_VARIANTS}
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,7 @@ class Matrix:
         chosen = [*(["--prior", self.prior] if self.prior else []),
                   *(["--representation", representation] if representation else [])]
         particles = [f"particles={self.particles}"] if ambiguous and self.particles > 1 else []
-        return [*chosen, *self.settings, *particles, *(RULES[rule] if rule else ())]
+        return [*chosen, *self.settings, *particles, *(RUNNABLE_RULES[rule] if rule else ())]
 
 
 # Twelve classes: every shape and every colour twice; every setting at its default.
@@ -172,15 +179,16 @@ RULES_QUICK = replace(
 )
 
 CELL_COLUMNS = (
-    "iou", "r_precision", "colour_error", "distinct_classes", "entropy_bits",
+    "iou", "volume_iou", "r_precision", "colour_error", "janus", "distinct_classes", "entropy_bits",
     "seconds_per_step", "nfe_per_step", "peak_memory_mb",
 )
-CELL_HEADERS = ("IoU", "R-precision", "colour error", "distinct classes", "entropy (bits)", "s/step", "NFE/step", "peak MB")
+CELL_HEADERS = ("IoU", "volume IoU", "R-precision", "colour error", "janus", "distinct classes", "entropy (bits)",
+                "s/step", "NFE/step", "peak MB")
 
 
 def check(matrix: Matrix) -> Matrix:
     """The matrix, or ConfigError naming the first unknown rule or representation."""
-    for kind, names, valid in (("rule", matrix.rules, tuple(RULES)),
+    for kind, names, valid in (("rule", matrix.rules, tuple(RUNNABLE_RULES)),
                                ("representation", matrix.representations, REPRESENTATIONS)):
         unknown = [n for n in names if n is not None and n not in valid]
         if unknown or not names:
@@ -303,8 +311,10 @@ def cell(rows: list[dict]) -> dict:
     faithful = [r for r in done if r["set"] == "faithful"]
     particles = [p for r in faithful for p in r["particles"]]
     entry = {"runs": len(done), "failed": len(rows) - len(done)}
-    for key in ("iou", "r_precision", "colour_error"):
+    for key in ("iou", "r_precision", "colour_error", "janus"):
         entry[key] = _median([p[key] for p in particles])
+    # the exported mesh's score; a run of several particles exports one mesh each, scored apart (NaN if absent)
+    entry["volume_iou"] = _median([p.get("volume_iou", math.nan) for p in particles])
     for key in ("seconds_per_step", "nfe_per_step", "peak_memory_mb"):
         entry[key] = _median([r[key] for r in faithful])
     prompts = sorted({r["prompt"] for r in done if r["set"] == "ambiguous"})
