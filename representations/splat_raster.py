@@ -34,6 +34,7 @@ from functools import cache
 from typing import Literal
 
 import torch
+from kornia.geometry.conversions import quaternion_to_rotation_matrix
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -55,15 +56,8 @@ def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
     Returns:
         [N,3,3].
     """
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    R = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).view(-1, 3, 3)
+    # kornia normalises and expands as gsplat does: bitwise the covariances its reference computes
+    R = quaternion_to_rotation_matrix(quats)
     M = R * scales[:, None, :]
     return M @ M.transpose(-1, -2)
 
