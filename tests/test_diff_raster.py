@@ -1,0 +1,189 @@
+"""The differentiable mesh renderer: barycentrics as the rasterizer's, antialiased coverage equal to the covered
+area at a straight edge, gradients in the vertex positions against central finite differences (whole render and
+antialias alone), a silhouette fit that works only with antialiasing, CPU against CUDA."""
+
+import pytest
+import torch
+import trimesh
+
+from dream3d.representations.cameras import look_at_cameras
+from dream3d.representations.diff_raster import antialias, barycentrics, interpolate, render_mesh
+from dream3d.representations.mesh_raster import _project, rasterize
+from dream3d.representations.shading import LightConfig
+
+CAMERAS = look_at_cameras(torch.tensor([20.0, -35.0]), torch.tensor([30.0, 160.0]), torch.full((2,), 2.5), 40.0, 20, 20)
+GREY = torch.tensor([0.2, 0.3, 0.4])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Renders of a few hundred pixels gain nothing from threads, and on a shared 2-core machine the second
+    thread's waits make them an order of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tensors(mesh, dtype=torch.float32):
+    return torch.tensor(mesh.vertices, dtype=dtype), torch.tensor(mesh.faces)
+
+
+def box(dtype=torch.float64):
+    """A 12-face box, slightly irregular so that no pixel centre sits on an edge or a vertex's row."""
+    vertices, faces = tensors(trimesh.creation.box(extents=(0.9, 1.0, 1.1)), dtype)
+    return vertices + 0.03 * torch.sin(torch.arange(vertices.numel(), dtype=dtype) * 1.7).view_as(vertices), faces
+
+
+def test_barycentrics_are_the_rasterizers():
+    vertices, faces = tensors(trimesh.creation.icosphere(2, radius=0.7))
+    fragments = rasterize(vertices, faces, CAMERAS)
+    bary = barycentrics(vertices, faces, CAMERAS, fragments)
+    assert fragments.covered.sum() > 200
+    assert torch.allclose(bary, fragments.bary, atol=1e-5)
+    assert (bary[~fragments.covered] == 0).all()
+    # interpolating the positions gives the surface point at the rasterizer's depth along the ray
+    origins, dirs = CAMERAS.rays()
+    points = interpolate(vertices, faces, fragments, bary)
+    along = origins + fragments.depth.unsqueeze(-1) * dirs
+    assert torch.allclose(points[fragments.covered], along[fragments.covered], atol=1e-4)
+
+
+def test_antialiased_alpha_is_the_covered_area_at_a_straight_edge():
+    # a square in the plane x = 0 seen head-on from +x: its sides are image columns and rows
+    cameras = look_at_cameras(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([3.0]), 40.0, 24, 24)
+    vertices = torch.tensor([[0.0, -0.52, -0.61], [0.0, 0.47, -0.61], [0.0, 0.47, 0.58], [0.0, -0.52, 0.58]])
+    faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
+    out = render_mesh(vertices, faces, cameras, GREY, torch.ones(4, 3))
+    pixels, _ = _project(vertices, cameras)
+    (left, right), (top, bottom) = pixels[0, :2, 0].sort().values, pixels[0, 1:3, 1].sort().values
+    columns = torch.arange(24) + 0.5
+    # a pixel's area covered across one straight edge: the part of [j, j+1] inside [left, right]
+    expected = ((columns + 0.5).minimum(right) - (columns - 0.5).maximum(left)).clamp(0, 1)
+    assert 0.1 < float(left % 1) < 0.9 and 0.1 < float(right % 1) < 0.9  # the edges cut through pixels
+    middle = slice(int(top) + 2, int(bottom) - 1)
+    assert torch.allclose(out.alpha[0, middle, :, 0], expected.expand(middle.stop - middle.start, -1), atol=1e-4)
+    rows = ((columns + 0.5).minimum(bottom) - (columns - 0.5).maximum(top)).clamp(0, 1)
+    assert torch.allclose(out.alpha[0, :, 12, 0], rows, atol=1e-4)
+    # the colour blends into the background by the same weights
+    assert torch.allclose(out.rgb[0, 12], expected.unsqueeze(-1) + (1 - expected.unsqueeze(-1)) * GREY, atol=1e-4)
+
+
+def central_differences(loss, vertices, h, same_faces):
+    grad = torch.zeros_like(vertices)
+    for k in range(vertices.numel()):
+        step = torch.zeros_like(vertices).view(-1)
+        step[k] = h
+        plus, minus = vertices + step.view_as(vertices), vertices - step.view_as(vertices)
+        assert same_faces(plus) and same_faces(minus)  # the step leaves visibility as it is
+        grad.view(-1)[k] = (loss(plus) - loss(minus)) / (2 * h)
+    return grad
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_render_gradient_matches_finite_differences():
+    vertices, faces = box()
+    colours = torch.rand(len(vertices), 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = torch.rand(2, 20, 20, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    faces_at = rasterize(vertices, faces, CAMERAS).face
+
+    def loss(v):
+        out = render_mesh(v, faces, CAMERAS, GREY, colours, LightConfig(direction=(0.3, 0.5, 1.0)), with_normals=True)
+        image = torch.cat([out.rgb, out.alpha, out.extras["normal_rgb"], out.depth, out.normal[..., :2]], -1)
+        return (weights * image).sum()
+
+    vertices.requires_grad_(True)
+    loss(vertices).backward()
+    with torch.no_grad():
+        numeric = central_differences(loss, vertices.detach(), 1e-6,
+                                      lambda v: torch.equal(rasterize(v, faces, CAMERAS).face, faces_at))
+    assert relative_error(vertices.grad, numeric) < 1e-5
+
+    def alpha_loss(v):
+        return (weights[..., 0] * render_mesh(v, faces, CAMERAS, GREY, colours).alpha[..., 0]).sum()
+
+    vertices.grad = None
+    alpha_loss(vertices).backward()
+    with torch.no_grad():
+        numeric = central_differences(alpha_loss, vertices.detach(), 1e-6,
+                                      lambda v: torch.equal(rasterize(v, faces, CAMERAS).face, faces_at))
+    assert vertices.grad.abs().sum() > 1 and relative_error(vertices.grad, numeric) < 1e-5
+
+
+def test_antialias_gradient_matches_finite_differences():
+    vertices, faces = tensors(trimesh.creation.icosphere(1, radius=0.8), torch.float64)
+    fragments = rasterize(vertices, faces, CAMERAS)
+    image = torch.rand(2, 20, 20, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    weights = torch.rand(2, 20, 20, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def loss(v):
+        return (weights * antialias(image, fragments, v, faces, CAMERAS)).sum()
+
+    vertices.requires_grad_(True)
+    loss(vertices).backward()
+    with torch.no_grad():
+        numeric = central_differences(loss, vertices.detach(), 1e-6,
+                                      lambda v: torch.equal(rasterize(v, faces, CAMERAS).face, fragments.face))
+    assert vertices.grad.abs().sum() > 1 and relative_error(vertices.grad, numeric) < 1e-5
+    # where no silhouette edge is near, the image passes through unchanged
+    out = antialias(image, fragments, vertices.detach(), faces, CAMERAS)
+    assert (out != image).any(-1).sum() < 0.5 * (out == image).all(-1).sum()
+
+
+def silhouette_fit(smooth: bool) -> tuple[float, float]:
+    """IoU of an icosphere's silhouettes against a larger, shifted sphere's, before and after 50 Adam steps on
+    per-vertex offsets. Without antialiasing, alpha is the coverage interpolated at each pixel's own face: 1
+    wherever covered, whatever the vertices, so the loss has no gradient and nothing moves."""
+    cameras = look_at_cameras(torch.tensor([15.0, 30.0, -20.0, 60.0]), torch.tensor([0.0, 100.0, 200.0, 290.0]),
+                              torch.full((4,), 3.0), 40.0, 24, 24)
+    target = render_mesh(*tensors(trimesh.creation.icosphere(3, radius=0.75)), cameras, GREY,
+                         lambda p: p).alpha.detach()
+    vertices, faces = tensors(trimesh.creation.icosphere(2, radius=0.5))
+    vertices = vertices + torch.tensor([0.1, -0.1, 0.05])
+    offsets = torch.zeros_like(vertices, requires_grad=True)
+    optimiser = torch.optim.Adam([offsets], lr=0.02)
+
+    def iou() -> float:
+        covered = rasterize(vertices + offsets.detach(), faces, cameras).covered
+        truth = target[..., 0] > 0.5
+        return float((covered & truth).sum() / (covered | truth).sum())
+
+    before = iou()
+    ones = torch.ones(len(vertices), 1)
+    for _ in range(50):
+        moved = vertices + offsets
+        if smooth:
+            alpha = render_mesh(moved, faces, cameras, GREY, ones.expand(-1, 3)).alpha
+        else:
+            fragments = rasterize(moved.detach(), faces, cameras)
+            alpha = interpolate(ones, faces, fragments, barycentrics(moved, faces, cameras, fragments))
+        loss = ((alpha - target) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return before, iou()
+
+
+def test_silhouette_fit_moves_the_outline_only_with_antialiasing():
+    before, after = silhouette_fit(smooth=True)
+    assert before < 0.7 and after > 0.9
+    before, after = silhouette_fit(smooth=False)
+    assert after == before < 0.7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_renders_and_differentiates_as_the_cpu_does():
+    vertices, faces = tensors(trimesh.creation.icosphere(2, radius=0.7))
+    colours = torch.rand(len(vertices), 3, generator=torch.Generator().manual_seed(4))
+    results = []
+    for device in ("cpu", "cuda"):
+        v = vertices.to(device).requires_grad_(True)
+        out = render_mesh(v, faces.to(device), CAMERAS.to(device), GREY.to(device), colours.to(device),
+                          LightConfig(), with_normals=True)
+        (out.rgb.sum() + out.alpha.sum() + out.extras["normal_rgb"].square().sum()).backward()
+        results.append([t.detach().cpu() for t in (out.rgb, out.alpha, out.depth, out.normal, v.grad)])
+    for cpu, gpu in zip(*results):
+        assert torch.allclose(cpu, gpu, atol=1e-4, rtol=1e-4)
