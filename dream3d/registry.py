@@ -147,3 +147,5 @@ REPRESENTATIONS.add(RepresentationSpec("nerf", "dream3d.representations.nerf:NeR
 REPRESENTATIONS.add(RepresentationSpec("gaussians", "dream3d.representations.gaussians:GaussiansConfig",
                                        "dream3d.representations.gaussians:Gaussians", "3D Gaussian splats",
                                        renders_normals=False, takes_init_points=True))
+REPRESENTATIONS.add(RepresentationSpec("dmtet", "dream3d.representations.dmtet:DMTetConfig", "dream3d.representations.dmtet:DMTet",
+                                       "DMTet: an SDF on a tet grid, marching tets, a differentiable mesh rasterizer"))

@@ -263,7 +263,8 @@ def distance_to_triangles(points: Tensor, triangles: Tensor, pairs_per_chunk: in
         q = p[:, None]  # [P,1,3]
         height = ((q - a) * normal).sum(-1)
         foot = q - height[..., None] * normal
-        sides = [(torch.linalg.cross((v - u).expand_as(foot), foot - u) * normal).sum(-1) for u, v in ((a, b), (b, c), (c, a))]
+        sides = [(torch.linalg.cross((v - u).expand_as(foot), foot - u) * normal).sum(-1)
+                 for u, v in ((a, b), (b, c), (c, a))]
         inside = (sides[0] >= 0) & (sides[1] >= 0) & (sides[2] >= 0)
         edge = torch.stack([_segment_distance(q, u, v) for u, v in ((a, b), (b, c), (c, a))]).amin(0)
         best.append(torch.where(inside, height.abs(), edge).amin(-1))
