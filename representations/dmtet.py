@@ -63,6 +63,9 @@ class DMTetConfig(RepresentationConfig):
     def trained_light(self) -> LightConfig | None:
         return self.light if self.shading == "lambert" and not self.geometry_only else None
 
+    def regularizers(self) -> frozenset[str]:
+        return frozenset({"normal_consistency", "laplacian_smoothness"})
+
 
 class DMTet(Representation):
     """An SDF [V] and deformations [V,3] on ``tet_grid(resolution, radius)``, and an albedo grid.
