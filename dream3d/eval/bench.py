@@ -95,6 +95,7 @@ TOY_COLUMNS = (
     Column("volume_ratio"),
     Column("watertight", total="count"),
     Column("components"),
+    Column("normal_error_deg"),  # degrees: rounded edges and bumps, which volume_iou barely sees
     Column("seconds_per_step", SUMMARY),
     Column("wall_seconds", WALL),
     Column("peak_memory_mb", SUMMARY),
