@@ -199,9 +199,9 @@ def _bench(monkeypatch, capsys, *args, command="bench-guidance"):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rules", "sds,magic"], "error: unknown rule 'magic'; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd"),
-    (["--representations", "mesh"], "error: unknown representation 'mesh'; valid: nerf, gaussians"),
-    (["--rules", ","], "error: no rule to run; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd"),
+    (["--rules", "sds,magic"], "error: unknown rule 'magic'; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd, sds-no-view, sds-perp-neg"),
+    (["--representations", "mesh"], "error: unknown representation 'mesh'; valid: nerf, gaussians, dmtet"),
+    (["--rules", ","], "error: no rule to run; valid: sds, csd, ism, vsd, esd, cfd, nfsd, rsd, sds-no-view, sds-perp-neg"),
     (["--seeds", "0,x"], "error: seeds must be comma-separated integers, got '0,x'"),
     (["--particles", "0"], "error: particles must be at least 1, got 0"),
 ])
