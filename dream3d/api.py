@@ -22,13 +22,16 @@ import trimesh
 from dream3d.rundir import confine
 from dream3d.rundir import folder as rundir
 from dream3d.run.build import build_guidance, build_prior, build_representation, model_source
-from dream3d.config import RunConfig, build_config, load_yaml, parse_overrides
+from dream3d.config import ConfigError, RunConfig, build_config, load_yaml, parse_overrides
 from dream3d.run.device import resolve_device
 from dream3d.eval.scores import albedo_error, evaluate_mesh_3d, evaluate_representation, mesh_iou
 from dream3d.export.files import Z_UP_TO_Y_UP, export_representation, texture_image
 from dream3d.guidance.priors.base import Prior
 from dream3d.representations.base import Representation
 from dream3d.run.loop import Progress, RunInterrupted, Trainer, disk_errors
+from dream3d.run.stages import (
+    StageRunner, check_stages, latest_stage, record_stage, resumed_trainer, stage_info, stage_representation,
+)
 from dream3d.export.refine import (
     REFINE_STEPS, check_refinable, export_folders, load_textured, refine_texture, textured_mesh, trained_light,
     write_refined,
@@ -72,22 +75,38 @@ def run(
 
 
 def start(cfg: RunConfig) -> Trainer:
-    """Checks the input, creates the run folder and returns its Trainer at step 0."""
+    """Checks the input, creates the run folder and returns its Trainer at step 0 (of its first stage)."""
     rundir.check_writable(Path(cfg.out))
     resolve_device(cfg.device)  # --device cuda without a GPU fails before any work
-    prior = build_prior(cfg)
+    first = cfg.stage_configs()[0]
+    prior = build_prior(first)
     # config.yaml records the hub id and commit an alias resolved to: a resume or an export loads exactly those
-    cfg = cfg.model_copy(update=model_source(prior))
+    cfg = _with_model_source(cfg, model_source(prior))
+    first = cfg.stage_configs()[0]
     prior.embed(cfg.prompt)
-    representation = build_representation(cfg)  # e.g. an unreadable --init-points file fails here
-    guidance = build_guidance(cfg, prior)  # e.g. a negative prompt the prior cannot take fails here
+    representation = build_representation(first)  # e.g. an unreadable --init-points file fails here
+    guidance = build_guidance(first, prior)  # e.g. a negative prompt the prior cannot take fails here
+    try:
+        check_stages(cfg)  # e.g. a stage whose representation cannot start from the one before
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     new_out = not Path(cfg.out).exists()
     run_dir = rundir.create_run_dir(cfg)
-    try:
-        return Trainer(cfg, run_dir, prior, representation, guidance)  # e.g. repulsion's feature model fails here
+    try:  # e.g. repulsion's feature model fails here
+        return Trainer(first, run_dir, prior, representation, guidance, stage=stage_info(cfg, 0), run_cfg=cfg)
     except BaseException:
         _discard(run_dir, new_out)
         raise
+
+
+def _with_model_source(cfg: RunConfig, source: dict[str, str]) -> RunConfig:
+    """``cfg`` recording the model its first stage's prior resolved to: in that stage when it names its own prior
+    or model, else in the run's settings."""
+    if not source:
+        return cfg
+    if cfg.stages and ({"prior", "model"} & cfg.stages[0].keys()):
+        return cfg.model_copy(update={"stages": [{**cfg.stages[0], **source}, *cfg.stages[1:]]})
+    return cfg.model_copy(update=source)
 
 
 def _discard(run_dir: Path, new_out: bool) -> None:
@@ -108,11 +127,7 @@ def resume(
     cfg = rundir.load_run_config(run_dir)
     rundir.require_checkpoint(run_dir)  # before the lock file is touched
     with rundir.locked(run_dir), disk_errors(run_dir):
-        path, state = rundir.latest_state(run_dir)
-        trainer = Trainer(cfg, run_dir)
-        rundir.apply_checkpoint(path, state, trainer.load_state_dict, _describe(cfg))
-        rundir.truncate_metrics(run_dir, trainer.step)
-        return train(trainer, on_event, should_stop, export_on_stop)
+        return train(resumed_trainer(cfg, run_dir), on_event, should_stop, export_on_stop)
 
 
 def train(
@@ -129,25 +144,34 @@ def train(
 def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopCheck | None, export_on_stop: bool) -> Result:
     stopped = False
     on_event, should_stop = on_event or (lambda event: None), should_stop or (lambda: False)
+    runner = StageRunner(trainer)
     try:
-        trainer.run(on_event, should_stop)
+        trainer = runner.run(on_event, should_stop)
     except RunInterrupted:
         if not export_on_stop:
             raise
         stopped = True
+        trainer = runner.trainer
+        record_stage(trainer)
     cfg, run_dir = trainer.cfg, trainer.run_dir
     if stopped:
         rundir.update_summary(run_dir, stopped=True)
+    steps, skipped, seconds = trainer.step, trainer.skipped_steps, trainer.elapsed
+    if trainer.stage.staged:  # the run's totals over the stages it ran
+        ran = [s for s in rundir.read_summary(run_dir).get("stages", []) if isinstance(s, dict) and s]
+        steps, skipped = sum(s["steps"] for s in ran), sum(s["skipped_steps"] for s in ran)
+        seconds = sum(s["train_seconds"] for s in ran)
     rundir.update_summary(
         run_dir,
         prompt=cfg.prompt, prior=cfg.prior, guidance=cfg.guidance, representation=cfg.representation,
         model=getattr(trainer.prior, "model", None), model_resolved=cfg.model_resolved, model_revision=cfg.model_revision,
-        seed=cfg.seed, steps=trainer.step, skipped_steps=trainer.skipped_steps,
-        train_seconds=round(trainer.elapsed, 2), seconds_per_step=round(trainer.elapsed / max(trainer.step, 1), 4),
+        seed=cfg.seed, steps=steps, skipped_steps=skipped,
+        train_seconds=round(seconds, 2), seconds_per_step=round(seconds / max(steps, 1), 4),
         peak_memory_mb=_peak_memory_mb(), versions=_versions(),
     )
-    with stage("exporting", f"the checkpoint of step {trainer.step} is kept; `dream3d export {run_dir}` exports it"):
-        export(run_dir, representation=trainer.representation)
+    with stage("exporting", f"the checkpoint of {trainer.stage.where(trainer.step)} is kept; `dream3d export "
+               f"{run_dir}` exports it"):
+        export(run_dir, representation=trainer.representation, cfg=cfg)
     if cfg.refine.steps and not stopped:
         try:
             _refine_export(trainer, on_event, should_stop)
@@ -155,7 +179,7 @@ def _train(trainer: Trainer, on_event: EventHandler | None, should_stop: StopChe
             if not export_on_stop:
                 raise
             rundir.update_summary(run_dir, stopped=True)  # the export stays as trained, unrefined
-    on_event(Progress("done", trainer.step, cfg.steps))
+    on_event(Progress("done", trainer.stage.steps_before + trainer.step, trainer.stage.total))
     return Result.load(run_dir)
 
 
@@ -171,18 +195,18 @@ def _refine_export(trainer: Trainer, on_event: EventHandler, should_stop: StopCh
 
 
 def load_representation(run_dir: Path) -> tuple[RunConfig, Representation]:
-    """The config and the latest checkpointed representation of a run."""
+    """The config and the latest checkpointed representation of a run: of its latest stage with a checkpoint,
+    with that stage's effective config, for a staged run."""
     run_dir = Path(run_dir)
-    cfg = rundir.load_run_config(run_dir)
-    representation = build_representation(cfg)
-    path, state = rundir.latest_state(run_dir)
-    rundir.apply_checkpoint(path, state, lambda s: representation.load_state_dict(s["representation"]), _describe(cfg))
-    return cfg, representation
+    run_cfg = rundir.load_run_config(run_dir)
+    index = latest_stage(run_cfg, run_dir)
+    return run_cfg.stage_configs()[index], stage_representation(run_cfg, run_dir, index)
 
 
-def _describe(cfg: RunConfig) -> str:
-    """What a run's checkpoints hold, for the error of one that does not fit: 'a nerf run (2 particles)'."""
-    return f"a {cfg.representation} run" + (f" ({cfg.particles} particles)" if cfg.particles > 1 else "")
+def _final_config(run_dir: Path) -> RunConfig:
+    """The effective config of a run's latest stage with a checkpoint (the run's own for a one-stage run)."""
+    run_cfg = rundir.load_run_config(run_dir)
+    return run_cfg.stage_configs()[latest_stage(run_cfg, run_dir)]
 
 
 def export(
@@ -191,12 +215,14 @@ def export(
     resolution: int | None = None,
     threshold: float | None = None,
     representation: Representation | None = None,
+    cfg: RunConfig | None = None,
 ) -> dict[str, Path]:
-    """Writes export/ (mesh files and orbit video) for a run; options default to the run's config.
+    """Writes export/ (mesh files and orbit video) for a run; options default to the run's config (``cfg``, the
+    config ``representation`` was trained with: a staged run's stage's).
 
     Holds the run folder's lock; a write that fails ends in one RunError line."""
     run_dir = Path(run_dir)
-    cfg = rundir.load_run_config(run_dir)
+    cfg = cfg or _final_config(run_dir)
     if representation is None:
         rundir.require_checkpoint(run_dir)  # before the lock file is touched
     with rundir.locked(run_dir), disk_errors(run_dir, retry="export"):
@@ -249,7 +275,7 @@ def refine(
     Bad input (not a run folder, no textured export, ``steps`` < 1) fails in one line before anything is written;
     a stop request raises RunInterrupted and leaves the export as it was."""
     run_dir = Path(run_dir)
-    cfg = rundir.load_run_config(run_dir)
+    cfg = _final_config(run_dir)
     check_refinable(cfg, steps)
     folders = export_folders(run_dir, cfg)
     meshes = [load_textured(folder) for folder in folders]  # bad input fails here, before the lock file is made
@@ -284,7 +310,7 @@ def _refine(
                                            "lr": cfg.refine.lr})
 
 
-def evaluate(run_dir: Path, mesh: bool = False) -> dict:
+def evaluate(run_dir: Path, mesh: bool = False, stages: bool = False) -> dict:
     """Scores a toy-prompt run against the toy world; the result is merged into summary.json.
 
     With an exported ``model.glb`` it also scores the mesh against the renders (``mesh_iou``)
@@ -293,14 +319,32 @@ def evaluate(run_dir: Path, mesh: bool = False) -> dict:
     A run of N > 1 particles scores each (``particles``: N dicts) and reports their means.
     With ``mesh`` it scores the exported textured mesh instead, rendered by the mesh rasterizer from the same
     views (iou, r_precision, colour_error; summary.json's ``eval_mesh``): what a user of the asset sees.
+    With ``stages`` (a staged run) it also scores each stage's final representation (``stages``: name -> its
+    scores; summary.json's ``eval_stages``).
     """
     run_dir = Path(run_dir)
     if mesh:
         return _evaluate_mesh(run_dir)
-    rundir.load_run_config(run_dir)  # not a run folder, or no checkpoint: that error, before a lock file is made
+    run_cfg = rundir.load_run_config(run_dir)  # not a run folder, or no checkpoint: that error, before a lock file
     rundir.require_checkpoint(run_dir)
+    if stages and not run_cfg.stages:
+        raise ConfigError(f"--stages scores the stages of a staged run, and {run_dir} has none (config `stages`)")
     with rundir.locked(run_dir), disk_errors(run_dir, retry="eval"):
-        return _evaluate(run_dir, *load_representation(run_dir))
+        metrics = _evaluate(run_dir, *load_representation(run_dir))
+        if stages:
+            metrics["stages"] = _evaluate_stages(run_dir, run_cfg)
+        return metrics
+
+
+def _evaluate_stages(run_dir: Path, run_cfg: RunConfig) -> dict[str, dict]:
+    """Each checkpointed stage's final representation scored against the toy world, by stage name."""
+    background = torch.tensor(run_cfg.background)
+    scores = {}
+    for index in range(latest_stage(run_cfg, run_dir) + 1):
+        representation = stage_representation(run_cfg, run_dir, index)
+        scores[run_cfg.stage_name(index)] = evaluate_representation(representation, run_cfg.prompt, background)
+    rundir.update_summary(run_dir, eval_stages=scores)
+    return scores
 
 
 def _evaluate(run_dir: Path, cfg: RunConfig, representation: Representation) -> dict:

@@ -1,5 +1,5 @@
 """The ``dream3d`` command line: run, resume, export, refine, eval, batch, bench, bench-guidance, bench-gpu,
-train-prior, sample, eval-prior, models, doctor, web.
+train-prior, sample, eval-prior, recipes, models, doctor, web.
 
 Every failure the user can cause ends in one line on stderr and a non-zero exit:
 1 for bad input or a failed run, 2 for a malformed command line, 130 for an interrupt.
@@ -53,6 +53,8 @@ def _train(start: Any) -> api.Result:
                 task, completed=event.step, total=event.total, loss=f"{event.losses.get('loss', 0):.4g}",
                 t=f"{event.losses.get('t', 0):.0f}", rate=f"{event.it_per_s:.1f}",
             )
+        elif event.kind == "stage":  # a staged run's stage begins: one bar over every stage, named for this one
+            bar.update(task, description=f"stage {event.stage_index + 1}/{event.stages} {event.stage}")
         elif event.kind == "refine":  # the texture refinement after the export: a bar of its own
             bar.update(task, description="optimised")
             task = bar.add_task("refining", total=event.total, loss="-", t="-", rate="-")
@@ -84,6 +86,7 @@ SEED = typer.Option(None)
 RESOLUTION = typer.Option(None, help="Render size (one size for the whole run).")
 CONFIG = typer.Option(None, help="A YAML config; flags and overrides win over it.")
 INIT_POINTS = typer.Option(None, help="Gaussians: start from the points of this PLY file.")
+RECIPE = typer.Option(None, help="A pipeline of stages (`dream3d recipes`): a shipped recipe's name or a YAML file.")
 PARTICLES = typer.Option(None, help="Optimise N representations together (exported to export/p{i}/).")
 REPULSION = typer.Option(None, help="Weight of the kernel repulsion between particles (needs --particles 3+).")
 DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N: where the whole run lives (auto: CUDA if any).")
@@ -94,11 +97,11 @@ NOISE = typer.Option(None, help="independent | consistent: forward noise fresh p
 def _run_flags(
     prior: str | None, model: str | None, guidance: str | None, representation: str | None, steps: int | None,
     seed: int | None, resolution: int | None, init_points: Path | None, particles: int | None, repulsion: float | None,
-    noise: str | None, device: str | None = None,
+    noise: str | None, device: str | None = None, recipe: str | None = None,
 ) -> dict[str, Any]:
     """The config layer of the run options that were given."""
     flags = dict(prior=prior, model=model, guidance=guidance, representation=representation, steps=steps, seed=seed,
-                 resolution=resolution, particles=particles, noise=noise, device=device)
+                 resolution=resolution, particles=particles, noise=noise, device=device, recipe=recipe)
     if init_points is not None:
         takers = [spec.name for spec in REPRESENTATIONS if spec.takes_init_points]
         flags.update({name: {"init_points": str(init_points)} for name in takers})
@@ -127,12 +130,13 @@ def run(
     device: Optional[str] = DEVICE,
     refine_steps: Optional[int] = typer.Option(None, help="Then refine the exported texture for N steps "
                                                "(`dream3d refine`; 0, the default: no refinement)."),
+    recipe: Optional[str] = RECIPE,
 ) -> None:
     """Optimise a 3D asset for PROMPT and export it."""
     from dream3d import api
 
     cfg = _run_config(prompt, overrides, prior, model, guidance, representation, steps, seed, resolution, out, config,
-                      init_points, particles, repulsion, noise, device, refine_steps)
+                      init_points, particles, repulsion, noise, device, refine_steps, recipe)
     _report(_train(lambda on_event, stop: api.run(cfg, on_event, stop)))
 
 
@@ -140,13 +144,13 @@ def _run_config(
     prompt: str, overrides: list[str] | None, prior: str | None, model: str | None, guidance: str | None,
     representation: str | None, steps: int | None, seed: int | None, resolution: int | None, out: str | None,
     config: Path | None, init_points: Path | None, particles: int | None, repulsion: float | None, noise: str | None,
-    device: str | None = None, refine_steps: int | None = None,
+    device: str | None = None, refine_steps: int | None = None, recipe: str | None = None,
 ) -> RunConfig:
-    """The config of `dream3d run` from its arguments (layers: --config, flags, overrides)."""
+    """The config of `dream3d run` from its arguments (layers: --recipe, --config, flags, overrides)."""
     from dream3d.config import build_config, load_yaml, parse_overrides
 
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
-                       noise, device)
+                       noise, device, recipe)
     if refine_steps is not None:
         flags["refine"] = {"steps": refine_steps}
     return build_config(
@@ -215,6 +219,7 @@ def refine(
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder with a toy-world prompt."),
     mesh: bool = typer.Option(False, "--mesh", help="Score the exported textured mesh instead of the representation."),
+    stages: bool = typer.Option(False, "--stages", help="Also score each stage's final representation (a staged run)."),
 ) -> None:
     """Score a toy-prompt run against the toy world.
 
@@ -223,7 +228,9 @@ def evaluate(
 
     SignalStop()
     with stage("evaluating", "summary.json is as it was"):
-        metrics = api.evaluate(run_dir, mesh=mesh)
+        metrics = api.evaluate(run_dir, mesh=mesh, stages=stages)
+    for name, scores in metrics.pop("stages", {}).items():
+        typer.echo(f"stage {name}: " + ", ".join(_fmt_metric(k, v) for k, v in scores.items()))
     for i, particle in enumerate(metrics.pop("particles", [])):
         typer.echo(f"p{i}: " + ", ".join(_fmt_metric(k, v) for k, v in particle.items()))
     for key, value in metrics.items():
@@ -255,6 +262,7 @@ def batch(
     particles: Optional[int] = PARTICLES,
     repulsion: Optional[float] = REPULSION,
     noise: Optional[str] = NOISE,
+    recipe: Optional[str] = RECIPE,
 ) -> None:
     """Make an asset for every prompt in FILE.
 
@@ -265,7 +273,7 @@ def batch(
     if status:
         raise typer.Exit(show_status(file, out, console))
     flags = _run_flags(prior, model, guidance, representation, steps, seed, resolution, init_points, particles, repulsion,
-                       noise)
+                       noise, recipe=recipe)
     defaults = merge(merge(load_yaml(config) if config else {}, flags), parse_overrides(overrides or []))
     raise typer.Exit(run_batch_command(file, out, defaults, workers, ray, retries, console))
 
@@ -526,6 +534,20 @@ def eval_prior(
     if "view_accuracy" in results[rows[0]]:
         typer.echo("view accuracy (the nearest render's view is the one asked): "
                    + ", ".join(f"{v} {a:.3f}" for v, a in results[rows[0]]["view_accuracy"].items()))
+
+
+@app.command("recipes")
+def recipes() -> None:
+    """List the recipes (--recipe NAME): pipelines of stages.
+
+    Each one's stages (name: representation/rule/steps) and what it follows."""
+    from dream3d.config import RunSettings
+    from dream3d.config.recipes import load_recipe, recipe_names, stage_lines
+
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        typer.echo(f"{name}: {', '.join(stage_lines(recipe, RunSettings.model_fields['steps'].default))}  "
+                   f"({recipe.description})")
 
 
 @app.command("models")

@@ -36,6 +36,11 @@ class RepresentationConfig(BaseModel):
         """The light the colours are learned under (then the colour field is the albedo); None for radiance."""
         return None
 
+    def regularizers(self) -> frozenset[str]:
+        """The loss terms its renders return in ``RenderOutput.extras`` for the run to weight
+        (``loss.lambda_<name>``, e.g. ``normal_consistency``); a weight on any other is a config error."""
+        return frozenset()
+
 
 class Representation(torch.nn.Module):
     """A 3D representation trained by score distillation (NeRF, Gaussians, ``Particles`` of them, the export's
@@ -84,6 +89,11 @@ class Representation(torch.nn.Module):
     def albedo(self, points: Tensor) -> Tensor:
         """[N,3] -> [N,3] colour in [0,1] (the export's vertex colours)."""
         raise NotImplementedError
+
+    def init_from(self, previous: Representation) -> None:
+        """Starts this representation from ``previous``, the final one of the stage before (a staged run's
+        ``init: previous``); raises ValueError in one line when it cannot."""
+        raise ValueError(f"{type(self).__name__} cannot start from {type(previous).__name__}")
 
     # -- hooks around a step ------------------------------------------------------
     def before_backward(self, step: int, output: RenderOutput) -> None:

@@ -28,6 +28,7 @@ from gsplat.strategy.ops import remove, reset_opa
 
 from dream3d.representations.base import Representation, RepresentationConfig
 from dream3d.representations.cameras import Cameras, RenderOutput
+from dream3d.representations.nerf import NeRF
 from dream3d.representations.noise import NoiseFieldConfig, background, check_shape, first_occurrences, refreshed
 from dream3d.representations.splat_ply import read_splat_ply, rgb_to_sh_dc, write_splat_ply
 from dream3d.representations.splat_raster import quat_scale_to_covar, rasterize, rasterize_noise, ray_length_per_depth
@@ -122,6 +123,7 @@ class Gaussians(Representation):
         super().__init__()
         self.cfg = cfg
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.generator = generator  # init_from draws from it after the initial points: seeded per particle
         loaded = read_splat_ply(cfg.init_points) if cfg.init_points else {}
         if loaded:
             means = loaded["means"]
@@ -156,6 +158,34 @@ class Gaussians(Representation):
             size = noise.background_resolution
             self.register_buffer("noise_values", torch.randn(n, noise.channels, generator=generator))
             self.register_buffer("noise_background", torch.randn(noise.channels, size, size, generator=generator))
+
+    @torch.no_grad()
+    def init_from(self, previous: Representation) -> None:
+        """Starts from a NeRF's field, as GaussianDreamer starts from a point cloud: ``num_points`` of 16x as
+        many uniform points in its cube, drawn without replacement with probability proportional to the opacity
+        of a 1/64-cube step through them (so where the density is high), coloured by its albedo, scaled by
+        their neighbours' distances (3DGS's init); densification state starts afresh."""
+        if not isinstance(previous, NeRF):
+            super().init_from(previous)
+        device = self.params["means"].device
+        bound = previous.cfg.bound
+        where = next(previous.parameters()).device
+        candidates = (torch.rand(16 * self.cfg.num_points, 3, generator=self.generator) * 2 - 1) * bound
+        sigma = torch.cat([previous.density(chunk.to(where)).cpu() for chunk in candidates.split(self.cfg.field_chunk)])
+        opacity = 1 - torch.exp(-sigma.double() * 2 * bound / 64)
+        chosen = torch.multinomial(opacity.clamp_min(1e-12), self.cfg.num_points, generator=self.generator)
+        means = candidates[chosen]
+        colors = torch.cat([previous.albedo(chunk.to(where)).cpu() for chunk in means.split(self.cfg.field_chunk)])
+        n = len(means)
+        opacity_logit = math.log(self.cfg.init_opacity / (1 - self.cfg.init_opacity))
+        start = {"means": means, "scales": torch.log(knn_scale(means))[:, None].expand(n, 3),
+                 "quats": torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4), "opacities": torch.full((n,), opacity_logit),
+                 "colors": torch.logit(colors.clamp(0.01, 0.99))}
+        for key, value in start.items():
+            self.params[key] = torch.nn.Parameter(value.to(device).contiguous())
+        self.strategy_state = self.strategy.initialize_state(scene_scale=1.0)
+        if self.noise_cfg is not None:
+            self.noise_values = torch.randn(n, self.noise_cfg.channels, generator=self.generator).to(device)
 
     def _sample(self, n: int, generator: torch.Generator) -> Tensor:
         r = self.cfg.init_radius

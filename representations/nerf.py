@@ -222,6 +222,20 @@ class NeRF(Representation):
         surface = self.noise_grid[:C, idx[..., 0], idx[..., 1], idx[..., 2]].transpose(0, 1)  # [B,C,h,w]
         return torch.where(alpha >= SURFACE_ALPHA, surface, background(self.noise_background, len(cameras), shape))
 
+    @torch.no_grad()
+    def init_from(self, previous: Representation) -> None:
+        """Starts from a NeRF of the same field (encoding and sizes): its parameters copied, the occupancy grid
+        refreshed (a coarse stage's field goes on at another render size, sampling or lr)."""
+        if not isinstance(previous, NeRF):
+            super().init_from(previous)
+        mine, theirs = dict(self.named_parameters()), dict(previous.named_parameters())
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise ValueError("a NeRF starts only from a NeRF of the same field (nerf.encoding, grid_resolutions, "
+                             "hashgrid and decoder sizes)")
+        for name, parameter in mine.items():
+            parameter.copy_(theirs[name])
+        self.update_occupancy()
+
     def param_groups(self) -> list[dict]:
         if self.cfg.encoding == "dense":
             return [{"params": list(self.grids.parameters()), "lr": self.cfg.lr, "name": "grids"}]

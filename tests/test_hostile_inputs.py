@@ -402,7 +402,7 @@ def test_a_nan_guidance_scale_through_the_web_api_is_a_message_on_the_page(tmp_p
 
     demo = build_app(WebSettings(out=str(tmp_path)), JobQueue(), RunsFolder(tmp_path))
     generate = next(fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "on_generate")
-    form = ["a red cube", "toy", "sds", "nerf", 12, 0, "16", float("nan"), None, None, ""]
+    form = ["a red cube", "toy", "sds", "nerf", 12, 0, "16", float("nan"), None, None, "", "(none)"]
     output = asyncio.run(demo.process_api(generate, form, state=None))
     assert "must be a finite number, got nan" in " ".join(map(str, output["data"]))
     assert list(tmp_path.iterdir()) == []

@@ -30,7 +30,7 @@ from dream3d.config import AUTO, GUIDANCES, PRIOR_CHOICES, REPRESENTATIONS, Conf
 from dream3d.errors import user_errors
 from dream3d.rundir.job import FAILED, QUEUED, RUNNING, STOPPED
 from dream3d.rundir.result import Result
-from dream3d.web.form import FormValues, config_from_form, defaults, resolution_text
+from dream3d.web.form import NO_RECIPE, FormValues, config_from_form, defaults, recipe_choices, resolution_text
 from dream3d.web.queue import JobQueue, Snapshot
 from dream3d.web.runs import DOWNLOAD_ROUTE, RunsFolder
 
@@ -120,6 +120,8 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
                     representation = gr.Dropdown(
                         list(REPRESENTATIONS), value=start.representation, label="Representation", elem_id="representation"
                     )
+                recipe = gr.Dropdown(recipe_choices(), value=NO_RECIPE, elem_id="recipe",
+                                     label="Recipe (a pipeline of stages: it sets the guidance and representation)")
                 with gr.Row():
                     steps = gr.Number(start.steps, label="Steps", precision=0, minimum=1, elem_id="steps")
                     seed = gr.Number(start.seed, label="Seed", precision=0, elem_id="seed")
@@ -153,7 +155,8 @@ def build_app(settings: WebSettings, jobs: JobQueue, runs: RunsFolder) -> gr.Blo
             elem_id="gallery",
         )
 
-        form = [prompt, prior, guidance, representation, steps, seed, resolution, guidance_scale, lr_scale, particles, overrides]
+        form = [prompt, prior, guidance, representation, steps, seed, resolution, guidance_scale, lr_scale, particles, overrides,
+                recipe]
         results = [model3d, video, downloads, summary]
 
         def show(result: Result) -> dict:

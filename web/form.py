@@ -14,8 +14,15 @@ from typing import Any
 import yaml
 
 from dream3d.config import ConfigError, RunConfig, build_config, parse_overrides, safe_yaml
+from dream3d.config.recipes import recipe_names
 
 GUIDANCE_SCALE_NAMES = ("guidance_scale",)
+NO_RECIPE = "(none)"
+
+
+def recipe_choices() -> list[str]:
+    """The recipe dropdown's entries: none, then every shipped recipe."""
+    return [NO_RECIPE, *recipe_names()]
 
 
 @dataclass
@@ -33,6 +40,7 @@ class FormValues:
     lr_scale: float | None = None
     particles: int | None = None
     overrides: str | None = None  # key=value lines, as on the command line
+    recipe: str | None = None  # a pipeline of stages (NO_RECIPE or None: none); it decides guidance and representation
 
 
 def guidance_setting(guidance: str, names: tuple[str, ...]) -> str | None:
@@ -59,9 +67,13 @@ def config_from_form(
     prompt = (values.prompt or "").strip()
     if len(prompt) > max_prompt_chars:
         raise ConfigError(f"the prompt is {len(prompt)} characters long; the limit is {max_prompt_chars}")
-    layer: dict[str, Any] = {
-        "prompt": prompt, "prior": values.prior, "guidance": values.guidance, "representation": values.representation,
-    }
+    layer: dict[str, Any] = {"prompt": prompt, "prior": values.prior}
+    if values.recipe and values.recipe != NO_RECIPE:
+        # the recipe's stages name their rules and representations; the page's dropdowns would override its run-level
+        # ones, so they stay out (an override line still sets them)
+        layer["recipe"] = values.recipe
+    else:
+        layer.update(guidance=values.guidance, representation=values.representation)
     for key in ("steps", "seed"):
         if getattr(values, key) is not None:
             layer[key] = _integer(key, getattr(values, key))
@@ -80,7 +92,8 @@ def config_from_form(
     # the run folder is the app's: downloads are served from it and from nowhere else
     cfg = build_config(base, layer, overrides, {"out": out})
     if max_steps is not None and cfg.total_steps > max_steps:
-        stages = str(cfg.steps) + (f" + refine.steps {cfg.refine.steps}" if cfg.refine.steps else "")
+        refine = cfg.total_steps - cfg.training_steps
+        stages = str(cfg.training_steps) + (f" + refine.steps {refine}" if refine else "")
         raise ConfigError(f"steps: this server runs at most {max_steps} steps per run, every stage counted (one worker "
                           f"serves every visitor), got {stages}")
     return cfg

@@ -3,6 +3,7 @@
     a red cube                                  prompts.txt
     {"prompt": "a red cube", "seed": 3}          prompts.jsonl: any RunConfig field, nested or
     {"prompt": "a cone", "sds.weighting": "uniform"}          dotted, overrides the batch defaults
+    {"prompt": "a red cube", "recipe": "magic3d"}             a recipe (``dream3d recipes``): its stages
 
 Each line becomes a ``dream3d.rundir.job.Job`` (settings: the config layer of its line, prompt included).
 A job's id is its prompt's slug and a hash of its line's content, so re-running the same
@@ -61,6 +62,8 @@ def _jsonl_settings(line: str, where: str) -> dict[str, Any]:
         raise BatchFileError(f"{where}: a line must be a JSON object with a \"prompt\"")
     if not isinstance(data.get("prompt"), str):
         raise BatchFileError(f"{where}: the object has no \"prompt\" string")
+    if "recipe" in data and not isinstance(data["recipe"], str):
+        raise BatchFileError(f"{where}: \"recipe\" must be a recipe's name (`dream3d recipes`)")
     settings: dict[str, Any] = {}
     for key, value in data.items():
         settings = merge(settings, _nest(key, value))

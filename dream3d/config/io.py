@@ -3,6 +3,7 @@ and the one-line ``ConfigError`` every config mistake becomes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 # no config nests deeper than a few levels; PyYAML and json build nested values by recursion, which a
 # 20,000-deep list turns into a RecursionError
 MAX_NESTING = 100
+# an override's list index (``stages[1].steps=200``) is bounded: it makes the list that long
+MAX_INDEX = 63
+INDEXED = re.compile(r"(\w+)\[(\d+)\]")
 
 
 class ConfigError(UserError, ValueError):
@@ -42,7 +46,10 @@ def check_options(model: type[BaseModel], **values: Any) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["sds.weighting=uniform", "steps=300"]`` -> nested dict; values are parsed as YAML."""
+    """``["sds.weighting=uniform", "steps=300", "stages[1].steps=200"]`` -> nested dict; values are parsed as YAML.
+
+    ``name[i]`` steps into entry i of a list of mappings: the override is a list whose other entries are empty
+    mappings, which ``merge`` lays over the list below it entry by entry."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -51,9 +58,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} sets a key below a value")
+            node = _child(node, part, item)
         try:
             node[leaf] = safe_yaml(raw, f"override {key!r}")
         except yaml.YAMLError:
@@ -61,12 +66,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _child(node: dict[str, Any], part: str, item: str) -> dict[str, Any]:
+    """The mapping an override's ``part`` (``name`` or ``name[i]``) names under ``node``, made if missing."""
+    indexed = INDEXED.fullmatch(part)
+    if indexed is None:
+        child = node.setdefault(part, {})
+    else:
+        name, index = indexed[1], int(indexed[2])
+        if index > MAX_INDEX:
+            raise ConfigError(f"override {item!r}: index {index} is above {MAX_INDEX}")
+        entries = node.setdefault(name, [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"override {item!r} indexes a key that is not a list")
+        entries.extend({} for _ in range(index + 1 - len(entries)))
+        child = entries[index]
+    if not isinstance(child, dict):
+        raise ConfigError(f"override {item!r} sets a key below a value")
+    return child
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict update (update wins)."""
+    """Recursive dict update (update wins). A list of mappings laid over a list of mappings merges entry by entry
+    (a recipe's stages under a config's, ``stages[1].steps=200``); entries beyond the base's are added."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            out[key] = merge(below, value)
+        elif _mappings(value) and _mappings(below):
+            out[key] = [merge(b, u) for b, u in zip(below, value)] + below[len(value):] + value[len(below):]
+        else:
+            out[key] = value
     return out
+
+
+def _mappings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def safe_yaml(text: str, what: str) -> Any:

@@ -24,6 +24,11 @@ AUTO = "auto"
 DEFAULT_RULE = "sds"
 DEFAULT_REPRESENTATION = "nerf"
 
+# the toy world's priors (closed-form and trained): a recipe's ``toy`` block applies over the recipe with these
+TOY_PRIOR_PREFIX = "toy"
+# a recipe's block of CPU sizes for them (``recipes.py``)
+TOY_BLOCK = "toy"
+
 # --prior auto: (the prompt is in the toy world's grammar, the config asks for groups of views) ->
 # (the prior without a UNet asked for, the prior when the rule trains on a UNet or a --model is given)
 AUTO_PRIORS: dict[tuple[bool, bool], tuple[str, str]] = {
@@ -57,6 +62,11 @@ def prior_preset(prior: str, steps: int) -> dict[str, Any]:
     if views == 1:
         return {}
     return {**multiview_recipe(views, steps), **PRIOR_PRESETS.get(prior, lambda _: {})(steps)}
+
+
+def is_toy_prior(prior: str) -> bool:
+    """Whether ``prior`` is one of the toy world's (CPU-sized: a recipe's ``toy`` block applies)."""
+    return prior in registry.PRIORS and prior.startswith(TOY_PRIOR_PREFIX)
 
 
 def toy_refusal(prompt: str) -> str | None:

@@ -10,6 +10,7 @@ config uses are the presets' (``presets.py``).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from dream3d.config.limits import (
     EXPORT_VIDEO_BATCH, MAX_PARTICLES, MAX_PROMPT_CHARS, MAX_STEPS, MESH_BYTES_PER_CELL, RENDER_BYTES_PER_PIXEL,
     check_fits, check_seed,
 )
+from dream3d.config.recipes import expand_recipe
 from dream3d.config.presets import AUTO, DEFAULT_REPRESENTATION, DEFAULT_RULE, apply_presets
 from dream3d.run.device import DEVICE_PATTERN, resolve_device
 from dream3d.run.camera_sampling import CameraConfig
@@ -51,6 +53,14 @@ class LossConfig(_Section):
     lambda_sparsity: CheckedSchedule = 0.0
     lambda_opaque: CheckedSchedule = 0.0
     lambda_orient: CheckedSchedule = 0.0
+    # geometry regularisers a representation returns in its renders' extras (its section's ``regularizers()``):
+    # the mean cosine distance between adjacent faces' normals, and the mean squared Laplacian of the vertices
+    lambda_normal_consistency: CheckedSchedule = 0.0
+    lambda_laplacian_smoothness: CheckedSchedule = 0.0
+
+
+# the loss terms a representation computes itself (``RenderOutput.extras``), each weighted by ``lambda_<name>``
+REGULARIZERS = ("normal_consistency", "laplacian_smoothness")
 
 
 class OptimConfig(_Section):
@@ -143,8 +153,24 @@ class RefineConfig(_Section):
         return self
 
 
+# a stage is named for its folder, stages/<index>-<name>/
+STAGE_NAME = r"[a-z0-9][a-z0-9_-]{0,31}"
+MAX_STAGES = 16
+# settings of the whole run, which a stage cannot change: the object (prompt, seed), where it runs and is written,
+# and what the checkpoints hold (one representation per stage, particles 1)
+RUN_ONLY = ("prompt", "seed", "device", "out", "particles", "keep_checkpoints", "stages")
+STAGE_INIT = ("previous", "none")
+# a stage that names its prior or model takes none of the run's model settings
+MODEL_KEYS = ("model", "model_resolved", "model_revision")
+
+
 class RunSettings(_Section):
-    """The run's own settings; ``RunConfig`` adds one section per registered rule and representation."""
+    """The run's own settings; ``RunConfig`` adds one section per registered rule and representation.
+
+    ``stages``: a pipeline. Each stage is a ``name``, ``init`` (``previous``, the default after the first stage:
+    its representation starts from the previous stage's final one; ``none``) and any settings that override the
+    run's for that stage; its effective config (``stage_config``) is the run's, without ``stages``, merged with
+    them. Empty: the run is one stage, its own settings."""
 
     prompt: str
     # auto: chosen from the prompt and the rule (auto_prior) when the config is built, so config.yaml names the prior
@@ -183,6 +209,7 @@ class RunSettings(_Section):
     optim: OptimConfig = OptimConfig()
     export: ExportConfig = ExportConfig()
     refine: RefineConfig = RefineConfig()
+    stages: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_STAGES)
 
     @model_validator(mode="before")
     @classmethod
@@ -338,15 +365,81 @@ class RunSettings(_Section):
 
     @property
     def total_steps(self) -> int:
-        """Optimisation steps of every stage of the run: training, then texture refinement (``refine.steps``).
-        A stage added to the run adds its steps here, so the web app's --max-steps bounds it too."""
-        return self.steps + self.refine.steps
+        """Optimisation steps of every stage of the run: each training stage, then texture refinement (the last
+        stage's ``refine.steps``), so the web app's --max-steps bounds them all."""
+        configs = self.stage_configs()
+        return sum(c.steps for c in configs) + configs[-1].refine.steps
+
+    @property
+    def training_steps(self) -> int:
+        """Optimisation steps of the training stages (texture refinement not counted)."""
+        return sum(c.steps for c in self.stage_configs())
+
+    def stage_configs(self) -> list["RunSettings"]:
+        """The effective config of each stage, in order; a run without ``stages`` is its own one stage."""
+        return [self.stage_config(i) for i in range(len(self.stages))] if self.stages else [self]
+
+    def stage_config(self, index: int) -> "RunSettings":
+        """Stage ``index``'s effective config: the run's without ``stages``, merged with the stage's settings (a
+        stage that names its prior or model takes none of the run's model settings); ConfigError in one line."""
+        stage = self.stages[index]
+        bad = next((k for k in stage if k not in type(self).model_fields and k not in ("name", "init")), None)
+        if bad is not None:
+            raise ConfigError(f"{bad}: unknown key")
+        fixed = next((k for k in stage if k in RUN_ONLY), None)
+        if fixed is not None:
+            raise ConfigError(f"{fixed}: a setting of the whole run; a stage cannot change it")
+        settings = {k: v for k, v in stage.items() if k not in ("name", "init")}
+        base = self.model_dump(mode="json", exclude={"stages"})
+        if "prior" in settings or "model" in settings:
+            base = {k: v for k, v in base.items() if k not in MODEL_KEYS}
+        try:
+            return type(self).model_validate(merge(base, settings))
+        except ValidationError as e:
+            raise ConfigError(one_line(e)) from None
+
+    def stage_name(self, index: int) -> str:
+        return self.stages[index]["name"]
+
+    def stage_init(self, index: int) -> str:
+        return self.stages[index].get("init", "previous" if index else "none")
+
+    @model_validator(mode="after")
+    def _stages(self) -> "RunSettings":
+        names: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            name = stage.get("name")
+            where = f"stages[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+            if not isinstance(name, str) or not re.fullmatch(STAGE_NAME, name):
+                raise ValueError(f"{where}: name must be a short lowercase word (letters, digits, - and _), got "
+                                 f"{str(name)[:40]!r}")
+            if name in names:
+                raise ValueError(f"{where}: the name {name!r} is taken by an earlier stage")
+            names.add(name)
+            init = stage.get("init", "previous" if index else "none")
+            if init not in STAGE_INIT:
+                raise ValueError(f"{where}: init must be one of {', '.join(STAGE_INIT)}, got {str(init)[:40]!r}")
+            if index == 0 and init != "none":
+                raise ValueError(f"{where}: init: the first stage has no previous stage to start from")
+            try:
+                self.stage_config(index)
+            except ConfigError as e:
+                raise ValueError(f"{where}: {e}") from None
+        if self.stages and self.particles > 1:
+            raise ValueError(f"stages: a staged run optimises one representation (particles 1), got particles "
+                             f"{self.particles}")
+        return self
 
     @model_validator(mode="after")
     def _representation_capabilities(self) -> "RunSettings":
         if not registry.REPRESENTATIONS[self.representation].renders_normals and self.loss.lambda_orient != 0:
             raise ValueError(f"loss.lambda_orient needs normals, which the {self.representation} representation does "
                              "not render")
+        returned = self.representation_section.regularizers()
+        for name in REGULARIZERS:
+            if getattr(self.loss, f"lambda_{name}") != 0 and name not in returned:
+                raise ValueError(f"loss.lambda_{name} weights a regulariser the {self.representation} representation "
+                                 "does not compute")
         for spec in registry.REPRESENTATIONS:
             points = getattr(self, spec.name).init_points if spec.takes_init_points else None
             if points and self.representation != spec.name:
@@ -393,25 +486,15 @@ def run_config_model() -> type[RunSettings]:
 RunConfig = run_config_model()
 
 
-def _sections() -> dict[str, Any]:
-    """One config section per registered rule and representation, named as the entry."""
-    sections = {}
-    for spec in (*registry.RULES, *registry.REPRESENTATIONS):
-        config_class = registry.resolve(spec.config)
-        sections[spec.name] = (config_class, Field(default_factory=config_class))
-    return sections
-
-
-RunConfig = create_model("RunConfig", __base__=RunSettings, __module__=__name__, **_sections())
-
-
 def build_config(*layers: dict[str, Any]) -> RunConfig:
     """Validates the merge of the layers (later wins) into a RunConfig; raises ConfigError in one line.
 
-    The prior's preset goes under the merged layers (``presets.py`` says the order)."""
+    The prior's preset goes under the merged layers, and a ``recipe`` named in them goes under them too (with its
+    toy block for a toy prior: ``recipes.py``); ``presets.py`` says the order."""
     data: dict[str, Any] = {}
     for layer in layers:
         data = merge(data, layer)
+    data = expand_recipe(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

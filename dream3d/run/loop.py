@@ -25,6 +25,7 @@ from dream3d.rundir import folder as rundir
 from dream3d.rundir.atomic import atomic_path
 from dream3d.run.build import build_guidance, build_prior, build_representation
 from dream3d.config import RunConfig
+from dream3d.config.schema import REGULARIZERS
 from dream3d.run.device import resolve_device
 from dream3d.errors import UserError
 from dream3d.run.nfe import NFECounter, mean_per_step
@@ -44,8 +45,9 @@ class RunError(UserError, RuntimeError):
 
 @dataclass
 class Progress:
-    """One event of a run. kind: "step", "preview", "checkpoint", "refine" (the refine stage begins; its step
-    events follow) or "done"."""
+    """One event of a run. kind: "step", "preview", "checkpoint", "stage" (a stage of a staged run begins),
+    "refine" (the refine stage begins; its step events follow) or "done". A training event's step and total count
+    over every stage; ``stage`` is the stage's name ("" for a one-stage run), ``stage_index`` of ``stages``."""
 
     kind: str
     step: int
@@ -54,6 +56,29 @@ class Progress:
     it_per_s: float = 0.0
     eta_s: float = 0.0
     preview: Path | None = None
+    stage: str = ""
+    stage_index: int = 0
+    stages: int = 1
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Where a trainer's stage sits in its run: a one-stage run is stage 0 of 1, named "", in the run folder."""
+
+    index: int = 0
+    name: str = ""
+    count: int = 1
+    folder: str = ""  # relative to the run folder: its checkpoints/ are the stage's
+    steps_before: int = 0  # training steps of the stages before it
+    total: int = 0  # training steps of every stage
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.name)
+
+    def where(self, step: int) -> str:
+        """'step 12' or 'step 12 of stage 1 (geometry)', for a message."""
+        return f"step {step}" + (f" of stage {self.index} ({self.name})" if self.staged else "")
 
 
 @contextmanager
@@ -120,9 +145,12 @@ class Trainer:
 
     def __init__(
         self, cfg: RunConfig, run_dir: Path, prior: Prior | None = None, representation: Representation | None = None,
-        guidance: DistillationRule | None = None,
+        guidance: DistillationRule | None = None, stage: StageInfo | None = None, run_cfg: RunConfig | None = None,
     ) -> None:
+        """``cfg``: the stage's effective config; ``run_cfg``: the whole run's (``cfg`` for a one-stage run)."""
         self.cfg = cfg
+        self.run_cfg = run_cfg if run_cfg is not None else cfg
+        self.stage = stage if stage is not None else StageInfo(total=cfg.steps)
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -186,7 +214,8 @@ class Trainer:
         self.elapsed = state["elapsed"]
 
     def save_checkpoint(self) -> Path:
-        return rundir.save_checkpoint(self.run_dir, self.state_dict(), self.step, self.cfg.keep_checkpoints)
+        return rundir.save_checkpoint(self.run_dir, self.state_dict(), self.step, self.cfg.keep_checkpoints,
+                                      self.stage.folder)
 
     # -- one step ----------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -197,6 +226,7 @@ class Trainer:
         out = self.representation.render(
             cameras, self.background, generator=self.generator, with_normals=weights["lambda_orient"] > 0
         )
+        regularizers = {name: out.extras[name] for name in REGULARIZERS if weights[f"lambda_{name}"] > 0}
         particles = cfg.particles
         guided = self.guidance(out.rgb, cfg.prompt, Cameras.cat([cameras] * particles), step, generator=self.generator,
                                noise=self._consistent_noise(cameras, out))
@@ -207,6 +237,7 @@ class Trainer:
             terms["opaque"] = opaque_loss(out.alpha)
         if weights["lambda_orient"] > 0:
             terms["orient"] = out.extras["orient"]
+        terms.update(regularizers)
         # every term is a mean over the particles' images: times N, each particle gets the gradient it would alone
         loss = particles * sum(weights[f"lambda_{name}"] * value for name, value in terms.items())
         if self.features is not None:
@@ -268,11 +299,14 @@ class Trainer:
         while self.step < cfg.steps:
             if should_stop():
                 self.save_checkpoint()
-                raise RunInterrupted(f"stopped at step {self.step}; continue with `dream3d resume {self.run_dir}`")
+                raise RunInterrupted(f"stopped at {self.stage.where(self.step)}; continue with `dream3d resume "
+                                     f"{self.run_dir}`")
             tick = time.perf_counter()
             record = self.train_step()
             record["step_time"] = time.perf_counter() - tick
             record["nfe"] = self.nfe.take()
+            if self.stage.staged:
+                record.update(stage=self.stage.name, stage_index=self.stage.index)
             self.elapsed += record["step_time"]
             rundir.append_metrics(self.run_dir, record)
             if self.nonfinite_streak >= cfg.max_nan_steps:
@@ -282,9 +316,12 @@ class Trainer:
                     f"(up to step {self.step}); the last good parameters are checkpointed in {self.run_dir}"
                 )
             rate = (self.step - first_step) / max(time.perf_counter() - started, 1e-9)
+            done = self.stage.steps_before + self.step
             progress = dict(
-                step=self.step, total=cfg.steps, losses={k: v for k, v in record.items() if k.startswith("loss") or k == "t"},
-                it_per_s=rate, eta_s=(cfg.steps - self.step) / max(rate, 1e-9),
+                step=done, total=self.stage.total,
+                losses={k: v for k, v in record.items() if k.startswith("loss") or k == "t"},
+                it_per_s=rate, eta_s=(self.stage.total - done) / max(rate, 1e-9), stage=self.stage.name,
+                stage_index=self.stage.index, stages=self.stage.count,
             )
             on_event(Progress("step", **progress))
             if self.step % cfg.preview_every == 0 or self.step == cfg.steps:
@@ -300,7 +337,8 @@ class Trainer:
         out = self.representation.render(orbit_cameras(views, resolution).to(self.device), self.background)
         rows = out.rgb.view(-1, views, resolution, resolution, 3)  # a row per particle
         grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)
-        path = confine.inside(self.run_dir, self.run_dir / "previews" / f"step_{self.step:06d}.png")
+        name = (f"stage_{self.stage.index}_" if self.stage.staged else "") + f"step_{self.step:06d}.png"
+        path = confine.inside(self.run_dir, self.run_dir / "previews" / name)
         with atomic_path(path) as tmp:
             iio.imwrite(tmp, (grid.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8), extension=".png")
         return path

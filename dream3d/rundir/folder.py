@@ -1,7 +1,11 @@
 """The run folder: layout, checkpoints and the metrics log.
 
 runs/<slug>-<timestamp>/ config.yaml, checkpoints/step_XXXXXX.pt, previews/,
-export/, metrics.jsonl, summary.json, .lock. Every file but metrics.jsonl is written to a
+export/, metrics.jsonl, summary.json, .lock. A staged run (config ``stages``) keeps each stage's checkpoints in
+stages/<index>-<name>/checkpoints/ instead: the stages' representations differ, each stage keeps its own newest
+ones (its final one is what the next stage starts from and what ``eval --stages`` scores), and a resume finds
+where it stopped from which stage folders hold checkpoints. Its metrics.jsonl is one log, each line carrying
+``stage`` (the name) and ``stage_index``; its previews are named stage_<index>_step_XXXXXX.png. Every file but metrics.jsonl is written to a
 temporary name, synced and renamed (dream3d.rundir.atomic); metrics.jsonl is appended one whole
 line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
 
@@ -39,8 +43,10 @@ ZIP_MAGIC = b"PK\x03\x04"
 # what a checkpoint that reads but belongs to another run raises when applied (missing or unexpected keys, shapes)
 MISMATCH_ERRORS = (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError)
 # the names dream3d reads or writes directly in a run folder (export/p{i}/ lie under export/)
-RUN_NAMES = (".lock", "config.yaml", "checkpoints", "previews", "export", "metrics.jsonl", "summary.json")
+RUN_NAMES = (".lock", "config.yaml", "checkpoints", "previews", "export", "metrics.jsonl", "summary.json", "stages")
 CHECKPOINT_NAME = r"step_(\d{6,})\.pt"
+STAGES = "stages"
+STAGE_FOLDER = r"(\d+)-[a-z0-9_-]+"
 
 
 class CheckpointUnreadable(RunDirError):
@@ -108,20 +114,41 @@ def check_run_dir(run_dir: Path) -> None:
     read_summary(run_dir)
 
 
-def checkpoint_paths(run_dir: Path) -> list[Path]:
+def stage_folder(index: int, name: str) -> str:
+    """A stage's folder, relative to the run folder."""
+    return f"{STAGES}/{index}-{name}"
+
+
+def stage_folders(run_dir: Path) -> list[Path]:
+    """The stage folders of a run, in stage order: folders (not links) named <index>-<name> under stages/."""
+    stages = confine.inside(run_dir, run_dir / STAGES)
+    found = [p for p in stages.iterdir() if re.fullmatch(STAGE_FOLDER, p.name) and p.is_dir()
+             and not p.is_symlink()] if stages.is_dir() and not stages.is_symlink() else []
+    return sorted(found, key=lambda p: int(re.fullmatch(STAGE_FOLDER, p.name)[1]))
+
+
+def checkpoint_paths(run_dir: Path, stage: str | None = None) -> list[Path]:
     """The checkpoints dream3d wrote, oldest first: regular files named step_<step>.pt in checkpoints/ (a folder,
-    a link or any other name there is not one of them)."""
-    found = confine.own_files(run_dir, run_dir / "checkpoints", CHECKPOINT_NAME)
+    a link or any other name there is not one of them). ``stage`` (a ``stage_folder``): that stage's only; None:
+    the run's, every stage's in stage order for a staged run."""
+    if stage is None:
+        return [*_checkpoints(run_dir, run_dir), *(p for f in stage_folders(run_dir) for p in _checkpoints(run_dir, f))]
+    return _checkpoints(run_dir, run_dir / stage)
+
+
+def _checkpoints(run_dir: Path, folder: Path) -> list[Path]:
+    found = confine.own_files(run_dir, folder / "checkpoints", CHECKPOINT_NAME)
     return sorted(found, key=lambda path: int(re.fullmatch(CHECKPOINT_NAME, path.name)[1]))
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Writes checkpoints/step_<step>.pt and deletes all but the newest ``keep`` of the run's own checkpoints."""
+def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int, stage: str = "") -> Path:
+    """Writes checkpoints/step_<step>.pt (under the ``stage`` folder, if given) and deletes all but the newest
+    ``keep`` of that folder's checkpoints."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    path = confine.folder(run_dir, run_dir / "checkpoints") / f"step_{step:06d}.pt"
+    path = confine.folder(run_dir, run_dir / stage / "checkpoints") / f"step_{step:06d}.pt"
     write_bytes(path, buffer.getvalue())
-    for old in checkpoint_paths(run_dir)[:-keep]:
+    for old in _checkpoints(run_dir, run_dir / stage)[:-keep]:
         old.unlink()
     return path
 
@@ -181,9 +208,13 @@ def require_checkpoint(run_dir: Path) -> list[Path]:
     return paths
 
 
-def latest_state(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of a run that reads (see read_latest_checkpoint) and its state."""
-    return read_latest_checkpoint(require_checkpoint(run_dir), f"{run_dir} has no readable checkpoint")
+def latest_state(run_dir: Path, stage: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of a run (or of its ``stage`` folder) that reads (see read_latest_checkpoint) and its
+    state."""
+    if stage is None:
+        return read_latest_checkpoint(require_checkpoint(run_dir), f"{run_dir} has no readable checkpoint")
+    paths = checkpoint_paths(run_dir, stage)
+    return read_latest_checkpoint(paths, f"{run_dir / stage} has no readable checkpoint")
 
 
 def apply_checkpoint(path: Path, state: dict[str, Any], apply: Callable[[dict[str, Any]], None], what: str) -> None:
@@ -218,7 +249,8 @@ def remove_leftovers(run_dir: Path) -> None:
     export = run_dir / "export"
     particles = [p for p in confine.inside(run_dir, export).glob("p*")
                  if re.fullmatch(r"p\d+", p.name) and p.is_dir() and not p.is_symlink()]
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "previews", export, *particles):
+    stages = [f / "checkpoints" for f in stage_folders(run_dir)]
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "previews", export, *particles, *stages):
         for leftover in confine.own_files(run_dir, folder, LEFTOVER):
             leftover.unlink()
 
@@ -246,24 +278,26 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drops log lines after ``last_step`` (written after the checkpoint a resume starts from), and any line
-    that is not a step record (cut short by a crash, or garbage)."""
+def truncate_metrics(run_dir: Path, last_step: int, stage_index: int = 0) -> None:
+    """Drops log lines after ``last_step`` of stage ``stage_index`` (written after the checkpoint a resume starts
+    from), and any line that is not a step record (cut short by a crash, or garbage)."""
     path = run_dir / "metrics.jsonl"
     data = confine.read_bytes(run_dir, path)
     if data is None:
         return
-    lines = [line for line in data.split(b"\n") if _step_of(line) <= last_step]
+    lines = [line for line in data.split(b"\n") if _step_of(line) <= (stage_index, last_step)]
     write_bytes(path, b"".join(line + b"\n" for line in lines))
 
 
-def _step_of(line: bytes) -> float:
-    """A log line's step; a line that is not a step record counts as after every checkpoint."""
+def _step_of(line: bytes) -> tuple[float, float]:
+    """A log line's (stage index, step); a line that is not a step record counts as after every checkpoint."""
+    after = (float("inf"), float("inf"))
     try:
-        step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError):  # ValueError: not JSON, or not UTF-8
-        return float("inf")
-    return step if isinstance(step, int) else float("inf")
+        record = json.loads(line)
+        step, stage = record["step"], record.get("stage_index", 0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):  # ValueError: not JSON
+        return after
+    return (stage, step) if isinstance(step, int) and isinstance(stage, int) else after
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -43,15 +43,23 @@ class Result:
         return cls(run_dir, files, summary, latest_preview(run_dir))
 
 
+PREVIEW_NAME = r"(?:stage_(\d+)_)?step_(\d+)\.png"
+
+
 def latest_preview(run_dir: Path) -> Path | None:
-    """The newest ``previews/step_<step>.png`` (a regular file) of a run folder, or None before the first preview
-    or when previews/ links out of the run folder."""
+    """The newest ``previews/step_<step>.png`` (``stage_<index>_step_<step>.png`` in a staged run; a regular file)
+    of a run folder, or None before the first preview or when previews/ links out of the run folder."""
     run_dir = Path(run_dir)
     try:
-        previews = confine.own_files(run_dir, run_dir / "previews", r"step_\d+\.png")
+        previews = confine.own_files(run_dir, run_dir / "previews", PREVIEW_NAME)
     except (confine.RunDirError, OSError):
         return None
-    return max(previews, key=lambda p: int(re.search(r"\d+", p.name)[0]), default=None)
+
+    def order(path: Path) -> tuple[int, int]:
+        stage, step = re.fullmatch(PREVIEW_NAME, path.name).groups()
+        return int(stage or 0), int(step)
+
+    return max(previews, key=order, default=None)
 
 
 def _export_file(run_dir: Path, path: Path) -> bool:
