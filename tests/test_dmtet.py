@@ -194,3 +194,47 @@ def test_the_density_puts_the_export_surface_on_the_zero_level():
     assert mesh.volume == pytest.approx(4 / 3 * math.pi * 0.6**3, rel=0.05)
     radii = np.linalg.norm(mesh.vertices, axis=1)
     assert abs(float(np.median(radii)) - 0.6) < 0.02
+
+
+def test_distance_to_triangles_equals_brute_force():
+    """The nearest-centroid candidates find the nearest triangle: the same distances as testing every triangle."""
+    from dream3d.representations.dmtet import distance_to_triangles
+
+    mesh = trimesh.creation.icosphere(subdivisions=3, radius=0.6)
+    triangles = torch.tensor(mesh.triangles)
+    points = torch.randn(500, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    points = points / points.norm(dim=-1, keepdim=True) * torch.linspace(0.45, 0.75, 500, dtype=torch.float64)[:, None]
+    fast = distance_to_triangles(points, triangles)
+    brute = distance_to_triangles(points, triangles, candidates=len(triangles))
+    assert torch.allclose(fast, brute, atol=1e-12)
+    assert torch.allclose(brute, (points.norm(dim=-1) - 0.6).abs(), atol=0.01)  # the icosphere is near the sphere
+
+
+class _HollowSphere(torch.nn.Module):
+    """A previous stage as a NeRF often ends: density only in a shell 0.5 < r < 0.6, renders of a solid ball."""
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        r = points.norm(dim=-1)
+        return 40.0 * torch.sigmoid((0.6 - r) / 0.01) * torch.sigmoid((r - 0.5) / 0.01)
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0.2, 0.3, 0.9]).expand(len(points), 3)
+
+    def render(self, cameras, background):
+        from dream3d.representations.cameras import RenderOutput
+
+        origins, dirs = cameras.rays()
+        along = -(origins * dirs).sum(-1, keepdim=True)  # the ray's closest approach to the centre
+        hit = ((origins + along * dirs).norm(dim=-1, keepdim=True) < 0.6).float()
+        return RenderOutput(rgb=hit * 0.5, alpha=hit, depth=hit * along)
+
+
+def test_a_staged_start_from_a_hollow_density_is_the_solid():
+    """init_from makes the previous stage solid as its export does. Voxelising the raw density (the old start)
+    kept the shell: 0.41 of the ball's volume, Euler characteristic -80."""
+    rep = DMTet(DMTetConfig(resolution=24, albedo_resolution=8))
+    rep.init_from(_HollowSphere())
+    mesh = trimesh_of(*rep.mesh())
+    assert mesh.is_watertight and mesh.euler_number == 2 and len(mesh.split(only_watertight=False)) == 1
+    assert mesh.volume == pytest.approx(4 / 3 * math.pi * 0.6**3, rel=0.08)
+    assert torch.allclose(rep.albedo(torch.zeros(1, 3)), torch.tensor([[0.2, 0.3, 0.9]]), atol=1e-3)
