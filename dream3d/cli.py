@@ -299,7 +299,8 @@ def bench_guidance(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run (last)"),
     out: Path = typer.Option(Path("bench-guidance"), help="Folder for the runs, bench.md and bench.json."),
     quick: bool = typer.Option(False, help="The small matrix CI runs (2 rules, NeRF, toy-mv, 1 faithful + 1 ambiguous prompt, a few steps)."),
-    rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: every registered rule, and rsd = sds + repulsion)"),
+    rules: Optional[str] = typer.Option(None, help="Comma-separated rules (default: every registered rule, and rsd = sds + repulsion); "
+                                 "sds-no-view and sds-perp-neg by name, on a prior with view prompts"),
     representations: Optional[str] = typer.Option(None, help="Comma-separated: nerf,gaussians (default: both)."),
     prior: Optional[str] = typer.Option(None, help="The embedded prior of every run (default toy-unet-mv)."),
     faithful: Optional[str] = typer.Option(None, help="Comma-separated one-class prompts (default: 4 of them)."),
