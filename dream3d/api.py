@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import resource
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -337,14 +338,33 @@ def evaluate(run_dir: Path, mesh: bool = False, stages: bool = False) -> dict:
 
 
 def _evaluate_stages(run_dir: Path, run_cfg: RunConfig) -> dict[str, dict]:
-    """Each checkpointed stage's final representation scored against the toy world, by stage name."""
+    """Each checkpointed stage's final representation scored against the toy world, by stage name: its renders,
+    and the mesh its stage's export settings make of it, as a solid (``evaluate_mesh_3d``), so a stage's
+    geometry can be compared with the next one's."""
     background = torch.tensor(run_cfg.background)
     scores = {}
     for index in range(latest_stage(run_cfg, run_dir) + 1):
         representation = stage_representation(run_cfg, run_dir, index)
-        scores[run_cfg.stage_name(index)] = evaluate_representation(representation, run_cfg.prompt, background)
+        scores[run_cfg.stage_name(index)] = {
+            **evaluate_representation(representation, run_cfg.prompt, background),
+            **_stage_mesh_scores(run_cfg.stage_config(index), representation),
+        }
     rundir.update_summary(run_dir, eval_stages=scores)
     return scores
+
+
+def _stage_mesh_scores(cfg: RunConfig, representation: Representation) -> dict:
+    """The solid scores of the mesh a stage's export settings make of its representation, written to a temporary
+    folder (the run's export/ is the last stage's)."""
+    ex = cfg.export
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_representation(
+            representation, Path(folder), formats=["ply"], resolution=ex.mesh_resolution, threshold=ex.threshold,
+            solid=ex.solid, hull_views=ex.hull_views, hull_image_size=ex.hull_image_size,
+            hull_margin=representation.hull_margin if ex.hull_margin is None else ex.hull_margin,
+            hull_level=ex.hull_level, max_faces=ex.max_faces, largest_only=ex.largest_only, video=False,
+        )["ply"]
+        return evaluate_mesh_3d(trimesh.load(path, process=True), cfg.prompt)
 
 
 def _evaluate(run_dir: Path, cfg: RunConfig, representation: Representation) -> dict:

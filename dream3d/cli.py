@@ -284,11 +284,12 @@ def benchmark(
     out: Path = typer.Option(Path("bench"), help="Folder for the runs and the table."),
     quick: bool = typer.Option(False, help="Two prompts instead of twelve."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    prompts: Optional[str] = typer.Option(None, help="Comma-separated prompts instead of the benchmark's."),
 ) -> None:
     """Run the toy benchmark and write bench.md / bench.json."""
     from dream3d.eval import bench
 
-    matrix = bench.with_choices(bench.TOY_QUICK if quick else bench.TOY, seeds=_seeds(seeds))
+    matrix = bench.with_choices(bench.TOY_QUICK if quick else bench.TOY, seeds=_seeds(seeds), faithful=_prompts(prompts))
     _check_runs(bench.cells(matrix, out, list(overrides or [])))
     rows = bench.run_matrix(matrix, out, list(overrides or []), bench.stop_at_failure)
     typer.echo(bench.write_runs(out, list(overrides or []), rows))

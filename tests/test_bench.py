@@ -5,8 +5,8 @@ from dream3d.eval.bench import TOY_COLUMNS, markdown_table
 
 
 def _row(prompt: str, iou: float, counts: dict[int, int] | None = None) -> dict:
-    row = {"prompt": prompt, "seed": 0, **{c.name: 0.5 for c in TOY_COLUMNS[1:-1]}, "matched_class": prompt[2:],
-           "iou": iou}
+    plain = [c for c in TOY_COLUMNS[1:] if c.source in ("eval", "summary", "wall")]  # a one-stage run's figures
+    row = {"prompt": prompt, "seed": 0, **{c.name: 0.5 for c in plain}, "matched_class": prompt[2:], "iou": iou}
     row["wall_seconds"] = 123.456
     if counts is not None:
         row["num_gaussians"] = counts
@@ -28,6 +28,19 @@ def test_gaussian_counts_column_when_every_run_logged_them():
     table = markdown_table([_row("a red cube", 0.9, counts)])
     assert "gaussians at steps 1/100/200/300/400/600" in table
     assert "4096 / 4096 / 12000 / - / - / 11000" in table
+
+
+def test_a_staged_run_shows_each_stages_solid_and_time():
+    """eval --stages' per-stage volume IoU and normal error, and each stage's training seconds from summary.json."""
+    from dream3d.eval.bench import STAGES
+
+    summary = {"stages": [{"name": "coarse", "train_seconds": 61.0}, {"name": "geometry", "train_seconds": 40.5}],
+               "eval_stages": {"coarse": {"volume_iou": 0.92, "normal_error_deg": 13.1, "iou": 0.9},
+                               "geometry": {"volume_iou": 0.95, "normal_error_deg": 6.5}}}
+    column = Column("stages", STAGES)
+    figures = column.read(Path("."), summary, 0.0)
+    assert column.cell(figures) == "coarse 0.920 / 13.1 / 61.0 s; geometry 0.950 / 6.500 / 40.5 s"
+    assert column.read(Path("."), {"eval": {}}, 0.0) is None  # a one-stage run: the column is left out
 
 
 # -- the guidance comparison (dream3d bench-guidance) ------------------------------
@@ -247,3 +260,11 @@ def test_quick_matrix_end_to_end(monkeypatch, capsys, tmp_path):
         assert (entry["distinct_classes"], entry["entropy_bits"]) == diversity(ambiguous)
         assert entry["failed"] == 0 and entry["nfe_per_step"] == 2.0  # CFG: 2 items through the prior per step
         assert 0 <= entry["iou"] <= 1 and entry["peak_memory_mb"] > 0
+
+
+def test_the_toy_benchmark_takes_its_prompts(monkeypatch, capsys, tmp_path):
+    """--prompts replaces the twelve: each is checked before the first run, so a word the prior lacks is one line."""
+    status, captured = _bench(monkeypatch, capsys, "--out", tmp_path / "b", "--prompts", "a red cube,a red banana",
+                              "prior=toy-mv", command="bench")
+    assert status == 1 and "banana" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

@@ -86,14 +86,17 @@ def test_eval_stages_scores_each_stages_final_representation(monkeypatch, capsys
         return {"iou": float(len(scored))}
 
     monkeypatch.setattr(api, "evaluate_representation", score)
-    monkeypatch.setattr(api, "evaluate_mesh_3d", lambda mesh, prompt: {})
+    meshes = []  # each stage's mesh, as its export settings make it
+    monkeypatch.setattr(api, "evaluate_mesh_3d", lambda mesh, prompt: meshes.append(mesh) or {"faces": len(mesh.faces)})
     status, err = dream3d(monkeypatch, capsys, "eval", run, "--stages")
     assert status == 0, err
     stage_final = [torch.load(run / "stages" / name / "checkpoints" / "step_000004.pt", weights_only=True)
                    ["representation"]["grids.0"] for name in ("0-coarse", "1-fine")]
     assert [torch.equal(a, b) for a, b in zip(scored, [stage_final[1], *stage_final])] == [True] * 3
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval_stages"] == {"coarse": {"iou": 2.0}, "fine": {"iou": 3.0}} and summary["eval"]["iou"] == 1.0
+    faces = [len(m.faces) for m in meshes[-2:]]
+    assert min(faces) > 0 and summary["eval"]["iou"] == 1.0
+    assert summary["eval_stages"] == {"coarse": {"iou": 2.0, "faces": faces[0]}, "fine": {"iou": 3.0, "faces": faces[1]}}
 
 
 @pytest.mark.parametrize("stage, message", [

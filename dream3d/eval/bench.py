@@ -31,13 +31,14 @@ from typing import Callable, Iterator, Sequence
 
 from dream3d import api, registry
 from dream3d.rundir.atomic import write_text
+from dream3d.rundir.folder import load_run_config
 from dream3d.config import REPRESENTATIONS, ConfigError
 from dream3d.errors import UserError
 
 # Where a column's figure comes from: the run's eval scores (a particle's, for a run of several),
 # summary.json, the wall seconds of the run's process, the logged Gaussian count at COUNT_STEPS,
-# or the list of the particles' eval scores.
-EVAL, SUMMARY, WALL, GAUSSIANS, PARTICLES = "eval", "summary", "wall", "gaussians", "particles"
+# the list of the particles' eval scores, or each stage's scores and seconds (a staged run).
+EVAL, SUMMARY, WALL, GAUSSIANS, PARTICLES, STAGES = "eval", "summary", "wall", "gaussians", "particles", "stages"
 COUNT_STEPS = (1, 100, 200, 300, 400, 600)
 
 
@@ -64,11 +65,16 @@ class Column:
             return _gaussian_counts(run_dir) or None
         if self.source == PARTICLES:
             return summary["eval"].get("particles", [summary["eval"]])
+        if self.source == STAGES:
+            return _stage_figures(summary) or None
         return (summary["eval"] if self.source == EVAL else summary).get(self.name, math.nan)
 
     def cell(self, value: object) -> str:
         if self.source == GAUSSIANS:
             return " / ".join(str(value.get(s, "-")) for s in COUNT_STEPS)
+        if self.source == STAGES:
+            return "; ".join(f"{name} {fmt(f['volume_iou'])} / {fmt(f['normal_error_deg'])} / {fmt(f['seconds'])} s"
+                             for name, f in value.items())
         return fmt(value)
 
     def summary_cell(self, values: list) -> str:
@@ -100,6 +106,7 @@ TOY_COLUMNS = (
     Column("wall_seconds", WALL),
     Column("peak_memory_mb", SUMMARY),
     Column("num_gaussians", GAUSSIANS, header=f"gaussians at steps {'/'.join(map(str, COUNT_STEPS))}", total=""),
+    Column("stages", STAGES, header="per stage: volume IoU / normal error / train time", total=""),
 )
 # The rule matrix's row: every particle's scores (pooled per cell) and the run's cost.
 RULE_COLUMNS = (
@@ -245,7 +252,7 @@ def run_and_eval(prompt: str, seed: int, out: Path, options: list[str]) -> tuple
     _call(command)
     wall = time.perf_counter() - tick
     run_dir = max(out.glob("*/"), key=lambda p: p.stat().st_mtime)
-    api.evaluate(run_dir)
+    api.evaluate(run_dir, stages=bool(load_run_config(run_dir).stages))
     return run_dir, json.loads((run_dir / "summary.json").read_text()), wall
 
 
@@ -264,6 +271,15 @@ def _run_row(columns: Sequence[Column], prompt: str, seed: int, folder: Path, op
         return {"error": str(e)}
     figures = ((c.name, c.read(run_dir, summary, wall)) for c in columns)
     return {"run_dir": str(run_dir), **{name: value for name, value in figures if value is not None}}
+
+
+def _stage_figures(summary: dict) -> dict[str, dict]:
+    """A staged run's per-stage volume IoU, normal error (``eval --stages``) and training seconds, by stage name."""
+    stages = [s for s in summary.get("stages", []) if isinstance(s, dict)]
+    seconds = {s.get("name"): s.get("train_seconds", math.nan) for s in stages}
+    return {name: {key: scores.get(key, math.nan) for key in ("volume_iou", "normal_error_deg")}
+            | {"seconds": seconds.get(name, math.nan)}
+            for name, scores in summary.get("eval_stages", {}).items()}
 
 
 def _gaussian_counts(run_dir: Path) -> dict[int, int]:
