@@ -10,8 +10,9 @@ run's eval itself when it optimised one). Two tables:
 - per (rule, representation) (``RULES_FULL``, the guidance-rule comparison). Faithful prompts name
   one class: a cell's IoU, volume IoU, R-precision, colour error and janus measure are medians over
   every particle of every faithful run. Ambiguous prompts ("a cube": any colour) allow several
-  classes and run with ``particles`` particles; diversity is the number of distinct matched classes over every particle
-  and seed of a prompt, and the entropy (bits) of that class distribution, averaged over prompts.
+  classes and run with ``particles`` particles; diversity is the number of distinct matched classes
+  over every particle and seed of a prompt, and the entropy (bits) of that class distribution,
+  averaged over prompts.
   Cost columns (seconds, network evaluations and peak memory per step) are medians over the
   faithful runs, which optimise one particle unless the rule itself asks for more.
 """
@@ -124,7 +125,7 @@ RULES: dict[str, tuple[str, ...]] = {
     **{name: (f"guidance={name}",) for name in registry.RULES.names},
     "rsd": ("particles=4", "repulsion.weight=100"),
 }
-# SDS as a prior with view prompts (sd, if) can also run it: without the view suffixes, and with Perp-Neg. Chosen
+# Two SDS variants for a prior with view prompts (sd, if): without the view suffixes, and with Perp-Neg. Chosen
 # by name (--rules), never by default: the toy priors have no view prompts, and their configs refuse Perp-Neg.
 VIEW_VARIANTS: dict[str, tuple[str, ...]] = {
     "sds-no-view": ("guidance=sds", "prompts.view_dependent=false"),
