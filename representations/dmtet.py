@@ -198,14 +198,16 @@ class DMTet(Representation):
         """A staged run's start: the previous stage's solid, as its export makes it, and its colours.
 
         A NeRF's density is a shell with a hollow inside, so its raw iso-surface voxelised as inside/outside
-        keeps the shell only (a coarse cube's started at volume ratio 0.28); the export's visual hull makes it
+        keeps the shell only (a coarse cube started at volume ratio 0.28); the export's visual hull makes it
         solid (the same cube's export: ratio 0.99)."""
         device = self.sdf.device
         white = torch.ones(3, device=device)
-        solid = extract_mesh(
-            previous.density, previous.albedo, resolution=max(2 * self.cfg.resolution, 64), bound=self.cfg.radius,
-            device=device, solid="hull", alpha_fn=lambda cameras: previous.render(cameras.to(device), white).alpha[..., 0],
-        )
+
+        def alpha(cameras: Cameras) -> Tensor:
+            return previous.render(cameras.to(device), white).alpha[..., 0]
+
+        solid = extract_mesh(previous.density, previous.albedo, resolution=max(2 * self.cfg.resolution, 64),
+                             bound=self.cfg.radius, device=device, solid="hull", alpha_fn=alpha)
         self.init_from_mesh(solid)
         self.init_albedo(previous.albedo)
 
