@@ -243,3 +243,20 @@ def test_magic3d_on_a_toy_prior_runs_its_nerf_then_its_dmtet_and_exports(monkeyp
     assert [m["stage"] for m in logged] == ["coarse"] * 2 + ["geometry"] * 2
     assert all("loss_normal_consistency" in m for m in logged[2:])
     assert (run / "export" / "model.ply").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["stages", "stages/1-fine/checkpoints"])
+@pytest.mark.parametrize("command", [["eval", "--stages"], ["export", "--formats", "ply"], ["resume"]])
+def test_a_stage_folder_linked_out_of_the_run_is_refused_and_nothing_outside_changes(
+        monkeypatch, capsys, tmp_path, uninterrupted, name, command):
+    """docs/security.md's run-folder rule holds for a staged run's stages/ and each stage's checkpoints/."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[0].run_dir, run)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(run / name, outside / "moved")
+    (run / name).symlink_to(outside / "moved")
+    before = {p: p.read_bytes() for p in sorted(outside.rglob("*")) if p.is_file()}
+    status, err = dream3d(monkeypatch, capsys, command[0], run, *command[1:])
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "link" in err, err
+    assert {p: p.read_bytes() for p in sorted(outside.rglob("*")) if p.is_file()} == before

@@ -5,9 +5,9 @@ export/, metrics.jsonl, summary.json, .lock. A staged run (config ``stages``) ke
 stages/<index>-<name>/checkpoints/ instead: the stages' representations differ, each stage keeps its own newest
 ones (its final one is what the next stage starts from and what ``eval --stages`` scores), and a resume finds
 where it stopped from which stage folders hold checkpoints. Its metrics.jsonl is one log, each line carrying
-``stage`` (the name) and ``stage_index``; its previews are named stage_<index>_step_XXXXXX.png. Every file but metrics.jsonl is written to a
-temporary name, synced and renamed (dream3d.rundir.atomic); metrics.jsonl is appended one whole
-line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
+``stage`` (the name) and ``stage_index``; its previews are named stage_<index>_step_XXXXXX.png. Every file but
+metrics.jsonl is written to a temporary name, synced and renamed (dream3d.rundir.atomic); metrics.jsonl is
+appended one whole line at a time (a failed append is cut back) and resume drops lines after its checkpoint.
 
 A run folder is untrusted input: checkpoints load with ``weights_only=True`` (tensors and
 plain data, never pickled code), one process at a time trains or exports into it
