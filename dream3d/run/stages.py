@@ -117,21 +117,26 @@ def latest_stage(run_cfg: RunConfig, run_dir: Path) -> int:
 
 def stage_representation(run_cfg: RunConfig, run_dir: Path, index: int) -> Representation:
     """Stage ``index``'s representation from its latest checkpoint."""
-    cfg, info = run_cfg.stage_config(index) if run_cfg.stages else run_cfg, stage_info(run_cfg, index)
+    cfg, info, path, state = _latest_checkpoint(run_cfg, run_dir, index)
     representation = build_representation(cfg)
-    path, state = rundir.latest_state(run_dir, info.folder) if info.staged else rundir.latest_state(run_dir)
     rundir.apply_checkpoint(path, state, lambda s: representation.load_state_dict(s["representation"]),
                             describe(cfg, info))
     return representation
+
+
+def _latest_checkpoint(run_cfg: RunConfig, run_dir: Path, index: int) -> tuple[RunConfig, StageInfo, Path, dict]:
+    """Stage ``index``'s effective config, its place in the run, and its newest readable checkpoint and state (a
+    one-stage run's: the run's own)."""
+    cfg, info = run_cfg.stage_config(index) if run_cfg.stages else run_cfg, stage_info(run_cfg, index)
+    path, state = rundir.latest_state(run_dir, info.folder) if info.staged else rundir.latest_state(run_dir)
+    return cfg, info, path, state
 
 
 def resumed_trainer(run_cfg: RunConfig, run_dir: Path) -> Trainer:
     """The trainer a resume continues with: the latest checkpoint's stage at its step, or, when that stage had
     ended, the next stage at step 0 started from its final representation; metrics after that point dropped."""
     index = latest_stage(run_cfg, run_dir)
-    info = stage_info(run_cfg, index)
-    cfg = run_cfg.stage_config(index) if run_cfg.stages else run_cfg
-    path, state = rundir.latest_state(run_dir, info.folder) if info.staged else rundir.latest_state(run_dir)
+    cfg, info, path, state = _latest_checkpoint(run_cfg, run_dir, index)
     if info.staged and index + 1 < info.count and state.get("step") == cfg.steps:
         previous = stage_representation(run_cfg, run_dir, index).to(resolve_device(cfg.device))
         rundir.truncate_metrics(run_dir, cfg.steps, index)
